@@ -1,0 +1,63 @@
+#pragma once
+#include <concepts>
+#include <cstddef>
+#include <vector>
+
+#include "moe/core/routing.hpp"
+
+namespace moe {
+
+// An expert backend: memory (Buffer), a row-major GEMM, a parallel loop over
+// independent work items and the dispatch of selected pairs by expert.
+template <class B>
+concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typename B::Scalar* c,
+                                 typename B::Scalar s, Index n,
+                                 const Selection<typename B::Scalar, B::template Buffer>& sel,
+                                 Dispatch<B::template Buffer>& dispatch) {
+  typename B::Scalar;
+  typename B::template Buffer<typename B::Scalar>;
+  { B::kName } -> std::convertible_to<const char*>;
+  { be.threads() } -> std::convertible_to<int>;
+  be.gemm(false, false, n, n, n, s, a, n, a, n, s, c, n);
+  be.gemm_rows(false, n, n, n, s, a, n, a, n, s, c, n);
+  be.grouped_gemm(std::vector<Index>{}, false, n, n, a, a, n, s, c);
+  be.grouped_gemm_tn(std::vector<Index>{}, n, n, a, a, c, n);
+  { be.first_non_finite(a, n) } -> std::convertible_to<Index>;
+  be.parallel_for(n, [](Index) {});
+  be.dispatch(sel, n, dispatch);
+};
+
+namespace archetype {
+
+// The least a backend must provide, declared but never defined: policies
+// static_assert their concept against it right under their definition.
+struct Backend {
+  using Scalar = double;
+  template <class U>
+  struct Buffer {
+    U* data();
+    const U* data() const;
+    std::size_t size() const;
+    void resize(std::size_t);
+    U& operator[](std::size_t);
+    const U& operator[](std::size_t) const;
+  };
+  static constexpr const char* kName = "archetype";
+  int threads() const;
+  void gemm(bool, bool, Index, Index, Index, double, const double*, Index, const double*, Index,
+            double, double*, Index) const;
+  void gemm_rows(bool, Index, Index, Index, double, const double*, Index, const double*, Index,
+                 double, double*, Index) const;
+  void grouped_gemm(const std::vector<Index>&, bool, Index, Index, const double*, const double*,
+                    Index, double, double*) const;
+  void grouped_gemm_tn(const std::vector<Index>&, Index, Index, const double*, const double*,
+                       double*, Index) const;
+  Index first_non_finite(const double*, Index) const;
+  template <class F>
+  void parallel_for(Index, F&&) const;
+  template <class S>
+  void dispatch(const Selection<S, Buffer>&, Index, Dispatch<Buffer>&) const;
+};
+
+}  // namespace archetype
+}  // namespace moe

@@ -1,0 +1,49 @@
+#pragma once
+// The result of routing one batch, in the backend's memory. Routers fill
+// Selection; the backend's dispatch turns it into Dispatch. The CPU loops, the
+// CUDA kernels and (later) the expert-parallel all-to-all all read these.
+
+#include <vector>
+
+#include "moe/core/config.hpp"
+
+namespace moe {
+
+// Which experts run on which token, as CSR over tokens ("pairs" in token order),
+// plus the router's gates for every (token, expert).
+template <class S, template <class> class Buffer>
+struct Selection {
+  Index tokens = 0;
+  Index experts = 0;
+  Buffer<S> gates;             // (T, E) gate G_te; entries off the selection may be non-zero
+  Buffer<Index> token_offsets; // (T + 1) pairs of token t are [offsets[t], offsets[t+1])
+  Buffer<int> pair_expert;     // (P) expert of each pair, in the token's fixed order
+  double aux_loss = 0;         // the router's auxiliary loss value (section 3)
+  Index pairs() const { return static_cast<Index>(pair_expert.size()); }
+};
+
+// Pairs grouped by expert (counting sort, token order inside an expert), after
+// the optional capacity limit.
+template <template <class> class Buffer>
+struct Dispatch {
+  std::vector<Index> expert_offsets;  // (E + 1) host: rows of expert e are [off[e], off[e+1])
+  Buffer<int> row_expert;        // (rows) the expert of each row
+  Buffer<Index> row_pair;        // (rows) the pair behind each expert-sorted row
+  Buffer<Index> pair_row;        // (P) row of each pair, -1 when dropped by capacity
+  Buffer<Index> pair_token;      // (P) token of each pair
+  std::vector<Index> selected_per_expert;  // host copy: pairs routed to e before capacity
+  std::vector<Index> rows_per_expert;      // host copy: pairs kept
+  Index dropped = 0;
+  Index rows() const { return static_cast<Index>(row_pair.size()); }
+};
+
+// What a forward reports about routing (also kept in its cache).
+struct RoutingStats {
+  std::vector<Index> tokens_per_expert;  // pairs computed per expert (after capacity)
+  Index selected_pairs = 0;              // pairs chosen by the router
+  Index dropped_pairs = 0;               // pairs removed by the capacity limit
+  double aux_loss = 0;                   // router auxiliary loss (in the backward's loss)
+  double zero_gate_fraction = 0;         // share of (t, e) with no selection
+};
+
+}  // namespace moe

@@ -1,0 +1,127 @@
+#pragma once
+// TensorBuffer: one flat, contiguous buffer holding several named tensors.
+// Parameters, their gradients and policy state use it, so any optimizer can
+// step the whole layer as one array while code addresses "experts.w1" by name.
+
+#include <algorithm>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moe/core/error.hpp"
+#include "moe/core/view.hpp"
+
+namespace moe {
+
+struct TensorSpec {
+  std::string name;
+  std::vector<Index> shape;
+  Index offset = 0;  // in elements, into the flat buffer
+
+  Index size() const {
+    Index n = 1;
+    for (Index s : shape) n *= s;
+    return n;
+  }
+};
+
+// The names, shapes and offsets of a TensorBuffer; shared (immutable) between
+// a parameter buffer and every gradient buffer made from it.
+class TensorLayout {
+ public:
+  void add(std::string name, std::vector<Index> shape) {
+    detail::require(find(name) == nullptr, "moe::TensorLayout::add: duplicate tensor name '",
+                    name, "'");
+    TensorSpec spec{std::move(name), std::move(shape), total_};
+    total_ += spec.size();
+    specs_.push_back(std::move(spec));
+  }
+
+  const TensorSpec* find(const std::string& name) const {
+    auto it = std::find_if(specs_.begin(), specs_.end(),
+                           [&](const TensorSpec& s) { return s.name == name; });
+    return it == specs_.end() ? nullptr : &*it;
+  }
+
+  const TensorSpec& at(const std::string& name) const {
+    const TensorSpec* spec = find(name);
+    if (spec == nullptr) {
+      std::string known;
+      for (const auto& s : specs_) known += (known.empty() ? "" : ", ") + s.name;
+      throw Error(detail::concat("moe::TensorLayout: no tensor named '", name, "' (has: ", known,
+                                 ")"));
+    }
+    return *spec;
+  }
+
+  bool contains(const std::string& name) const { return find(name) != nullptr; }
+  const std::vector<TensorSpec>& specs() const { return specs_; }
+  Index total_size() const { return total_; }
+
+  friend bool operator==(const TensorLayout& a, const TensorLayout& b) {
+    if (a.specs_.size() != b.specs_.size()) return false;
+    for (std::size_t i = 0; i < a.specs_.size(); ++i) {
+      if (a.specs_[i].name != b.specs_[i].name || a.specs_[i].shape != b.specs_[i].shape)
+        return false;
+    }
+    return true;
+  }
+
+ private:
+  std::vector<TensorSpec> specs_;
+  Index total_ = 0;
+};
+
+template <class T>
+class TensorBuffer {
+ public:
+  TensorBuffer() : layout_(std::make_shared<const TensorLayout>()) {}
+  explicit TensorBuffer(std::shared_ptr<const TensorLayout> layout)
+      : layout_(std::move(layout)), data_(static_cast<std::size_t>(layout_->total_size()), T(0)) {}
+
+  // A zero buffer with the same layout: the gradient buffer of a parameter set.
+  TensorBuffer zeros_like() const { return TensorBuffer(layout_); }
+
+  const TensorLayout& layout() const { return *layout_; }
+  bool same_layout(const TensorBuffer& other) const {
+    return layout_ == other.layout_ || *layout_ == *other.layout_;
+  }
+  bool contains(const std::string& name) const { return layout_->contains(name); }
+
+  std::span<T> flat() { return data_; }
+  std::span<const T> flat() const { return data_; }
+  Index size() const { return static_cast<Index>(data_.size()); }
+
+  std::span<T> operator[](const std::string& name) { return span_of(layout_->at(name)); }
+  std::span<const T> operator[](const std::string& name) const {
+    return span_of(layout_->at(name));
+  }
+
+  // The tensor as a matrix: last dimension as columns, the rest as rows.
+  MatrixView<T> matrix(const std::string& name) { return matrix_of(layout_->at(name), data_.data()); }
+  MatrixView<const T> matrix(const std::string& name) const {
+    return matrix_of(layout_->at(name), data_.data());
+  }
+
+  void set_zero() { std::fill(data_.begin(), data_.end(), T(0)); }
+
+ private:
+  template <class P>
+  static MatrixView<P> matrix_of(const TensorSpec& s, P* base) {
+    Index cols = s.shape.empty() ? 1 : s.shape.back();
+    return {base + s.offset, cols == 0 ? 0 : s.size() / cols, cols};
+  }
+  std::span<T> span_of(const TensorSpec& s) {
+    return {data_.data() + s.offset, static_cast<std::size_t>(s.size())};
+  }
+  std::span<const T> span_of(const TensorSpec& s) const {
+    return {data_.data() + s.offset, static_cast<std::size_t>(s.size())};
+  }
+
+  std::shared_ptr<const TensorLayout> layout_;
+  std::vector<T> data_;
+};
+
+}  // namespace moe

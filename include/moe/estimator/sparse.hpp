@@ -1,0 +1,27 @@
+#pragma once
+// The standard sparse estimator (ALGORITHMS.md section 4):
+//   y_t = sum_{i in A_t} G_ti E_i(x_t),  dL/dG_ti = <g_t, E_i(x_t)> for i in A_t only.
+// Experts outside A_t contribute nothing to the forward and receive no gate
+// gradient, so both hooks are empty by definition, not by omission.
+
+#include "moe/core/concepts.hpp"
+
+namespace moe::estimator {
+
+struct Sparse {
+  static constexpr const char* kName = "sparse";
+
+  void validate(const LayerConfig&) const {}
+
+  template <class B>
+  void add_unselected_outputs(const B&, Mode, const EstimatorBatch<typename B::Scalar>&,
+                              typename B::Scalar*) const {}
+
+  template <class B>
+  void add_unselected_gate_gradients(const B&, const EstimatorBatch<typename B::Scalar>&,
+                                     const typename B::Scalar*, typename B::Scalar*) const {}
+};
+
+static_assert(EstimatorPolicy<Sparse, archetype::Backend>);
+
+}  // namespace moe::estimator

@@ -1,0 +1,465 @@
+#pragma once
+// moe::Layer: a Mixture-of-Experts feed-forward layer composed from a router,
+// a gradient estimator, an expert backend and an activation (ALGORITHMS.md 1-4).
+//
+//   y_t = sum_{i in A_t} G_ti E_i(x_t)  (+ the estimator's term for i outside A_t)
+//
+// forward() fills a Cache (one per micro-batch in flight); backward() returns
+// dL/dx and *accumulates* parameter gradients for the loss
+//   L = <dy, y> + aux_loss,
+// i.e. the router's auxiliary loss (reported in cache.stats().aux_loss) is part
+// of the loss the backward differentiates: callers add its value to their loss
+// and do nothing else.
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "moe/core/concepts.hpp"
+#include "moe/core/config.hpp"
+#include "moe/core/error.hpp"
+#include "moe/core/routing.hpp"
+#include "moe/core/tensor_buffer.hpp"
+#include "moe/core/view.hpp"
+#include "moe/math/random.hpp"
+
+namespace moe {
+
+template <class Router, class Estimator, class Backend, class Activation>
+  requires BackendPolicy<Backend> && RouterPolicy<Router, Backend> &&
+           EstimatorPolicy<Estimator, Backend> && ActivationPolicy<Activation>
+class Layer {
+ public:
+  using Scalar = typename Backend::Scalar;
+  template <class U>
+  using Buffer = typename Backend::template Buffer<U>;
+  using Parameters = TensorBuffer<Scalar>;
+
+  // GEMM1 output columns per hidden unit: gated activations read (gate, up).
+  static constexpr Index kInputWidth = Activation::kGated ? 2 : 1;
+
+  // Everything the backward needs from one forward. Reusable: a forward
+  // resizes it to its batch (no allocation when the shape repeats).
+  class Cache {
+   public:
+    const RoutingStats& stats() const { return stats_; }
+    Index tokens() const { return tokens_; }
+    bool filled() const { return filled_; }
+
+   private:
+    friend class Layer;
+    bool filled_ = false;
+    Index tokens_ = 0, d_model_ = 0, d_ff_ = 0, experts_ = 0;
+    Selection<Scalar, Backend::template Buffer> selection_;
+    typename Router::template Cache<Backend> router_;
+    Dispatch<Backend::template Buffer> dispatch_;
+    Buffer<Scalar> x_rows_;    // (rows, d)       inputs gathered by expert
+    Buffer<Scalar> pre_;       // (rows, w d_ff)  GEMM1 output (+ b1), w = kInputWidth
+    Buffer<Scalar> hidden_;    // (rows, d_ff)    activation, after dropout
+    Buffer<Scalar> out_rows_;  // (rows, d)       expert outputs E_i(x_t)
+    std::uint64_t dropout_key_ = 0;
+    double dropout_ = 0;       // the rate this forward used (0 in eval)
+    RoutingStats stats_;
+  };
+
+  Layer(const LayerConfig& config, Router router = {}, Estimator estimator = {},
+        std::uint64_t seed = 0, Backend backend = Backend{})
+      : config_(config),
+        router_(std::move(router)),
+        estimator_(std::move(estimator)),
+        backend_(std::move(backend)),
+        seed_(seed) {
+    validate_config();
+    auto layout = std::make_shared<TensorLayout>();
+    router_.add_parameters(*layout, config_);
+    const Index E = config_.experts, d = config_.d_model, h = config_.d_ff;
+    layout->add("experts.w1", {E, d, kInputWidth * h});  // SwiGLU: [W1 | W3]
+    if (config_.expert_bias) layout->add("experts.b1", {E, h});
+    layout->add("experts.w2", {E, h, d});
+    if (config_.expert_bias) layout->add("experts.b2", {E, d});
+    params_ = Parameters(std::move(layout));
+    initialize();
+  }
+
+  // PyTorch nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
+  // and biases; the router initialises its own weights. Deterministic in seed.
+  void initialize() {
+    router_.init(params_, config_, math::hash3(seed_, kRouterSeedStream, 0));
+    const double bound1 = 1.0 / std::sqrt(static_cast<double>(config_.d_model));
+    const double bound2 = 1.0 / std::sqrt(static_cast<double>(config_.d_ff));
+    fill_uniform("experts.w1", bound1, 1);
+    fill_uniform("experts.w2", bound2, 2);
+    if (config_.expert_bias) {
+      fill_uniform("experts.b1", bound1, 3);
+      fill_uniform("experts.b2", bound2, 4);
+    }
+  }
+
+  // y = MoE(x); x and y are (T, d_model), row-major. x must stay unchanged
+  // until the backward of this cache.
+  void forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Cache& cache, Mode mode) {
+    const Index T = x.rows(), d = config_.d_model, E = config_.experts, h = config_.d_ff;
+    const Index wide = kInputWidth * h;
+    detail::require(x.cols() == d, "moe::Layer::forward: x.cols()=", x.cols(),
+                    ", expected d_model=", d);
+    detail::require(T >= 1, "moe::Layer::forward: x.rows()=", T, ", expected at least 1 token");
+    detail::require(y.rows() == T && y.cols() == d, "moe::Layer::forward: y is (", y.rows(), ", ",
+                    y.cols(), "), expected (", T, ", ", d, ") like x");
+    detail::require(x.data() != y.data(),
+                    "moe::Layer::forward: y aliases x, expected separate buffers (x is read again "
+                    "by backward)");
+    check_finite("forward", "x", x);
+    router_.validate(config_);  // runtime k may have changed since construction
+
+    cache.filled_ = false;
+    cache.tokens_ = T;
+    cache.d_model_ = d;
+    cache.d_ff_ = h;
+    cache.experts_ = E;
+    auto& sel = cache.selection_;
+    sel.tokens = T;
+    sel.experts = E;
+    router_.forward(backend_, mode, x, std::as_const(params_), sel, cache.router_);
+
+    auto& dispatch = cache.dispatch_;
+    backend_.dispatch(sel, capacity(T), dispatch);
+    const Index rows = dispatch.rows();
+    cache.x_rows_.resize(static_cast<std::size_t>(rows * d));
+    cache.pre_.resize(static_cast<std::size_t>(rows * wide));
+    cache.hidden_.resize(static_cast<std::size_t>(rows * h));
+    cache.out_rows_.resize(static_cast<std::size_t>(rows * d));
+
+    // Gather each routed pair's input row.
+    {
+      const Scalar* xs = x.data();
+      Scalar* x_rows = cache.x_rows_.data();
+      const Index* row_pair = dispatch.row_pair.data();
+      const Index* pair_token = dispatch.pair_token.data();
+      backend_.parallel_for(rows, [=](Index r) {
+        const Scalar* src = xs + pair_token[row_pair[r]] * d;
+        Scalar* dst = x_rows + r * d;
+        for (Index j = 0; j < d; ++j) dst[j] = src[j];
+      });
+    }
+
+    // Experts: GEMM1, activation (+ b1, dropout), GEMM2 (+ b2).
+    const auto& offsets = dispatch.expert_offsets;
+    backend_.grouped_gemm(offsets, false, wide, d, cache.x_rows_.data(),
+                          params_["experts.w1"].data(), d * wide, Scalar(0), cache.pre_.data());
+    cache.dropout_ = mode == Mode::train ? config_.dropout : 0.0;
+    cache.dropout_key_ = math::hash3(seed_, kDropoutSeedStream, train_forwards_);
+    if (mode == Mode::train) ++train_forwards_;
+    {
+      Scalar* pre = cache.pre_.data();
+      Scalar* hidden = cache.hidden_.data();
+      const int* row_expert = dispatch.row_expert.data();
+      const Index* row_pair = dispatch.row_pair.data();
+      const Scalar* b1 = config_.expert_bias ? params_["experts.b1"].data() : nullptr;
+      const double rate = cache.dropout_;
+      const std::uint64_t key = cache.dropout_key_;
+      const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
+      backend_.parallel_for(rows, [=](Index r) {
+        Scalar* pr = pre + r * wide;
+        Scalar* hr = hidden + r * h;
+        if (b1 != nullptr) {
+          const Scalar* be = b1 + row_expert[r] * h;
+          for (Index j = 0; j < h; ++j) pr[j] += be[j];
+        }
+        for (Index j = 0; j < h; ++j) {
+          if constexpr (Activation::kGated) {
+            hr[j] = Activation::value(pr[j], pr[h + j]);
+          } else {
+            hr[j] = Activation::value(pr[j]);
+          }
+        }
+        if (rate > 0) {
+          for (Index j = 0; j < h; ++j)
+            hr[j] *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
+        }
+      });
+    }
+    backend_.grouped_gemm(offsets, false, d, h, cache.hidden_.data(),
+                          params_["experts.w2"].data(), h * d, Scalar(0), cache.out_rows_.data());
+    if (config_.expert_bias) {
+      Scalar* out = cache.out_rows_.data();
+      const int* row_expert = dispatch.row_expert.data();
+      const Scalar* b2 = params_["experts.b2"].data();
+      backend_.parallel_for(rows, [=](Index r) {
+        const Scalar* be = b2 + row_expert[r] * d;
+        for (Index j = 0; j < d; ++j) out[r * d + j] += be[j];
+      });
+    }
+
+    // Combine: each token sums its pairs in its fixed order (no atomics).
+    {
+      const Scalar* gates = sel.gates.data();
+      const Index* token_offsets = sel.token_offsets.data();
+      const int* pair_expert = sel.pair_expert.data();
+      const Index* pair_row = dispatch.pair_row.data();
+      const Scalar* out = cache.out_rows_.data();
+      Scalar* ys = y.data();
+      backend_.parallel_for(T, [=](Index t) {
+        Scalar* yt = ys + t * d;
+        for (Index j = 0; j < d; ++j) yt[j] = Scalar(0);
+        for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+          const Index r = pair_row[p];
+          if (r < 0) continue;  // dropped by capacity
+          const Scalar g = gates[t * E + pair_expert[p]];
+          const Scalar* o = out + r * d;
+          for (Index j = 0; j < d; ++j) yt[j] += g * o[j];
+        }
+      });
+    }
+    estimator_.add_unselected_outputs(backend_, mode, batch_of(cache), y.data());
+
+    auto& stats = cache.stats_;
+    stats.tokens_per_expert = dispatch.rows_per_expert;
+    stats.selected_pairs = sel.pairs();
+    stats.dropped_pairs = dispatch.dropped;
+    stats.aux_loss = sel.aux_loss;
+    stats.zero_gate_fraction =
+        1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
+    last_stats_ = stats;
+    cache.filled_ = true;
+  }
+
+  // dx = dL/dx and grads += dL/dparameters for L = <dy, y> + aux_loss, where
+  // y and aux_loss are those of the forward that filled `cache` with this x.
+  void backward(ConstMatrixView<Scalar> x, const Cache& cache, ConstMatrixView<Scalar> dy,
+                MatrixView<Scalar> dx, Parameters& grads) {
+    const Index T = x.rows(), d = config_.d_model, E = config_.experts, h = config_.d_ff;
+    const Index wide = kInputWidth * h;
+    detail::require(cache.filled_,
+                    "moe::Layer::backward: cache.filled()=false, expected a cache filled by "
+                    "forward");
+    detail::require(cache.d_model_ == d && cache.d_ff_ == h && cache.experts_ == E,
+                    "moe::Layer::backward: cache from a layer with (d_model, d_ff, experts)=(",
+                    cache.d_model_, ", ", cache.d_ff_, ", ", cache.experts_, "), expected (", d,
+                    ", ", h, ", ", E, ")");
+    detail::require(x.cols() == d, "moe::Layer::backward: x.cols()=", x.cols(),
+                    ", expected d_model=", d);
+    detail::require(T == cache.tokens_, "moe::Layer::backward: x.rows()=", T,
+                    ", expected cache.tokens()=", cache.tokens_);
+    detail::require(dy.rows() == T && dy.cols() == d, "moe::Layer::backward: dy is (", dy.rows(),
+                    ", ", dy.cols(), "), expected (", T, ", ", d, ")");
+    detail::require(dx.rows() == T && dx.cols() == d, "moe::Layer::backward: dx is (", dx.rows(),
+                    ", ", dx.cols(), "), expected (", T, ", ", d, ")");
+    detail::require(grads.same_layout(params_),
+                    "moe::Layer::backward: grads has size ", grads.size(),
+                    " and another layout, expected layer.make_gradients() (size ", params_.size(),
+                    ")");
+    check_finite("backward", "dy", dy);
+
+    const auto& sel = cache.selection_;
+    const auto& dispatch = cache.dispatch_;
+    const Index rows = dispatch.rows();
+    auto& ws = workspace_;
+    ws.d_out.resize(static_cast<std::size_t>(rows * d));
+    ws.d_hidden.resize(static_cast<std::size_t>(rows * h));
+    ws.d_pre.resize(static_cast<std::size_t>(rows * wide));
+    ws.d_x_rows.resize(static_cast<std::size_t>(rows * d));
+    ws.d_gates.resize(static_cast<std::size_t>(T * E));
+    ws.d_logits.resize(static_cast<std::size_t>(T * E));
+
+    // Combine backward: dG_te = <dy_t, E_e(x_t)>, dE_e(x_t) = G_te dy_t.
+    {
+      const Scalar* gates = sel.gates.data();
+      const Index* token_offsets = sel.token_offsets.data();
+      const int* pair_expert = sel.pair_expert.data();
+      const Index* pair_row = dispatch.pair_row.data();
+      const Scalar* out = cache.out_rows_.data();
+      const Scalar* dys = dy.data();
+      Scalar* d_out = ws.d_out.data();
+      Scalar* d_gates = ws.d_gates.data();
+      backend_.parallel_for(T, [=](Index t) {
+        const Scalar* g = dys + t * d;
+        Scalar* dg = d_gates + t * E;
+        for (Index e = 0; e < E; ++e) dg[e] = Scalar(0);
+        for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+          const Index r = pair_row[p];
+          if (r < 0) continue;
+          const Index e = pair_expert[p];
+          const Scalar gate = gates[t * E + e];
+          const Scalar* o = out + r * d;
+          Scalar* dor = d_out + r * d;
+          Scalar dot = 0;
+          for (Index j = 0; j < d; ++j) {
+            dot += g[j] * o[j];
+            dor[j] = gate * g[j];
+          }
+          dg[e] = dot;
+        }
+      });
+    }
+    estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), dy.data(),
+                                             ws.d_gates.data());
+
+    // Expert backward: GEMM2, activation, GEMM1, in reverse.
+    const auto& offsets = dispatch.expert_offsets;
+    const Scalar* w1 = params_["experts.w1"].data();
+    const Scalar* w2 = params_["experts.w2"].data();
+    backend_.grouped_gemm(offsets, true, h, d, ws.d_out.data(), w2, h * d, Scalar(0),
+                          ws.d_hidden.data());  // dH = dO W2^T
+    backend_.grouped_gemm_tn(offsets, h, d, cache.hidden_.data(), ws.d_out.data(),
+                             grads["experts.w2"].data(), h * d);  // dW2 += H^T dO
+    if (config_.expert_bias) add_column_sums(offsets, ws.d_out.data(), d, grads["experts.b2"].data());
+    {
+      const Scalar* pre = cache.pre_.data();
+      const Scalar* d_hidden = ws.d_hidden.data();
+      Scalar* d_pre = ws.d_pre.data();
+      const Index* row_pair = dispatch.row_pair.data();
+      const double rate = cache.dropout_;
+      const std::uint64_t key = cache.dropout_key_;
+      const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
+      backend_.parallel_for(rows, [=](Index r) {
+        const Scalar* pr = pre + r * wide;
+        const Scalar* dhr = d_hidden + r * h;
+        Scalar* dpr = d_pre + r * wide;
+        for (Index j = 0; j < h; ++j) {
+          Scalar dh = dhr[j];
+          if (rate > 0) dh *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
+          if constexpr (Activation::kGated) {
+            Scalar d_gate, d_up;
+            Activation::partials(pr[j], pr[h + j], d_gate, d_up);
+            dpr[j] = dh * d_gate;
+            dpr[h + j] = dh * d_up;
+          } else {
+            dpr[j] = dh * Activation::derivative(pr[j]);
+          }
+        }
+      });
+    }
+    backend_.grouped_gemm_tn(offsets, d, wide, cache.x_rows_.data(), ws.d_pre.data(),
+                             grads["experts.w1"].data(), d * wide);  // dW1 += X^T dPre
+    if (config_.expert_bias) add_column_sums(offsets, ws.d_pre.data(), h, grads["experts.b1"].data());
+    backend_.grouped_gemm(offsets, true, d, wide, ws.d_pre.data(), w1, d * wide, Scalar(0),
+                          ws.d_x_rows.data());  // dX_rows = dPre W1^T
+
+    // dx_t: each token sums its pairs' input gradients in its fixed order.
+    {
+      const Index* token_offsets = sel.token_offsets.data();
+      const Index* pair_row = dispatch.pair_row.data();
+      const Scalar* d_x_rows = ws.d_x_rows.data();
+      Scalar* dxs = dx.data();
+      backend_.parallel_for(T, [=](Index t) {
+        Scalar* dxt = dxs + t * d;
+        for (Index j = 0; j < d; ++j) dxt[j] = Scalar(0);
+        for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+          const Index r = pair_row[p];
+          if (r < 0) continue;
+          const Scalar* src = d_x_rows + r * d;
+          for (Index j = 0; j < d; ++j) dxt[j] += src[j];
+        }
+      });
+    }
+    // The router adds its own dL/dx and parameter gradients (aux loss included).
+    router_.backward(backend_, x, std::as_const(params_), sel, cache.router_, ws.d_gates.data(),
+                     dx.data(), grads, ws.d_logits.data());
+  }
+
+  // A zero gradient buffer with the parameters' layout.
+  Parameters make_gradients() const { return params_.zeros_like(); }
+
+  Parameters& parameters() { return params_; }
+  const Parameters& parameters() const { return params_; }
+  const LayerConfig& config() const { return config_; }
+  Router& router() { return router_; }
+  const Router& router() const { return router_; }
+  const Estimator& estimator() const { return estimator_; }
+  const Backend& backend() const { return backend_; }
+  // Statistics of the latest forward (each cache also keeps its own).
+  const RoutingStats& last_stats() const { return last_stats_; }
+
+  // Pairs one expert may take: ceil(c T k / E), or -1 when dropless.
+  Index capacity(Index tokens) const {
+    if (config_.capacity_factor <= 0) return -1;
+    return static_cast<Index>(std::ceil(config_.capacity_factor * static_cast<double>(tokens) *
+                                        static_cast<double>(router_.nominal_k()) /
+                                        static_cast<double>(config_.experts)));
+  }
+
+ private:
+  static constexpr std::uint64_t kRouterSeedStream = 1;
+  static constexpr std::uint64_t kExpertSeedStream = 2;
+  static constexpr std::uint64_t kDropoutSeedStream = 3;
+
+  struct Workspace {
+    Buffer<Scalar> d_out, d_hidden, d_pre, d_x_rows, d_gates, d_logits;
+  };
+
+  // Dropout keeps unit j of pair p with probability 1 - rate; a pure function
+  // of (key, pair, j), so backward recomputes the forward's mask exactly.
+  MOE_HOST_DEVICE static bool keeps(std::uint64_t key, Index pair, Index j, double rate) {
+    return math::uniform01(key, static_cast<std::uint64_t>(pair), static_cast<std::uint64_t>(j)) >=
+           rate;
+  }
+
+  void validate_config() const {
+    const auto& c = config_;
+    detail::require(c.d_model >= 1, "moe::Layer: d_model=", c.d_model, ", expected >= 1");
+    detail::require(c.d_ff >= 1, "moe::Layer: d_ff=", c.d_ff, ", expected >= 1");
+    detail::require(c.experts >= 1, "moe::Layer: experts=", c.experts, ", expected >= 1");
+    detail::require(!c.expert_bias || Activation::kSupportsBias, "moe::Layer: expert_bias=true, ",
+                    "expected false for activation ", Activation::kName, " (it has no biases)");
+    detail::require(std::isfinite(c.dropout) && c.dropout >= 0 && c.dropout < 1,
+                    "moe::Layer: dropout=", c.dropout, ", expected 0 <= dropout < 1");
+    detail::require(std::isfinite(c.capacity_factor) && c.capacity_factor >= 0,
+                    "moe::Layer: capacity_factor=", c.capacity_factor,
+                    ", expected 0 (dropless) or a positive finite value");
+    router_.validate(c);
+    estimator_.validate(c);
+  }
+
+  void check_finite(const char* where, const char* name, ConstMatrixView<Scalar> m) const {
+    if (!config_.check_finite) return;
+    const Index bad = backend_.first_non_finite(m.data(), m.size());
+    detail::require(bad < 0, "moe::Layer::", where, ": ", name, "(", bad / (m.cols() ? m.cols() : 1),
+                    ", ", bad % (m.cols() ? m.cols() : 1), ") is not finite, expected finite ",
+                    "values (check_finite=true)");
+  }
+
+  void fill_uniform(const char* name, double bound, std::uint64_t stream) {
+    auto values = params_[name];
+    const std::uint64_t key = math::hash3(seed_, kExpertSeedStream, stream);
+    for (std::size_t i = 0; i < values.size(); ++i)
+      values[i] = static_cast<Scalar>(bound * (2.0 * math::uniform01(key, 0, i) - 1.0));
+  }
+
+  // db_e += sum over expert e's rows of src (rows, n): per expert, in row order.
+  void add_column_sums(const std::vector<Index>& offsets, const Scalar* src, Index n,
+                       Scalar* db) const {
+    const Index* off = offsets.data();
+    backend_.parallel_for(config_.experts, [=](Index e) {
+      Scalar* out = db + e * n;
+      for (Index r = off[e]; r < off[e + 1]; ++r)
+        for (Index j = 0; j < n; ++j) out[j] += src[r * n + j];
+    });
+  }
+
+  EstimatorBatch<Scalar> batch_of(const Cache& cache) const {
+    EstimatorBatch<Scalar> b;
+    b.tokens = cache.tokens_;
+    b.experts = config_.experts;
+    b.d_model = config_.d_model;
+    b.gates = cache.selection_.gates.data();
+    b.token_offsets = cache.selection_.token_offsets.data();
+    b.pair_expert = cache.selection_.pair_expert.data();
+    b.pair_row = cache.dispatch_.pair_row.data();
+    b.expert_out = cache.out_rows_.data();
+    return b;
+  }
+
+  LayerConfig config_;
+  Router router_;
+  Estimator estimator_;
+  Backend backend_;
+  std::uint64_t seed_ = 0;
+  std::uint64_t train_forwards_ = 0;  // keys the dropout mask of each training forward
+  Parameters params_;
+  Workspace workspace_;
+  RoutingStats last_stats_;
+};
+
+}  // namespace moe

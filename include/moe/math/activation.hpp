@@ -1,0 +1,49 @@
+#pragma once
+// Element-wise expert activations and their derivatives, shared by backends.
+
+#include <cmath>
+
+#include "moe/core/config.hpp"
+
+namespace moe::math {
+
+template <class S>
+MOE_HOST_DEVICE S relu(S u) {
+  return u > S(0) ? u : S(0);
+}
+template <class S>
+MOE_HOST_DEVICE S relu_derivative(S u) {
+  return u > S(0) ? S(1) : S(0);
+}
+
+// Exact GELU, u * Phi(u) (Hendrycks & Gimpel 2016), as torch.nn.GELU() default.
+template <class S>
+MOE_HOST_DEVICE S gelu(S u) {
+  return S(0.5) * u * (S(1) + std::erf(u * S(0.70710678118654752440)));
+}
+template <class S>
+MOE_HOST_DEVICE S gelu_derivative(S u) {
+  const S cdf = S(0.5) * (S(1) + std::erf(u * S(0.70710678118654752440)));
+  const S pdf = S(0.39894228040143267794) * std::exp(S(-0.5) * u * u);
+  return cdf + u * pdf;
+}
+
+template <class S>
+MOE_HOST_DEVICE S sigmoid(S u) {
+  return S(1) / (S(1) + std::exp(-u));
+}
+
+// SwiGLU unit (Shazeer 2020): silu(gate) * up.
+template <class S>
+MOE_HOST_DEVICE S swiglu(S gate, S up) {
+  return gate * sigmoid(gate) * up;
+}
+// Partial derivatives of swiglu(gate, up).
+template <class S>
+MOE_HOST_DEVICE void swiglu_partials(S gate, S up, S& d_gate, S& d_up) {
+  const S s = sigmoid(gate);
+  d_up = gate * s;
+  d_gate = up * s * (S(1) + gate * (S(1) - s));
+}
+
+}  // namespace moe::math
