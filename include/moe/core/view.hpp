@@ -3,6 +3,7 @@
 // caller can pass an Eigen row-major matrix, a std::vector with a shape, or
 // device memory (CUDA backend) through one type.
 
+#include <concepts>
 #include <type_traits>
 
 #include "moe/core/config.hpp"

@@ -42,9 +42,12 @@ MOE_HOST_DEVICE void softmax_backward_add(const S* p, const S* dp, int n, S* dz)
   for (int j = 0; j < n; ++j) dz[j] += p[j] * (dp[j] - dot);
 }
 
-// `a` ranks before `b`: larger score first, lower index first among ties.
+// `a` ranks before `b`: larger score first, lower index first among ties, NaN
+// after every number (so a NaN logit cannot take a real expert's place).
 template <class S>
 MOE_HOST_DEVICE bool ranks_before(S score_a, int a, S score_b, int b) {
+  const bool a_nan = score_a != score_a, b_nan = score_b != score_b;
+  if (a_nan || b_nan) return a_nan ? (b_nan && a < b) : true;
   return score_a > score_b || (score_a == score_b && a < b);
 }
 

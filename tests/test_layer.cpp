@@ -1,0 +1,273 @@
+// Behaviour of the composed layer: agreement with an independent dense
+// reference, float vs double, bitwise determinism across thread counts and
+// runs, the capacity limit, routing statistics, and dropout.
+
+#include <cstring>
+#include <numeric>
+
+#include "support.hpp"
+
+using namespace moe;
+using namespace moe::test;
+
+namespace {
+
+template <class Act, class S = double>
+using TopKLayer = Layer<router::TopK, estimator::Sparse, cpu::Backend<S>, Act>;
+
+// y_t = sum_{i in A_t} G_ti E_i(x_t), written directly from ALGORITHMS.md with
+// per-token Eigen products and a std::stable_sort for the top-k: no code
+// shared with the layer's routing, dispatch or combine.
+template <class Act, class S>
+Mat<double> reference_forward(const TopKLayer<Act, S>& layer, const Mat<double>& x) {
+  const auto& cfg = layer.config();
+  const auto& topk = layer.router();
+  const auto& p = layer.parameters();
+  const Index T = x.rows(), d = cfg.d_model, h = cfg.d_ff, E = cfg.experts;
+  const Index wide = Act::kGated ? 2 * h : h;
+  Mat<double> y = Mat<double>::Zero(T, d);
+  const auto wr = p.matrix("router.weight");
+  for (Index t = 0; t < T; ++t) {
+    Eigen::VectorXd z(E);
+    for (Index e = 0; e < E; ++e) {
+      z[e] = topk.bias ? static_cast<double>(p["router.bias"][e]) : 0.0;
+      for (Index j = 0; j < d; ++j) z[e] += static_cast<double>(wr(e, j)) * x(t, j);
+    }
+    const Eigen::VectorXd prob = (z.array() - z.maxCoeff()).exp() / (z.array() - z.maxCoeff()).exp().sum();
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return z[a] > z[b]; });
+    order.resize(topk.k);
+    double selected_mass = 0;
+    for (int e : order) selected_mass += prob[e];
+    for (int e : order) {
+      const double gate = (topk.renormalize || topk.softmax_over_selected) ? prob[e] / selected_mass : prob[e];
+      Eigen::VectorXd pre(wide), hidden(h), out(d);
+      for (Index c = 0; c < wide; ++c) {
+        pre[c] = 0;
+        for (Index j = 0; j < d; ++j) pre[c] += x(t, j) * static_cast<double>(p["experts.w1"][(e * d + j) * wide + c]);
+      }
+      for (Index c = 0; c < h; ++c) {
+        if constexpr (Act::kGated) {
+          hidden[c] = math::swiglu(pre[c], pre[h + c]);
+        } else {
+          if (cfg.expert_bias) pre[c] += static_cast<double>(p["experts.b1"][e * h + c]);
+          hidden[c] = Act::value(pre[c]);
+        }
+      }
+      for (Index j = 0; j < d; ++j) {
+        out[j] = cfg.expert_bias ? static_cast<double>(p["experts.b2"][e * d + j]) : 0.0;
+        for (Index c = 0; c < h; ++c) out[j] += hidden[c] * static_cast<double>(p["experts.w2"][(e * h + c) * d + j]);
+        y(t, j) += gate * out[j];
+      }
+    }
+  }
+  return y;
+}
+
+template <class L>
+struct Run {
+  Mat<typename L::Scalar> y, dx;
+  TensorBuffer<typename L::Scalar> grads;
+  RoutingStats stats;
+};
+
+template <class L>
+Run<L> run(L& layer, const Mat<typename L::Scalar>& x, const Mat<typename L::Scalar>& dy, Mode mode) {
+  Run<L> r;
+  r.y.resize(x.rows(), x.cols());
+  r.dx.resize(x.rows(), x.cols());
+  typename L::Cache cache;
+  layer.forward(x, r.y, cache, mode);
+  r.grads = layer.make_gradients();
+  layer.backward(x, cache, dy, r.dx, r.grads);
+  r.stats = cache.stats();
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("forward equals an independent dense reference", Act, act::ReLU, act::GELU, act::SwiGLU) {
+  for (int normalization = 0; normalization < 3; ++normalization) {
+    for (int k : {1, 3, 6}) {
+      CAPTURE(normalization);
+      CAPTURE(k);
+      router::TopK topk{.k = k, .renormalize = normalization == 1,
+                        .softmax_over_selected = normalization == 2, .bias = true, .init_std = 0.5};
+      TopKLayer<Act> layer({.d_model = 7, .d_ff = 9, .experts = 6, .expert_bias = Act::kSupportsBias},
+                           topk, {}, 3);
+      auto b = layer.parameters()["router.bias"];
+      for (std::size_t e = 0; e < b.size(); ++e) b[e] = 0.05 * static_cast<double>(e);
+      const auto x = random_matrix<double>(37, 7, 5);
+      Mat<double> y(37, 7);
+      typename TopKLayer<Act>::Cache cache;
+      layer.forward(x, y, cache, Mode::eval);
+      const Mat<double> expected = reference_forward(layer, x);
+      CHECK((y - expected).norm() <= 1e-12 * expected.norm());
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("float agrees with double", Act, act::ReLU, act::GELU, act::SwiGLU) {
+  LayerConfig cfg{.d_model = 16, .d_ff = 24, .experts = 8, .expert_bias = Act::kSupportsBias};
+  router::TopK topk{.k = 2, .bias = true, .z_coef = 0.01};
+  TopKLayer<Act, double> ld(cfg, topk, {}, 17);
+  TopKLayer<Act, float> lf(cfg, topk, {}, 17);
+  // Same seed gives the same draws; copy anyway so the test is about arithmetic.
+  for (Index i = 0; i < ld.parameters().size(); ++i)
+    lf.parameters().flat()[i] = static_cast<float>(ld.parameters().flat()[i]);
+  const auto xd = random_matrix<double>(64, 16, 1), dyd = random_matrix<double>(64, 16, 2);
+  const Mat<float> xf = xd.template cast<float>(), dyf = dyd.template cast<float>();
+  auto rd = run(ld, xd, dyd, Mode::train);
+  auto rf = run(lf, xf, dyf, Mode::train);
+  CHECK((rf.y.template cast<double>() - rd.y).norm() <= 1e-5 * rd.y.norm());
+  CHECK((rf.dx.template cast<double>() - rd.dx).norm() <= 1e-5 * rd.dx.norm());
+  for (const auto& spec : ld.parameters().layout().specs()) {
+    CAPTURE(spec.name);
+    const auto gd = rd.grads[spec.name];
+    const auto gf = rf.grads[spec.name];
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < gd.size(); ++i) {
+      diff += std::pow(static_cast<double>(gf[i]) - gd[i], 2);
+      norm += gd[i] * gd[i];
+    }
+    CHECK(std::sqrt(diff) <= 1e-5 * std::sqrt(norm) + 1e-7);
+  }
+  CHECK(rf.stats.aux_loss == doctest::Approx(rd.stats.aux_loss).epsilon(1e-5));
+}
+
+TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs", Act, act::GELU, act::SwiGLU) {
+  LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 8, .dropout = 0.1, .capacity_factor = 1.25};
+  router::TopK topk{.k = 2, .bias = true, .z_coef = 0.001};
+  // Enough rows that every expert spans several row tiles of the backend.
+  const auto x = random_matrix<float>(700, 32, 8), dy = random_matrix<float>(700, 32, 9);
+  TopKLayer<Act, float> one(cfg, topk, {}, 5, cpu::Backend<float>(1));
+  TopKLayer<Act, float> two(cfg, topk, {}, 5, cpu::Backend<float>(2));
+  TopKLayer<Act, float> again(cfg, topk, {}, 5, cpu::Backend<float>(2));
+  auto r1 = run(one, x, dy, Mode::train);
+  auto r2 = run(two, x, dy, Mode::train);
+  auto r3 = run(again, x, dy, Mode::train);
+  const auto same = [](const auto& a, const auto& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(a.data()[0]) * a.size()) == 0;
+  };
+  CHECK(r1.stats.dropped_pairs > 0);
+  CHECK(same(r1.y, r2.y));
+  CHECK(same(r1.dx, r2.dx));
+  CHECK(same(r1.grads.flat(), r2.grads.flat()));
+  CHECK(same(r2.y, r3.y));
+  CHECK(same(r2.dx, r3.dx));
+  CHECK(same(r2.grads.flat(), r3.grads.flat()));
+}
+
+TEST_CASE("capacity keeps the first ceil(c T k / E) pairs per expert in token order") {
+  using L = TopKLayer<act::ReLU>;
+  // Every token prefers expert 0 (bias), then expert 1; capacity = ceil(1 * 8 * 2 / 4) = 4.
+  L layer({.d_model = 3, .d_ff = 4, .experts = 4, .capacity_factor = 1.0},
+          router::TopK{.k = 2, .bias = true}, {}, 1);
+  auto b = layer.parameters()["router.bias"];
+  b[0] = 50;
+  b[1] = 40;
+  CHECK(layer.capacity(8) == 4);
+  const auto x = random_matrix<double>(8, 3, 4);
+  Mat<double> y(8, 3);
+  L::Cache cache;
+  layer.forward(x, y, cache, Mode::eval);
+  CHECK(cache.stats().dropped_pairs == 8);
+  CHECK(cache.stats().selected_pairs == 16);
+  CHECK(cache.stats().tokens_per_expert == std::vector<Index>{4, 4, 0, 0});
+  // Tokens 4..7 lost both pairs: their output is exactly zero.
+  for (Index t = 4; t < 8; ++t) CHECK(y.row(t).norm() == 0);
+  for (Index t = 0; t < 4; ++t) CHECK(y.row(t).norm() > 0);
+  // Dropless (the default) computes all pairs.
+  L dropless({.d_model = 3, .d_ff = 4, .experts = 4}, router::TopK{.k = 2}, {}, 1);
+  CHECK(dropless.capacity(8) == -1);
+}
+
+TEST_CASE("routing statistics after a forward") {
+  TopKLayer<act::GELU> layer({.d_model = 6, .d_ff = 5, .experts = 8}, router::TopK{.k = 3}, {}, 2);
+  const auto x = random_matrix<double>(50, 6, 3);
+  Mat<double> y(50, 6);
+  TopKLayer<act::GELU>::Cache cache;
+  CHECK_FALSE(cache.filled());
+  layer.forward(x, y, cache, Mode::train);
+  const auto& s = cache.stats();
+  CHECK(cache.filled());
+  CHECK(cache.tokens() == 50);
+  CHECK(std::accumulate(s.tokens_per_expert.begin(), s.tokens_per_expert.end(), Index{0}) == 150);
+  CHECK(s.selected_pairs == 150);
+  CHECK(s.dropped_pairs == 0);
+  CHECK(s.zero_gate_fraction == doctest::Approx(1.0 - 3.0 / 8.0));
+  CHECK(s.aux_loss > 0);
+  CHECK(layer.last_stats().aux_loss == s.aux_loss);
+}
+
+TEST_CASE("dropout: train masks about p of the hidden units, eval is the identity") {
+  using L = TopKLayer<act::ReLU>;
+  LayerConfig cfg{.d_model = 16, .d_ff = 64, .experts = 4, .dropout = 0.25};
+  L layer(cfg, router::TopK{.k = 1}, {}, 8);
+  LayerConfig no_dropout_cfg = cfg;
+  no_dropout_cfg.dropout = 0;
+  L reference(no_dropout_cfg, router::TopK{.k = 1}, {}, 8);
+  const auto x = random_matrix<double>(40, 16, 1);
+  Mat<double> y_eval(40, 16), y_ref(40, 16), y_a(40, 16), y_b(40, 16);
+  L::Cache c1, c2, c3, c4;
+  layer.forward(x, y_eval, c1, Mode::eval);
+  reference.forward(x, y_ref, c2, Mode::eval);
+  CHECK(y_eval == y_ref);  // eval applies no dropout
+  layer.forward(x, y_a, c3, Mode::train);
+  layer.forward(x, y_b, c4, Mode::train);
+  CHECK((y_a - y_ref).norm() > 1e-3);
+  CHECK((y_a - y_b).norm() > 1e-3);  // a new mask every training forward
+  // Scaling by 1 / (1 - p) keeps the expectation: the mean over many masks
+  // approaches the no-dropout output.
+  Mat<double> mean = Mat<double>::Zero(40, 16), y(40, 16);
+  const int draws = 400;
+  for (int i = 0; i < draws; ++i) {
+    L::Cache c;
+    layer.forward(x, y, c, Mode::train);
+    mean += y / draws;
+  }
+  CHECK((mean - y_ref).norm() < 0.1 * y_ref.norm());
+}
+
+TEST_CASE("a cache is reusable and several micro-batches can be in flight") {
+  using L = TopKLayer<act::SwiGLU>;
+  L layer({.d_model = 8, .d_ff = 8, .experts = 4}, router::TopK{.k = 2}, {}, 4);
+  const auto xa = random_matrix<double>(10, 8, 1), xb = random_matrix<double>(6, 8, 2);
+  const auto da = random_matrix<double>(10, 8, 3), db = random_matrix<double>(6, 8, 4);
+  // Reference: each micro-batch alone.
+  L ref_a = layer, ref_b = layer;
+  auto ra = run(ref_a, xa, da, Mode::train);
+  auto rb = run(ref_b, xb, db, Mode::train);
+  // Interleaved: forward a, forward b, backward a, backward b.
+  L::Cache ca, cb;
+  Mat<double> ya(10, 8), yb(6, 8), dxa(10, 8), dxb(6, 8);
+  layer.forward(xa, ya, ca, Mode::train);
+  layer.forward(xb, yb, cb, Mode::train);
+  auto grads = layer.make_gradients();
+  layer.backward(xa, ca, da, dxa, grads);
+  layer.backward(xb, cb, db, dxb, grads);
+  CHECK(ya == ra.y);
+  CHECK(yb == rb.y);
+  CHECK(dxa == ra.dx);
+  CHECK(dxb == rb.dx);
+  // Gradients accumulate: the sum of both micro-batches.
+  for (Index i = 0; i < grads.size(); ++i)
+    CHECK(grads.flat()[i] == doctest::Approx(ra.grads.flat()[i] + rb.grads.flat()[i]).epsilon(1e-12));
+  // Reusing a cache for another batch size.
+  layer.forward(xb, yb, ca, Mode::eval);
+  CHECK(ca.tokens() == 6);
+}
+
+TEST_CASE("frozen router: no router gradient, input gradient still flows") {
+  using L = TopKLayer<act::GELU>;
+  L layer({.d_model = 5, .d_ff = 4, .experts = 4}, router::TopK{.k = 2, .bias = true, .frozen = true}, {}, 6);
+  L learned({.d_model = 5, .d_ff = 4, .experts = 4}, router::TopK{.k = 2, .bias = true}, {}, 6);
+  const auto x = random_matrix<double>(9, 5, 1), dy = random_matrix<double>(9, 5, 2);
+  auto frozen_run = run(layer, x, dy, Mode::eval);
+  auto learned_run = run(learned, x, dy, Mode::eval);
+  for (double g : frozen_run.grads["router.weight"]) CHECK(g == 0);
+  for (double g : frozen_run.grads["router.bias"]) CHECK(g == 0);
+  CHECK(frozen_run.dx == learned_run.dx);  // same function of x
+  CHECK(Eigen::Map<const Eigen::VectorXd>(learned_run.grads["router.weight"].data(), 20).norm() > 0);
+}
