@@ -1,0 +1,124 @@
+// Bad input gets moe::Error naming the argument, its value and what was
+// expected, before any work is done.
+
+#include "support.hpp"
+
+using namespace moe;
+using namespace moe::test;
+
+namespace {
+
+using L = Layer<router::TopK, estimator::Sparse, cpu::Backend<double>, act::GELU>;
+const LayerConfig kConfig{.d_model = 4, .d_ff = 6, .experts = 3};
+
+// The thrown message contains every fragment.
+template <class F>
+void check_error(F&& f, std::initializer_list<const char*> fragments) {
+  try {
+    f();
+    FAIL("expected moe::Error");
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    CAPTURE(what);
+    for (const char* fragment : fragments) CHECK(what.find(fragment) != std::string::npos);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("moe::Error is a std::invalid_argument") {
+  CHECK_THROWS_AS(L({.d_model = 0, .d_ff = 6, .experts = 3}), std::invalid_argument);
+}
+
+TEST_CASE("bad configuration") {
+  check_error([] { L({.d_model = 0, .d_ff = 6, .experts = 3}); }, {"d_model=0", "expected >= 1"});
+  check_error([] { L({.d_model = 4, .d_ff = 0, .experts = 3}); }, {"d_ff=0"});
+  check_error([] { L({.d_model = 4, .d_ff = 6, .experts = 0}); }, {"experts=0"});
+  check_error([] { L(kConfig, router::TopK{.k = 0}); }, {"k=0", "expected 1 <= k <= experts=3"});
+  check_error([] { L(kConfig, router::TopK{.k = 4}); }, {"k=4", "experts=3"});
+  check_error([] { L(kConfig, router::TopK{.k = 1, .aux_coef = -1}); }, {"aux_coef=-1"});
+  check_error([] { L(kConfig, router::TopK{.k = 1, .z_coef = std::nan("")}); }, {"z_coef=nan"});
+  check_error([] { L(kConfig, router::TopK{.k = 1, .renormalize = true, .softmax_over_selected = true}); },
+              {"renormalize=true", "softmax_over_selected=true"});
+  check_error([] { L({.d_model = 4, .d_ff = 6, .experts = 3, .dropout = 1.0}); },
+              {"dropout=1", "expected 0 <= dropout < 1"});
+  check_error([] { L({.d_model = 4, .d_ff = 6, .experts = 3, .capacity_factor = -0.5}); },
+              {"capacity_factor=-0.5"});
+  using Gated = Layer<router::TopK, estimator::Sparse, cpu::Backend<double>, act::SwiGLU>;
+  check_error([] { Gated({.d_model = 4, .d_ff = 6, .experts = 3, .expert_bias = true}); },
+              {"expert_bias=true", "swiglu"});
+  check_error([] { cpu::Backend<float>(-2); }, {"threads=-2"});
+}
+
+TEST_CASE("bad forward arguments") {
+  L layer(kConfig, router::TopK{.k = 2});
+  L::Cache cache;
+  Mat<double> y(5, 4);
+  check_error([&] { layer.forward(Mat<double>(Mat<double>::Zero(5, 5)), y, cache, Mode::train); },
+              {"x.cols()=5", "expected d_model=4"});
+  check_error([&] { layer.forward(Mat<double>(Mat<double>::Zero(0, 4)), y, cache, Mode::train); },
+              {"x.rows()=0", "at least 1 token"});
+  Mat<double> y_bad(4, 4);
+  check_error([&] { layer.forward(Mat<double>(Mat<double>::Zero(5, 4)), y_bad, cache, Mode::train); },
+              {"y is (4, 4)", "expected (5, 4)"});
+  Mat<double> x = Mat<double>::Zero(5, 4);
+  check_error([&] { layer.forward(x, x, cache, Mode::train); }, {"y aliases x"});
+  // k changed at run time to an invalid value is caught at the next forward.
+  layer.router().k = 7;
+  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"k=7"});
+}
+
+TEST_CASE("non-finite input is rejected when checking is on, and only then") {
+  LayerConfig checked = kConfig;
+  checked.check_finite = true;
+  L layer(checked, router::TopK{.k = 2});
+  L::Cache cache;
+  Mat<double> x = random_matrix<double>(5, 4, 1), y(5, 4), dx(5, 4);
+  x(3, 2) = std::numeric_limits<double>::quiet_NaN();
+  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"x(3, 2) is not finite"});
+  x(3, 2) = std::numeric_limits<double>::infinity();
+  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"x(3, 2) is not finite"});
+  x(3, 2) = 0;
+  layer.forward(x, y, cache, Mode::train);
+  Mat<double> dy = random_matrix<double>(5, 4, 2);
+  dy(0, 1) = std::numeric_limits<double>::quiet_NaN();
+  auto grads = layer.make_gradients();
+  check_error([&] { layer.backward(x, cache, dy, dx, grads); }, {"dy(0, 1) is not finite"});
+
+  L unchecked(kConfig, router::TopK{.k = 2});
+  x(3, 2) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_NOTHROW(unchecked.forward(x, y, cache, Mode::train));
+}
+
+TEST_CASE("bad backward arguments") {
+  L layer(kConfig, router::TopK{.k = 2});
+  L::Cache cache;
+  auto grads = layer.make_gradients();
+  const Mat<double> x = random_matrix<double>(5, 4, 1);
+  Mat<double> y(5, 4), dx(5, 4), dy = random_matrix<double>(5, 4, 2);
+  check_error([&] { layer.backward(x, cache, dy, dx, grads); }, {"cache.filled()=false"});
+  layer.forward(x, y, cache, Mode::train);
+  check_error([&] { layer.backward(random_matrix<double>(6, 4, 1), cache, Mat<double>(Mat<double>::Zero(6, 4)), dx, grads); },
+              {"x.rows()=6", "expected cache.tokens()=5"});
+  Mat<double> dy_bad(5, 3);
+  check_error([&] { layer.backward(x, cache, dy_bad, dx, grads); }, {"dy is (5, 3)", "expected (5, 4)"});
+  Mat<double> dx_bad(2, 4);
+  check_error([&] { layer.backward(x, cache, dy, dx_bad, grads); }, {"dx is (2, 4)"});
+  L other({.d_model = 4, .d_ff = 7, .experts = 3}, router::TopK{.k = 2});
+  auto other_grads = other.make_gradients();
+  check_error([&] { layer.backward(x, cache, dy, dx, other_grads); }, {"grads has size", "make_gradients()"});
+  // A cache filled by a layer of another shape.
+  L::Cache foreign;
+  Mat<double> y2(5, 4);
+  other.forward(x, y2, foreign, Mode::train);
+  check_error([&] { layer.backward(x, foreign, dy, dx, grads); },
+              {"cache from a layer with (d_model, d_ff, experts)=(4, 7, 3)", "expected (4, 6, 3)"});
+}
+
+TEST_CASE("tensor buffers name what is missing") {
+  L layer(kConfig, router::TopK{.k = 2});
+  check_error([&] { (void)layer.parameters()["router.bias"]; }, {"no tensor named 'router.bias'", "router.weight"});
+  TensorLayout layout;
+  layout.add("a", {2, 3});
+  check_error([&] { layout.add("a", {1}); }, {"duplicate tensor name 'a'"});
+}
