@@ -12,6 +12,8 @@
 #include "moe/core/view.hpp"
 #include "moe/estimator/sparse.hpp"
 #include "moe/layer.hpp"
+#include "moe/optim/adamw.hpp"
+#include "moe/optim/sgd.hpp"
 #include "moe/router/topk.hpp"
 
 namespace moe {

@@ -1,0 +1,69 @@
+#pragma once
+// AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay,
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p).
+// The small optimizer of the examples and tests; state in double.
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moe/core/error.hpp"
+#include "moe/core/tensor_buffer.hpp"
+
+namespace moe::optim {
+
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+class AdamW {
+ public:
+  explicit AdamW(AdamWOptions options = {}) : options_(options) {
+    detail::require(options.lr >= 0 && std::isfinite(options.lr), "moe::optim::AdamW: lr=",
+                    options.lr, ", expected a finite value >= 0");
+    detail::require(options.beta1 >= 0 && options.beta1 < 1, "moe::optim::AdamW: beta1=",
+                    options.beta1, ", expected 0 <= beta1 < 1");
+    detail::require(options.beta2 >= 0 && options.beta2 < 1, "moe::optim::AdamW: beta2=",
+                    options.beta2, ", expected 0 <= beta2 < 1");
+    detail::require(options.eps > 0, "moe::optim::AdamW: eps=", options.eps, ", expected > 0");
+  }
+
+  AdamWOptions& options() { return options_; }  // e.g. a learning-rate schedule sets lr
+
+  template <class T>
+  void step(TensorBuffer<T>& params, const TensorBuffer<T>& grads) {
+    detail::require(params.same_layout(grads),
+                    "moe::optim::AdamW::step: grads has another layout than params (size ",
+                    grads.size(), " vs ", params.size(), ")");
+    auto p = params.flat();
+    auto g = grads.flat();
+    m_.resize(p.size(), 0.0);
+    v_.resize(p.size(), 0.0);
+    ++steps_;
+    const auto [lr, beta1, beta2, eps, weight_decay] = options_;
+    const double c1 = 1.0 - std::pow(beta1, static_cast<double>(steps_));
+    const double c2 = 1.0 - std::pow(beta2, static_cast<double>(steps_));
+    for (std::size_t i = 0; i < p.size(); ++i) {
+      const double gi = static_cast<double>(g[i]);
+      m_[i] = beta1 * m_[i] + (1 - beta1) * gi;
+      v_[i] = beta2 * v_[i] + (1 - beta2) * gi * gi;
+      const double update = (m_[i] / c1) / (std::sqrt(v_[i] / c2) + eps);
+      p[i] = static_cast<T>(static_cast<double>(p[i]) -
+                            lr * (update + weight_decay * static_cast<double>(p[i])));
+    }
+  }
+
+  std::uint64_t steps() const { return steps_; }
+
+ private:
+  AdamWOptions options_;
+  std::vector<double> m_, v_;
+  std::uint64_t steps_ = 0;
+};
+
+}  // namespace moe::optim

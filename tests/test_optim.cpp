@@ -1,0 +1,41 @@
+// The examples' optimizers against their update equations.
+
+#include "support.hpp"
+
+using namespace moe;
+
+namespace {
+TensorBuffer<double> buffer(std::initializer_list<double> values) {
+  auto layout = std::make_shared<TensorLayout>();
+  layout->add("w", {static_cast<Index>(values.size())});
+  TensorBuffer<double> b(layout);
+  std::copy(values.begin(), values.end(), b.flat().begin());
+  return b;
+}
+}  // namespace
+
+TEST_CASE("AdamW: first step moves each weight by lr * (sign(g) + wd * p)") {
+  auto p = buffer({1.0, -2.0});
+  auto g = p.zeros_like();
+  g.flat()[0] = 0.5;
+  g.flat()[1] = -3.0;
+  optim::AdamW opt({.lr = 0.1, .weight_decay = 0.01});
+  opt.step(p, g);
+  // Bias-corrected m/sqrt(v) is g/|g| on the first step (up to eps).
+  CHECK(p.flat()[0] == doctest::Approx(1.0 - 0.1 * (1.0 + 0.01 * 1.0)));
+  CHECK(p.flat()[1] == doctest::Approx(-2.0 - 0.1 * (-1.0 + 0.01 * -2.0)));
+  CHECK(opt.steps() == 1);
+}
+
+TEST_CASE("SGD with momentum") {
+  auto p = buffer({1.0});
+  auto g = p.zeros_like();
+  g.flat()[0] = 2.0;
+  optim::Sgd opt({.lr = 0.1, .momentum = 0.5});
+  opt.step(p, g);  // v = 2, p = 1 - 0.2
+  CHECK(p.flat()[0] == doctest::Approx(0.8));
+  opt.step(p, g);  // v = 0.5 * 2 + 2 = 3, p = 0.8 - 0.3
+  CHECK(p.flat()[0] == doctest::Approx(0.5));
+  auto other = buffer({1.0, 2.0});
+  CHECK_THROWS_AS(opt.step(p, other), Error);
+}
