@@ -4,12 +4,11 @@
 //
 //   moe-fit-teacher [steps]
 
+#include <Eigen/Core>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
-
-#include <Eigen/Core>
 #include <moe/moe.hpp>
+#include <string>
 
 using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using MoE = moe::Layer<moe::router::TopK, moe::estimator::Sparse, moe::cpu::Backend<float>,

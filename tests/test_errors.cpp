@@ -38,8 +38,9 @@ TEST_CASE("bad configuration") {
   check_error([] { L(kConfig, router::TopK{.k = 4}); }, {"k=4", "experts=3"});
   check_error([] { L(kConfig, router::TopK{.k = 1, .aux_coef = -1}); }, {"aux_coef=-1"});
   check_error([] { L(kConfig, router::TopK{.k = 1, .z_coef = std::nan("")}); }, {"z_coef=nan"});
-  check_error([] { L(kConfig, router::TopK{.k = 1, .renormalize = true, .softmax_over_selected = true}); },
-              {"renormalize=true", "softmax_over_selected=true"});
+  check_error(
+      [] { L(kConfig, router::TopK{.k = 1, .renormalize = true, .softmax_over_selected = true}); },
+      {"renormalize=true", "softmax_over_selected=true"});
   check_error([] { L({.d_model = 4, .d_ff = 6, .experts = 3, .dropout = 1.0}); },
               {"dropout=1", "expected 0 <= dropout < 1"});
   check_error([] { L({.d_model = 4, .d_ff = 6, .experts = 3, .capacity_factor = -0.5}); },
@@ -59,8 +60,9 @@ TEST_CASE("bad forward arguments") {
   check_error([&] { layer.forward(Mat<double>(Mat<double>::Zero(0, 4)), y, cache, Mode::train); },
               {"x.rows()=0", "at least 1 token"});
   Mat<double> y_bad(4, 4);
-  check_error([&] { layer.forward(Mat<double>(Mat<double>::Zero(5, 4)), y_bad, cache, Mode::train); },
-              {"y is (4, 4)", "expected (5, 4)"});
+  check_error(
+      [&] { layer.forward(Mat<double>(Mat<double>::Zero(5, 4)), y_bad, cache, Mode::train); },
+      {"y is (4, 4)", "expected (5, 4)"});
   Mat<double> x = Mat<double>::Zero(5, 4);
   check_error([&] { layer.forward(x, x, cache, Mode::train); }, {"y aliases x"});
   // k changed at run time to an invalid value is caught at the next forward.
@@ -98,15 +100,21 @@ TEST_CASE("bad backward arguments") {
   Mat<double> y(5, 4), dx(5, 4), dy = random_matrix<double>(5, 4, 2);
   check_error([&] { layer.backward(x, cache, dy, dx, grads); }, {"cache.filled()=false"});
   layer.forward(x, y, cache, Mode::train);
-  check_error([&] { layer.backward(random_matrix<double>(6, 4, 1), cache, Mat<double>(Mat<double>::Zero(6, 4)), dx, grads); },
-              {"x.rows()=6", "expected cache.tokens()=5"});
+  check_error(
+      [&] {
+        layer.backward(random_matrix<double>(6, 4, 1), cache, Mat<double>(Mat<double>::Zero(6, 4)),
+                       dx, grads);
+      },
+      {"x.rows()=6", "expected cache.tokens()=5"});
   Mat<double> dy_bad(5, 3);
-  check_error([&] { layer.backward(x, cache, dy_bad, dx, grads); }, {"dy is (5, 3)", "expected (5, 4)"});
+  check_error([&] { layer.backward(x, cache, dy_bad, dx, grads); },
+              {"dy is (5, 3)", "expected (5, 4)"});
   Mat<double> dx_bad(2, 4);
   check_error([&] { layer.backward(x, cache, dy, dx_bad, grads); }, {"dx is (2, 4)"});
   L other({.d_model = 4, .d_ff = 7, .experts = 3}, router::TopK{.k = 2});
   auto other_grads = other.make_gradients();
-  check_error([&] { layer.backward(x, cache, dy, dx, other_grads); }, {"grads has size", "make_gradients()"});
+  check_error([&] { layer.backward(x, cache, dy, dx, other_grads); },
+              {"grads has size", "make_gradients()"});
   // A cache filled by a layer of another shape.
   L::Cache foreign;
   Mat<double> y2(5, 4);
@@ -117,7 +125,8 @@ TEST_CASE("bad backward arguments") {
 
 TEST_CASE("tensor buffers name what is missing") {
   L layer(kConfig, router::TopK{.k = 2});
-  check_error([&] { (void)layer.parameters()["router.bias"]; }, {"no tensor named 'router.bias'", "router.weight"});
+  check_error([&] { (void)layer.parameters()["router.bias"]; },
+              {"no tensor named 'router.bias'", "router.weight"});
   TensorLayout layout;
   layout.add("a", {2, 3});
   check_error([&] { layout.add("a", {1}); }, {"duplicate tensor name 'a'"});

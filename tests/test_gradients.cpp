@@ -70,8 +70,11 @@ void check_case(const Case& c, int normalization) {
                     .aux_coef = c.aux,
                     .z_coef = c.z,
                     .init_std = 0.7};  // large enough that gates differ visibly
-  LayerConfig config{.d_model = c.d_model, .d_ff = c.d_ff, .experts = c.experts,
-                     .expert_bias = c.expert_bias && Act::kSupportsBias, .dropout = c.dropout,
+  LayerConfig config{.d_model = c.d_model,
+                     .d_ff = c.d_ff,
+                     .experts = c.experts,
+                     .expert_bias = c.expert_bias && Act::kSupportsBias,
+                     .dropout = c.dropout,
                      .capacity_factor = c.capacity};
   using L = Layer<router::TopK, estimator::Sparse, cpu::Backend<double>, Act>;
   L layer(config, topk, {}, /*seed=*/1234 + static_cast<std::uint64_t>(c.tokens));

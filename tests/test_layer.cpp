@@ -33,7 +33,8 @@ Mat<double> reference_forward(const TopKLayer<Act, S>& layer, const Mat<double>&
       z[e] = topk.bias ? static_cast<double>(p["router.bias"][e]) : 0.0;
       for (Index j = 0; j < d; ++j) z[e] += static_cast<double>(wr(e, j)) * x(t, j);
     }
-    const Eigen::VectorXd prob = (z.array() - z.maxCoeff()).exp() / (z.array() - z.maxCoeff()).exp().sum();
+    const Eigen::VectorXd prob =
+        (z.array() - z.maxCoeff()).exp() / (z.array() - z.maxCoeff()).exp().sum();
     std::vector<int> order(E);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return z[a] > z[b]; });
@@ -41,11 +42,13 @@ Mat<double> reference_forward(const TopKLayer<Act, S>& layer, const Mat<double>&
     double selected_mass = 0;
     for (int e : order) selected_mass += prob[e];
     for (int e : order) {
-      const double gate = (topk.renormalize || topk.softmax_over_selected) ? prob[e] / selected_mass : prob[e];
+      const double gate =
+          (topk.renormalize || topk.softmax_over_selected) ? prob[e] / selected_mass : prob[e];
       Eigen::VectorXd pre(wide), hidden(h), out(d);
       for (Index c = 0; c < wide; ++c) {
         pre[c] = 0;
-        for (Index j = 0; j < d; ++j) pre[c] += x(t, j) * static_cast<double>(p["experts.w1"][(e * d + j) * wide + c]);
+        for (Index j = 0; j < d; ++j)
+          pre[c] += x(t, j) * static_cast<double>(p["experts.w1"][(e * d + j) * wide + c]);
       }
       for (Index c = 0; c < h; ++c) {
         if constexpr (Act::kGated) {
@@ -57,7 +60,8 @@ Mat<double> reference_forward(const TopKLayer<Act, S>& layer, const Mat<double>&
       }
       for (Index j = 0; j < d; ++j) {
         out[j] = cfg.expert_bias ? static_cast<double>(p["experts.b2"][e * d + j]) : 0.0;
-        for (Index c = 0; c < h; ++c) out[j] += hidden[c] * static_cast<double>(p["experts.w2"][(e * h + c) * d + j]);
+        for (Index c = 0; c < h; ++c)
+          out[j] += hidden[c] * static_cast<double>(p["experts.w2"][(e * h + c) * d + j]);
         y(t, j) += gate * out[j];
       }
     }
@@ -73,7 +77,8 @@ struct Run {
 };
 
 template <class L>
-Run<L> run(L& layer, const Mat<typename L::Scalar>& x, const Mat<typename L::Scalar>& dy, Mode mode) {
+Run<L> run(L& layer, const Mat<typename L::Scalar>& x, const Mat<typename L::Scalar>& dy,
+           Mode mode) {
   Run<L> r;
   r.y.resize(x.rows(), x.cols());
   r.dx.resize(x.rows(), x.cols());
@@ -87,15 +92,19 @@ Run<L> run(L& layer, const Mat<typename L::Scalar>& x, const Mat<typename L::Sca
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("forward equals an independent dense reference", Act, act::ReLU, act::GELU, act::SwiGLU) {
+TEST_CASE_TEMPLATE("forward equals an independent dense reference", Act, act::ReLU, act::GELU,
+                   act::SwiGLU) {
   for (int normalization = 0; normalization < 3; ++normalization) {
     for (int k : {1, 3, 6}) {
       CAPTURE(normalization);
       CAPTURE(k);
-      router::TopK topk{.k = k, .renormalize = normalization == 1,
-                        .softmax_over_selected = normalization == 2, .bias = true, .init_std = 0.5};
-      TopKLayer<Act> layer({.d_model = 7, .d_ff = 9, .experts = 6, .expert_bias = Act::kSupportsBias},
-                           topk, {}, 3);
+      router::TopK topk{.k = k,
+                        .renormalize = normalization == 1,
+                        .softmax_over_selected = normalization == 2,
+                        .bias = true,
+                        .init_std = 0.5};
+      TopKLayer<Act> layer(
+          {.d_model = 7, .d_ff = 9, .experts = 6, .expert_bias = Act::kSupportsBias}, topk, {}, 3);
       auto b = layer.parameters()["router.bias"];
       for (std::size_t e = 0; e < b.size(); ++e) b[e] = 0.05 * static_cast<double>(e);
       const auto x = random_matrix<double>(37, 7, 5);
@@ -136,7 +145,8 @@ TEST_CASE_TEMPLATE("float agrees with double", Act, act::ReLU, act::GELU, act::S
   CHECK(rf.stats.aux_loss == doctest::Approx(rd.stats.aux_loss).epsilon(1e-5));
 }
 
-TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs", Act, act::GELU, act::SwiGLU) {
+TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs", Act, act::GELU,
+                   act::SwiGLU) {
   LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 8, .dropout = 0.1, .capacity_factor = 1.25};
   router::TopK topk{.k = 2, .bias = true, .z_coef = 0.001};
   // Enough rows that every expert spans several row tiles of the backend.
@@ -148,7 +158,8 @@ TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs", Act,
   auto r2 = run(two, x, dy, Mode::train);
   auto r3 = run(again, x, dy, Mode::train);
   const auto same = [](const auto& a, const auto& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(a.data()[0]) * a.size()) == 0;
+    return a.size() == b.size() &&
+           std::memcmp(a.data(), b.data(), sizeof(a.data()[0]) * a.size()) == 0;
   };
   CHECK(r1.stats.dropped_pairs > 0);
   CHECK(same(r1.y, r2.y));
@@ -253,7 +264,8 @@ TEST_CASE("a cache is reusable and several micro-batches can be in flight") {
   CHECK(dxb == rb.dx);
   // Gradients accumulate: the sum of both micro-batches.
   for (Index i = 0; i < grads.size(); ++i)
-    CHECK(grads.flat()[i] == doctest::Approx(ra.grads.flat()[i] + rb.grads.flat()[i]).epsilon(1e-12));
+    CHECK(grads.flat()[i] ==
+          doctest::Approx(ra.grads.flat()[i] + rb.grads.flat()[i]).epsilon(1e-12));
   // Reusing a cache for another batch size.
   layer.forward(xb, yb, ca, Mode::eval);
   CHECK(ca.tokens() == 6);
@@ -261,7 +273,8 @@ TEST_CASE("a cache is reusable and several micro-batches can be in flight") {
 
 TEST_CASE("frozen router: no router gradient, input gradient still flows") {
   using L = TopKLayer<act::GELU>;
-  L layer({.d_model = 5, .d_ff = 4, .experts = 4}, router::TopK{.k = 2, .bias = true, .frozen = true}, {}, 6);
+  L layer({.d_model = 5, .d_ff = 4, .experts = 4},
+          router::TopK{.k = 2, .bias = true, .frozen = true}, {}, 6);
   L learned({.d_model = 5, .d_ff = 4, .experts = 4}, router::TopK{.k = 2, .bias = true}, {}, 6);
   const auto x = random_matrix<double>(9, 5, 1), dy = random_matrix<double>(9, 5, 2);
   auto frozen_run = run(layer, x, dy, Mode::eval);
@@ -269,5 +282,6 @@ TEST_CASE("frozen router: no router gradient, input gradient still flows") {
   for (double g : frozen_run.grads["router.weight"]) CHECK(g == 0);
   for (double g : frozen_run.grads["router.bias"]) CHECK(g == 0);
   CHECK(frozen_run.dx == learned_run.dx);  // same function of x
-  CHECK(Eigen::Map<const Eigen::VectorXd>(learned_run.grads["router.weight"].data(), 20).norm() > 0);
+  CHECK(Eigen::Map<const Eigen::VectorXd>(learned_run.grads["router.weight"].data(), 20).norm() >
+        0);
 }

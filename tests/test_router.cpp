@@ -51,7 +51,8 @@ TEST_CASE("TopK gates and aux loss on a hand-computed 3-token, 4-expert case") {
           std::vector<Index>{0, 2, 4, 6});
     const double expected[3][4] = {{.1, .2, .3, .4}, {.4, .3, .2, .1}, {.25, .25, .25, .25}};
     for (int t = 0; t < 3; ++t)
-      for (int e = 0; e < 4; ++e) CHECK(run.sel.gates[t * 4 + e] == doctest::Approx(expected[t][e]).epsilon(1e-14));
+      for (int e = 0; e < 4; ++e)
+        CHECK(run.sel.gates[t * 4 + e] == doctest::Approx(expected[t][e]).epsilon(1e-14));
     // c = [2, 2, 1, 1], sum_t p_te = .75 for every e:
     // aux = 0.01 * 4 / (2 * 9) * (2 + 2 + 1 + 1) * .75 = 0.01.
     CHECK(run.sel.aux_loss == doctest::Approx(0.01).epsilon(1e-14));
@@ -60,7 +61,8 @@ TEST_CASE("TopK gates and aux loss on a hand-computed 3-token, 4-expert case") {
     for (int mode = 0; mode < 2; ++mode) {
       router::TopK topk{.k = 2, .renormalize = mode == 0, .softmax_over_selected = mode == 1};
       auto run = run_router(topk, params, x);
-      const double expected[3][4] = {{0, 0, 3. / 7, 4. / 7}, {4. / 7, 3. / 7, 0, 0}, {.5, .5, 0, 0}};
+      const double expected[3][4] = {
+          {0, 0, 3. / 7, 4. / 7}, {4. / 7, 3. / 7, 0, 0}, {.5, .5, 0, 0}};
       for (int t = 0; t < 3; ++t)
         for (int e = 0; e < 4; ++e)
           CHECK(run.sel.gates[t * 4 + e] == doctest::Approx(expected[t][e]).epsilon(1e-14));
@@ -120,8 +122,10 @@ TEST_CASE_TEMPLATE("activation derivatives match central differences", S, float,
     for (double up : {-1.3, 0.4, 2.0}) {
       double dg, du;
       math::swiglu_partials(u, up, dg, du);
-      CHECK(dg == doctest::Approx((math::swiglu(u + h, up) - math::swiglu(u - h, up)) / (2 * h)).epsilon(1e-8));
-      CHECK(du == doctest::Approx((math::swiglu(u, up + h) - math::swiglu(u, up - h)) / (2 * h)).epsilon(1e-8));
+      CHECK(dg == doctest::Approx((math::swiglu(u + h, up) - math::swiglu(u - h, up)) / (2 * h))
+                      .epsilon(1e-8));
+      CHECK(du == doctest::Approx((math::swiglu(u, up + h) - math::swiglu(u, up - h)) / (2 * h))
+                      .epsilon(1e-8));
     }
   }
   // Known values: GELU(1) = Phi(1) = 0.8413447460685429, silu(1) = 1 / (1 + e^-1).

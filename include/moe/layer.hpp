@@ -28,8 +28,8 @@
 namespace moe {
 
 template <class Router, class Estimator, class Backend, class Activation>
-  requires BackendPolicy<Backend> && RouterPolicy<Router, Backend> &&
-           EstimatorPolicy<Estimator, Backend> && ActivationPolicy<Activation>
+requires BackendPolicy<Backend> && RouterPolicy<Router, Backend> &&
+    EstimatorPolicy<Estimator, Backend> && ActivationPolicy<Activation>
 class Layer {
  public:
   using Scalar = typename Backend::Scalar;
@@ -60,7 +60,7 @@ class Layer {
     Buffer<Scalar> hidden_;    // (rows, d_ff)    activation, after dropout
     Buffer<Scalar> out_rows_;  // (rows, d)       expert outputs E_i(x_t)
     std::uint64_t dropout_key_ = 0;
-    double dropout_ = 0;       // the rate this forward used (0 in eval)
+    double dropout_ = 0;  // the rate this forward used (0 in eval)
     RoutingStats stats_;
   };
 
@@ -180,8 +180,8 @@ class Layer {
         }
       });
     }
-    backend_.grouped_gemm(offsets, false, d, h, cache.hidden_.data(),
-                          params_["experts.w2"].data(), h * d, Scalar(0), cache.out_rows_.data());
+    backend_.grouped_gemm(offsets, false, d, h, cache.hidden_.data(), params_["experts.w2"].data(),
+                          h * d, Scalar(0), cache.out_rows_.data());
     if (config_.expert_bias) {
       Scalar* out = cache.out_rows_.data();
       const int* row_expert = dispatch.row_expert.data();
@@ -246,10 +246,9 @@ class Layer {
                     ", ", dy.cols(), "), expected (", T, ", ", d, ")");
     detail::require(dx.rows() == T && dx.cols() == d, "moe::Layer::backward: dx is (", dx.rows(),
                     ", ", dx.cols(), "), expected (", T, ", ", d, ")");
-    detail::require(grads.same_layout(params_),
-                    "moe::Layer::backward: grads has size ", grads.size(),
-                    " and another layout, expected layer.make_gradients() (size ", params_.size(),
-                    ")");
+    detail::require(grads.same_layout(params_), "moe::Layer::backward: grads has size ",
+                    grads.size(), " and another layout, expected layer.make_gradients() (size ",
+                    params_.size(), ")");
     check_finite("backward", "dy", dy);
 
     const auto& sel = cache.selection_;
@@ -304,7 +303,8 @@ class Layer {
                           ws.d_hidden.data());  // dH = dO W2^T
     backend_.grouped_gemm_tn(offsets, h, d, cache.hidden_.data(), ws.d_out.data(),
                              grads["experts.w2"].data(), h * d);  // dW2 += H^T dO
-    if (config_.expert_bias) add_column_sums(offsets, ws.d_out.data(), d, grads["experts.b2"].data());
+    if (config_.expert_bias)
+      add_column_sums(offsets, ws.d_out.data(), d, grads["experts.b2"].data());
     {
       const Scalar* pre = cache.pre_.data();
       const Scalar* d_hidden = ws.d_hidden.data();
@@ -333,7 +333,8 @@ class Layer {
     }
     backend_.grouped_gemm_tn(offsets, d, wide, cache.x_rows_.data(), ws.d_pre.data(),
                              grads["experts.w1"].data(), d * wide);  // dW1 += X^T dPre
-    if (config_.expert_bias) add_column_sums(offsets, ws.d_pre.data(), h, grads["experts.b1"].data());
+    if (config_.expert_bias)
+      add_column_sums(offsets, ws.d_pre.data(), h, grads["experts.b1"].data());
     backend_.grouped_gemm(offsets, true, d, wide, ws.d_pre.data(), w1, d * wide, Scalar(0),
                           ws.d_x_rows.data());  // dX_rows = dPre W1^T
 
@@ -415,9 +416,9 @@ class Layer {
   void check_finite(const char* where, const char* name, ConstMatrixView<Scalar> m) const {
     if (!config_.check_finite) return;
     const Index bad = backend_.first_non_finite(m.data(), m.size());
-    detail::require(bad < 0, "moe::Layer::", where, ": ", name, "(", bad / (m.cols() ? m.cols() : 1),
-                    ", ", bad % (m.cols() ? m.cols() : 1), ") is not finite, expected finite ",
-                    "values (check_finite=true)");
+    detail::require(bad < 0, "moe::Layer::", where, ": ", name, "(",
+                    bad / (m.cols() ? m.cols() : 1), ", ", bad % (m.cols() ? m.cols() : 1),
+                    ") is not finite, expected finite ", "values (check_finite=true)");
   }
 
   void fill_uniform(const char* name, double bound, std::uint64_t stream) {

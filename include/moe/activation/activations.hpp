@@ -15,9 +15,13 @@ struct ReLU {
   static constexpr bool kSupportsBias = true;
   static constexpr const char* kName = "relu";
   template <class S>
-  MOE_HOST_DEVICE static S value(S u) { return math::relu(u); }
+  MOE_HOST_DEVICE static S value(S u) {
+    return math::relu(u);
+  }
   template <class S>
-  MOE_HOST_DEVICE static S derivative(S u) { return math::relu_derivative(u); }
+  MOE_HOST_DEVICE static S derivative(S u) {
+    return math::relu_derivative(u);
+  }
 };
 
 // E(x) = W2 gelu(W1 x + b1) + b2, exact (erf) GELU.
@@ -26,9 +30,13 @@ struct GELU {
   static constexpr bool kSupportsBias = true;
   static constexpr const char* kName = "gelu";
   template <class S>
-  MOE_HOST_DEVICE static S value(S u) { return math::gelu(u); }
+  MOE_HOST_DEVICE static S value(S u) {
+    return math::gelu(u);
+  }
   template <class S>
-  MOE_HOST_DEVICE static S derivative(S u) { return math::gelu_derivative(u); }
+  MOE_HOST_DEVICE static S derivative(S u) {
+    return math::gelu_derivative(u);
+  }
 };
 
 // E(x) = W2 (silu(W1 x) * (W3 x)), no biases (Shazeer 2020; ReMoE, Default MoE).
@@ -38,7 +46,9 @@ struct SwiGLU {
   static constexpr bool kSupportsBias = false;
   static constexpr const char* kName = "swiglu";
   template <class S>
-  MOE_HOST_DEVICE static S value(S gate, S up) { return math::swiglu(gate, up); }
+  MOE_HOST_DEVICE static S value(S gate, S up) {
+    return math::swiglu(gate, up);
+  }
   template <class S>
   MOE_HOST_DEVICE static void partials(S gate, S up, S& d_gate, S& d_up) {
     math::swiglu_partials(gate, up, d_gate, d_up);

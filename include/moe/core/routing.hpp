@@ -15,10 +15,10 @@ template <class S, template <class> class Buffer>
 struct Selection {
   Index tokens = 0;
   Index experts = 0;
-  Buffer<S> gates;             // (T, E) gate G_te; entries off the selection may be non-zero
-  Buffer<Index> token_offsets; // (T + 1) pairs of token t are [offsets[t], offsets[t+1])
-  Buffer<int> pair_expert;     // (P) expert of each pair, in the token's fixed order
-  double aux_loss = 0;         // the router's auxiliary loss value (section 3)
+  Buffer<S> gates;              // (T, E) gate G_te; entries off the selection may be non-zero
+  Buffer<Index> token_offsets;  // (T + 1) pairs of token t are [offsets[t], offsets[t+1])
+  Buffer<int> pair_expert;      // (P) expert of each pair, in the token's fixed order
+  double aux_loss = 0;          // the router's auxiliary loss value (section 3)
   Index pairs() const { return static_cast<Index>(pair_expert.size()); }
 };
 
@@ -26,11 +26,11 @@ struct Selection {
 // the optional capacity limit.
 template <template <class> class Buffer>
 struct Dispatch {
-  std::vector<Index> expert_offsets;  // (E + 1) host: rows of expert e are [off[e], off[e+1])
-  Buffer<int> row_expert;        // (rows) the expert of each row
-  Buffer<Index> row_pair;        // (rows) the pair behind each expert-sorted row
-  Buffer<Index> pair_row;        // (P) row of each pair, -1 when dropped by capacity
-  Buffer<Index> pair_token;      // (P) token of each pair
+  std::vector<Index> expert_offsets;       // (E + 1) host: rows of expert e are [off[e], off[e+1])
+  Buffer<int> row_expert;                  // (rows) the expert of each row
+  Buffer<Index> row_pair;                  // (rows) the pair behind each expert-sorted row
+  Buffer<Index> pair_row;                  // (P) row of each pair, -1 when dropped by capacity
+  Buffer<Index> pair_token;                // (P) token of each pair
   std::vector<Index> selected_per_expert;  // host copy: pairs routed to e before capacity
   std::vector<Index> rows_per_expert;      // host copy: pairs kept
   Index dropped = 0;

@@ -32,8 +32,8 @@ struct TensorSpec {
 class TensorLayout {
  public:
   void add(std::string name, std::vector<Index> shape) {
-    detail::require(find(name) == nullptr, "moe::TensorLayout::add: duplicate tensor name '",
-                    name, "'");
+    detail::require(find(name) == nullptr, "moe::TensorLayout::add: duplicate tensor name '", name,
+                    "'");
     TensorSpec spec{std::move(name), std::move(shape), total_};
     total_ += spec.size();
     specs_.push_back(std::move(spec));
@@ -50,8 +50,8 @@ class TensorLayout {
     if (spec == nullptr) {
       std::string known;
       for (const auto& s : specs_) known += (known.empty() ? "" : ", ") + s.name;
-      throw Error(detail::concat("moe::TensorLayout: no tensor named '", name, "' (has: ", known,
-                                 ")"));
+      throw Error(
+          detail::concat("moe::TensorLayout: no tensor named '", name, "' (has: ", known, ")"));
     }
     return *spec;
   }
@@ -100,7 +100,9 @@ class TensorBuffer {
   }
 
   // The tensor as a matrix: last dimension as columns, the rest as rows.
-  MatrixView<T> matrix(const std::string& name) { return matrix_of(layout_->at(name), data_.data()); }
+  MatrixView<T> matrix(const std::string& name) {
+    return matrix_of(layout_->at(name), data_.data());
+  }
   MatrixView<const T> matrix(const std::string& name) const {
     return matrix_of(layout_->at(name), data_.data());
   }

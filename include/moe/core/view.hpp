@@ -23,27 +23,26 @@ class MatrixView {
   // with RowMajor, Eigen::Map, ...). Column-major storage is rejected at
   // compile time because the library's layout is (tokens, features).
   template <class M>
-    requires(!std::is_same_v<std::remove_cvref_t<M>, MatrixView> &&
-             requires(M& m) {
-               { m.data() } -> std::convertible_to<T*>;
-               m.rows();
-               m.cols();
-             })
-  MatrixView(M&& m)  // NOLINT(google-explicit-constructor): views convert implicitly
+  requires(!std::is_same_v<std::remove_cvref_t<M>, MatrixView> &&
+           requires(M & m) {
+             { m.data() } -> std::convertible_to<T*>;
+             m.rows();
+             m.cols();
+           }) MatrixView(M&& m)  // NOLINT(google-explicit-constructor): views convert implicitly
       : data_(m.data()), rows_(static_cast<Index>(m.rows())), cols_(static_cast<Index>(m.cols())) {
     using Plain = std::remove_cvref_t<M>;
     if constexpr (requires { Plain::IsRowMajor; }) {
-      static_assert(Plain::IsRowMajor || Plain::ColsAtCompileTime == 1 ||
-                        Plain::RowsAtCompileTime == 1,
-                    "moe::MatrixView needs row-major storage: use "
-                    "Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>");
+      static_assert(
+          Plain::IsRowMajor || Plain::ColsAtCompileTime == 1 || Plain::RowsAtCompileTime == 1,
+          "moe::MatrixView needs row-major storage: use "
+          "Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>");
     }
   }
 
   // A mutable view converts to a read-only one.
   template <class U>
-    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  MOE_HOST_DEVICE MatrixView(MatrixView<U> other)  // NOLINT
+  requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>) MOE_HOST_DEVICE
+      MatrixView(MatrixView<U> other)  // NOLINT
       : data_(other.data()), rows_(other.rows()), cols_(other.cols()) {}
 
   MOE_HOST_DEVICE T* data() const { return data_; }

@@ -8,8 +8,8 @@
 namespace moe::math {
 
 enum class GateNormalization : int {
-  full_softmax = 0,        // G_i = p_i (Switch, Default MoE); p is dense over all E
-  renormalize = 1,         // G_i = p_i / sum_{j in A} p_j (Mixtral), 0 off A
+  full_softmax = 0,          // G_i = p_i (Switch, Default MoE); p is dense over all E
+  renormalize = 1,           // G_i = p_i / sum_{j in A} p_j (Mixtral), 0 off A
   softmax_over_selected = 2  // G = softmax(z_A) (SMoE-Dropout, ACMoE), 0 off A
 };
 

@@ -24,12 +24,12 @@ struct AdamWOptions {
 class AdamW {
  public:
   explicit AdamW(AdamWOptions options = {}) : options_(options) {
-    detail::require(options.lr >= 0 && std::isfinite(options.lr), "moe::optim::AdamW: lr=",
-                    options.lr, ", expected a finite value >= 0");
-    detail::require(options.beta1 >= 0 && options.beta1 < 1, "moe::optim::AdamW: beta1=",
-                    options.beta1, ", expected 0 <= beta1 < 1");
-    detail::require(options.beta2 >= 0 && options.beta2 < 1, "moe::optim::AdamW: beta2=",
-                    options.beta2, ", expected 0 <= beta2 < 1");
+    detail::require(options.lr >= 0 && std::isfinite(options.lr),
+                    "moe::optim::AdamW: lr=", options.lr, ", expected a finite value >= 0");
+    detail::require(options.beta1 >= 0 && options.beta1 < 1,
+                    "moe::optim::AdamW: beta1=", options.beta1, ", expected 0 <= beta1 < 1");
+    detail::require(options.beta2 >= 0 && options.beta2 < 1,
+                    "moe::optim::AdamW: beta2=", options.beta2, ", expected 0 <= beta2 < 1");
     detail::require(options.eps > 0, "moe::optim::AdamW: eps=", options.eps, ", expected > 0");
   }
 

@@ -18,10 +18,10 @@ struct SgdOptions {
 class Sgd {
  public:
   explicit Sgd(SgdOptions options = {}) : options_(options) {
-    detail::require(options.lr >= 0 && std::isfinite(options.lr), "moe::optim::Sgd: lr=",
-                    options.lr, ", expected a finite value >= 0");
-    detail::require(options.momentum >= 0 && options.momentum < 1, "moe::optim::Sgd: momentum=",
-                    options.momentum, ", expected 0 <= momentum < 1");
+    detail::require(options.lr >= 0 && std::isfinite(options.lr),
+                    "moe::optim::Sgd: lr=", options.lr, ", expected a finite value >= 0");
+    detail::require(options.momentum >= 0 && options.momentum < 1,
+                    "moe::optim::Sgd: momentum=", options.momentum, ", expected 0 <= momentum < 1");
   }
 
   SgdOptions& options() { return options_; }

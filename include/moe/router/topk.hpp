@@ -21,18 +21,18 @@ struct TopK {
   bool renormalize = false;
   bool softmax_over_selected = false;
   bool bias = false;
-  bool frozen = false;       // no parameter gradient; dL/dx still flows
-  double aux_coef = 0.01;    // Switch load-balancing coefficient alpha
-  double z_coef = 0.0;       // router z-loss coefficient beta_z
-  double init_std = 0.0;     // 0: sqrt(2 / (5 d)), Default MoE's small_init
+  bool frozen = false;     // no parameter gradient; dL/dx still flows
+  double aux_coef = 0.01;  // Switch load-balancing coefficient alpha
+  double z_coef = 0.0;     // router z-loss coefficient beta_z
+  double init_std = 0.0;   // 0: sqrt(2 / (5 d)), Default MoE's small_init
 
   static constexpr const char* kName = "topk";
 
   template <class B>
   struct Cache {
-    typename B::template Buffer<typename B::Scalar> logits;  // (T, E)
-    typename B::template Buffer<typename B::Scalar> probs;   // (T, E) softmax over all E
-    typename B::template Buffer<typename B::Scalar> lse;     // (T) logsumexp(z_t)
+    typename B::template Buffer<typename B::Scalar> logits;    // (T, E)
+    typename B::template Buffer<typename B::Scalar> probs;     // (T, E) softmax over all E
+    typename B::template Buffer<typename B::Scalar> lse;       // (T) logsumexp(z_t)
     typename B::template Buffer<typename B::Scalar> aux_grad;  // (E) dAux/dp_te, same for all t
     typename B::template Buffer<typename B::Scalar> aux_term;  // (E) expert e's share of aux
   };
@@ -51,12 +51,12 @@ struct TopK {
     detail::require(!(renormalize && softmax_over_selected),
                     "moe::router::TopK: renormalize=true and softmax_over_selected=true, expected "
                     "at most one of them");
-    detail::require(std::isfinite(aux_coef) && aux_coef >= 0, "moe::router::TopK: aux_coef=",
-                    aux_coef, ", expected a finite value >= 0");
+    detail::require(std::isfinite(aux_coef) && aux_coef >= 0,
+                    "moe::router::TopK: aux_coef=", aux_coef, ", expected a finite value >= 0");
     detail::require(std::isfinite(z_coef) && z_coef >= 0, "moe::router::TopK: z_coef=", z_coef,
                     ", expected a finite value >= 0");
-    detail::require(std::isfinite(init_std) && init_std >= 0, "moe::router::TopK: init_std=",
-                    init_std, ", expected a finite value >= 0");
+    detail::require(std::isfinite(init_std) && init_std >= 0,
+                    "moe::router::TopK: init_std=", init_std, ", expected a finite value >= 0");
   }
 
   void add_parameters(TensorLayout& layout, const LayerConfig& cfg) const {
@@ -118,9 +118,9 @@ struct TopK {
     // expert order: deterministic for any thread count.
     S* aux_grad = cache.aux_grad.data();
     S* aux_term = cache.aux_term.data();
-    const S scale = static_cast<S>(aux_coef * static_cast<double>(E) /
-                                   (static_cast<double>(k) * static_cast<double>(T) *
-                                    static_cast<double>(T)));
+    const S scale =
+        static_cast<S>(aux_coef * static_cast<double>(E) /
+                       (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
     be.parallel_for(E, [=](Index e) {
       Index count = 0;
       for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
@@ -142,10 +142,9 @@ struct TopK {
   template <class B>
   void backward(const B& be, ConstMatrixView<typename B::Scalar> x,
                 const TensorBuffer<typename B::Scalar>& params,
-                const Selection<typename B::Scalar, B::template Buffer>& sel,
-                const Cache<B>& cache, const typename B::Scalar* dgates,
-                typename B::Scalar* dx, TensorBuffer<typename B::Scalar>& grads,
-                typename B::Scalar* dlogits) const {
+                const Selection<typename B::Scalar, B::template Buffer>& sel, const Cache<B>& cache,
+                const typename B::Scalar* dgates, typename B::Scalar* dx,
+                TensorBuffer<typename B::Scalar>& grads, typename B::Scalar* dlogits) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
     const int kk = k, EE = static_cast<int>(E);
@@ -157,8 +156,8 @@ struct TopK {
     const auto norm = normalization();
     const S zc_scale = static_cast<S>(2.0 * z_coef / static_cast<double>(T));
     be.parallel_for(T, [=](Index t) {
-      math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm,
-                                dgates + t * E, aux_grad, zc_scale * lse[t], dlogits + t * E);
+      math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm, dgates + t * E,
+                                aux_grad, zc_scale * lse[t], dlogits + t * E);
     });
     const S* w = params["router.weight"].data();
     be.gemm_rows(false, T, d, E, S(1), dlogits, E, w, d, S(1), dx, d);  // dx += dz W_r

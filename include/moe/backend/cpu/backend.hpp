@@ -109,16 +109,16 @@ class Backend {
     parallel_for(count, [&](Index i) {
       const Index e = tiles[2 * i], r0 = tiles[2 * i + 1];
       const Index rows = std::min(kRowTile, offsets[e + 1] - r0);
-      gemm(false, trans_b, rows, n, k, S(1), a + r0 * k, k, b + e * b_stride, trans_b ? k : n,
-           beta, c + r0 * n, n);
+      gemm(false, trans_b, rows, n, k, S(1), a + r0 * k, k, b + e * b_stride, trans_b ? k : n, beta,
+           c + r0 * n, n);
     });
   }
 
   // For every expert e: W_e (k, n) += A_e^T (k, n_e) * B_e (n_e, n), with
   // W_e = w + e * w_stride: the weight gradient, one GEMM per expert.
   template <class S>
-  void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a,
-                       const S* b, S* w, Index w_stride) const {
+  void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a, const S* b,
+                       S* w, Index w_stride) const {
     const Index E = static_cast<Index>(offsets.size()) - 1;
     parallel_for(E, [&](Index e) {
       const Index r0 = offsets[e], rows = offsets[e + 1] - offsets[e];

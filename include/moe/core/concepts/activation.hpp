@@ -22,6 +22,7 @@ concept ActivationPolicy = requires {
   { A::kGated } -> std::convertible_to<bool>;
   { A::kSupportsBias } -> std::convertible_to<bool>;
   { A::kName } -> std::convertible_to<const char*>;
-} && (ElementwiseActivation<A> || GatedActivation<A>);
+}
+&&(ElementwiseActivation<A> || GatedActivation<A>);
 
 }  // namespace moe

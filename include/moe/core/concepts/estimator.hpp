@@ -10,7 +10,7 @@ namespace moe {
 template <class S>
 struct EstimatorBatch {
   Index tokens = 0, experts = 0, d_model = 0;
-  const S* gates = nullptr;           // (T, E)
+  const S* gates = nullptr;              // (T, E)
   const Index* token_offsets = nullptr;  // (T + 1)
   const int* pair_expert = nullptr;      // (P)
   const Index* pair_row = nullptr;       // (P), -1 when dropped
@@ -22,15 +22,14 @@ struct EstimatorBatch {
 // supplies beyond the computed pairs. The layer always supplies
 // dL/dG_te = <g_t, E_e(x_t)> for every computed pair.
 template <class Est, class B>
-concept EstimatorPolicy =
-    BackendPolicy<B> &&
+concept EstimatorPolicy = BackendPolicy<B> &&
     requires(const Est& est, const B& be, const LayerConfig& cfg, Mode mode,
              const EstimatorBatch<typename B::Scalar>& batch, typename B::Scalar* y,
              const typename B::Scalar* dy, typename B::Scalar* dgates) {
-      { Est::kName } -> std::convertible_to<const char*>;
-      est.validate(cfg);
-      est.add_unselected_outputs(be, mode, batch, y);
-      est.add_unselected_gate_gradients(be, batch, dy, dgates);
-    };
+  { Est::kName } -> std::convertible_to<const char*>;
+  est.validate(cfg);
+  est.add_unselected_outputs(be, mode, batch, y);
+  est.add_unselected_gate_gradients(be, batch, dy, dgates);
+};
 
 }  // namespace moe
