@@ -158,6 +158,7 @@ class Backend {
     }
     out.row_pair.resize(static_cast<std::size_t>(out.expert_offsets[E]));
     out.row_expert.resize(static_cast<std::size_t>(out.expert_offsets[E]));
+    out.row_token.resize(static_cast<std::size_t>(out.expert_offsets[E]));
     for (Index e = 0; e < E; ++e)
       for (Index r = out.expert_offsets[e]; r < out.expert_offsets[e + 1]; ++r)
         out.row_expert[r] = static_cast<int>(e);
@@ -168,6 +169,7 @@ class Backend {
       const int e = sel.pair_expert[p];
       if (next[e] < out.expert_offsets[e + 1]) {
         out.pair_row[p] = next[e];
+        out.row_token[next[e]] = out.pair_token[p];
         out.row_pair[next[e]++] = p;
       } else {
         out.pair_row[p] = -1;
