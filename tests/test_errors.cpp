@@ -77,15 +77,15 @@ TEST_CASE("non-finite input is rejected when checking is on, and only then") {
   L::Cache cache;
   Mat<double> x = random_matrix<double>(5, 4, 1), y(5, 4), dx(5, 4);
   x(3, 2) = std::numeric_limits<double>::quiet_NaN();
-  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"x(3, 2) is not finite"});
+  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"x(3, 2)=nan is not finite"});
   x(3, 2) = std::numeric_limits<double>::infinity();
-  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"x(3, 2) is not finite"});
+  check_error([&] { layer.forward(x, y, cache, Mode::train); }, {"x(3, 2)=inf is not finite"});
   x(3, 2) = 0;
   layer.forward(x, y, cache, Mode::train);
   Mat<double> dy = random_matrix<double>(5, 4, 2);
   dy(0, 1) = std::numeric_limits<double>::quiet_NaN();
   auto grads = layer.make_gradients();
-  check_error([&] { layer.backward(x, cache, dy, dx, grads); }, {"dy(0, 1) is not finite"});
+  check_error([&] { layer.backward(x, cache, dy, dx, grads); }, {"dy(0, 1)=nan is not finite"});
 
   L unchecked(kConfig, router::TopK{.k = 2});
   x(3, 2) = std::numeric_limits<double>::quiet_NaN();
@@ -121,6 +121,33 @@ TEST_CASE("bad backward arguments") {
   other.forward(x, y2, foreign, Mode::train);
   check_error([&] { layer.backward(x, foreign, dy, dx, grads); },
               {"cache from a layer with (d_model, d_ff, experts)=(4, 7, 3)", "expected (4, 6, 3)"});
+}
+
+TEST_CASE("a cache is tied to the layer that filled it, and dx may not alias x") {
+  L layer(kConfig, router::TopK{.k = 2});
+  L twin(kConfig, router::TopK{.k = 2});  // same shape, another layer
+  const Mat<double> x = random_matrix<double>(5, 4, 1);
+  Mat<double> y(5, 4), dx(5, 4), dy = random_matrix<double>(5, 4, 2);
+  L::Cache cache;
+  twin.forward(x, y, cache, Mode::train);
+  auto grads = layer.make_gradients();
+  check_error([&] { layer.backward(x, cache, dy, dx, grads); },
+              {"cache filled by layer #", "expected this layer #"});
+  layer.forward(x, y, cache, Mode::train);
+  Mat<double> x_copy = x;
+  L::Cache own;
+  layer.forward(x_copy, y, own, Mode::train);
+  check_error([&] { layer.backward(x_copy, own, dy, x_copy, grads); }, {"dx aliases x"});
+}
+
+TEST_CASE("a strided Eigen block is refused, not misread") {
+  L layer(kConfig, router::TopK{.k = 2});
+  L::Cache cache;
+  Mat<double> wide = random_matrix<double>(5, 6, 1), y(5, 4);
+  check_error([&] { layer.forward(wide.leftCols(4), y, cache, Mode::train); },
+              {"outerStride()=6", "expected contiguous rows (4, 1)"});
+  const Mat<double> copy = wide.leftCols(4);  // the documented way out
+  CHECK_NOTHROW(layer.forward(copy, y, cache, Mode::train));
 }
 
 TEST_CASE("tensor buffers name what is missing") {

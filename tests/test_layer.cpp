@@ -2,7 +2,13 @@
 // reference, float vs double, bitwise determinism across thread counts and
 // runs, the capacity limit, routing statistics, and dropout.
 
+#include <array>
 #include <cstring>
+#include <span>
+#include <utility>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <numeric>
 
 #include "support.hpp"
@@ -285,3 +291,95 @@ TEST_CASE("frozen router: no router gradient, input gradient still flows") {
   CHECK(Eigen::Map<const Eigen::VectorXd>(learned_run.grads["router.weight"].data(), 20).norm() >
         0);
 }
+
+TEST_CASE("capacity rounds c T k / E up, and huge factors mean every pair fits") {
+  using L = TopKLayer<act::ReLU>;
+  L layer({.d_model = 3, .d_ff = 4, .experts = 4, .capacity_factor = 1.1}, router::TopK{.k = 1}, {},
+          1);
+  CHECK(layer.capacity(10) == 3);  // ceil(1.1 * 10 * 1 / 4) = ceil(2.75)
+  CHECK(layer.capacity(7) == 2);   // ceil(1.925)
+  L huge({.d_model = 3, .d_ff = 4, .experts = 4, .capacity_factor = 1e30}, router::TopK{.k = 2}, {},
+         1);
+  CHECK(huge.capacity(8) == 8);
+}
+
+TEST_CASE("initialisation follows the documented distributions") {
+  // Router N(0, sqrt(2/(5d))); expert weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  const Index d = 64, h = 96, E = 16;
+  TopKLayer<act::GELU> layer({.d_model = d, .d_ff = h, .experts = E, .expert_bias = true},
+                             router::TopK{.k = 2}, {}, 7);
+  const auto moments = [](std::span<const double> v) {
+    double mean = 0, sq = 0, max_abs = 0;
+    for (double x : v) {
+      mean += x;
+      sq += x * x;
+      max_abs = std::max(max_abs, std::abs(x));
+    }
+    const double n = static_cast<double>(v.size());
+    return std::array<double, 3>{mean / n, std::sqrt(sq / n - (mean / n) * (mean / n)), max_abs};
+  };
+  const auto& p = std::as_const(layer).parameters();
+  const auto router = moments(p["router.weight"]);
+  CHECK(std::abs(router[0]) < 0.01);
+  CHECK(router[1] == doctest::Approx(std::sqrt(2.0 / (5.0 * d))).epsilon(0.05));
+  // U(-b, b) has standard deviation b / sqrt(3) and never exceeds b.
+  for (const auto& [name, fan_in] : {std::pair{"experts.w1", d}, std::pair{"experts.b1", d},
+                                     std::pair{"experts.w2", h}, std::pair{"experts.b2", h}}) {
+    CAPTURE(name);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    const auto m = moments(p[name]);
+    CHECK(m[1] == doctest::Approx(bound / std::sqrt(3.0)).epsilon(name[9] == 'b' ? 0.15 : 0.03));
+    CHECK(m[2] <= bound);
+    CHECK(m[2] > 0.95 * bound);
+  }
+  TopKLayer<act::GELU> custom({.d_model = d, .d_ff = h, .experts = E},
+                              router::TopK{.k = 2, .init_std = 0.02}, {}, 7);
+  CHECK(moments(std::as_const(custom).parameters()["router.weight"])[1] ==
+        doctest::Approx(0.02).epsilon(0.05));
+}
+
+TEST_CASE("backward uses the router options of its forward, even if k changes in between") {
+  using L = TopKLayer<act::GELU>;
+  L layer({.d_model = 6, .d_ff = 5, .experts = 4},
+          router::TopK{.k = 1, .renormalize = true, .z_coef = 0.1}, {}, 3);
+  L reference = layer;
+  const auto x = random_matrix<double>(9, 6, 1), dy = random_matrix<double>(9, 6, 2);
+  auto expected = run(reference, x, dy, Mode::eval);
+  L::Cache cache;
+  Mat<double> y(9, 6), dx(9, 6);
+  layer.forward(x, y, cache, Mode::eval);
+  layer.router().k = 4;  // e.g. a k schedule stepping between forward and backward
+  layer.router().renormalize = false;
+  layer.router().z_coef = 0;
+  auto grads = layer.make_gradients();
+  layer.backward(x, cache, dy, dx, grads);
+  CHECK(dx == expected.dx);
+  CHECK(std::equal(grads.flat().begin(), grads.flat().end(), expected.grads.flat().begin()));
+}
+
+#if defined(_OPENMP)
+TEST_CASE("bitwise identical at sizes where Eigen would thread its own GEMMs") {
+  // Each expert GEMM tile and the router weight gradient are large enough for
+  // Eigen's parallel path; the backend must keep them serial, whatever the
+  // process's OpenMP setting.
+  LayerConfig cfg{.d_model = 128, .d_ff = 256, .experts = 4};
+  const auto x = random_matrix<float>(2048, 128, 8), dy = random_matrix<float>(2048, 128, 9);
+  const int saved = omp_get_max_threads();
+  std::vector<Run<TopKLayer<act::GELU, float>>> runs;
+  for (const auto& [backend_threads, omp_threads] :
+       {std::pair{1, 1}, std::pair{1, 2}, std::pair{2, 2}, std::pair{2, 1}}) {
+    omp_set_num_threads(omp_threads);
+    TopKLayer<act::GELU, float> layer(cfg, router::TopK{.k = 2}, {}, 5,
+                                      cpu::Backend<float>(backend_threads));
+    runs.push_back(run(layer, x, dy, Mode::train));
+  }
+  omp_set_num_threads(saved);
+  for (std::size_t i = 1; i < runs.size(); ++i) {
+    CAPTURE(i);
+    CHECK(runs[i].y == runs[0].y);
+    CHECK(runs[i].dx == runs[0].dx);
+    CHECK(std::equal(runs[i].grads.flat().begin(), runs[i].grads.flat().end(),
+                     runs[0].grads.flat().begin()));
+  }
+}
+#endif

@@ -39,3 +39,24 @@ TEST_CASE("SGD with momentum") {
   auto other = buffer({1.0, 2.0});
   CHECK_THROWS_AS(opt.step(p, other), Error);
 }
+
+TEST_CASE("optimizers leave non-trainable tensors (a frozen router) untouched") {
+  Layer<router::TopK, estimator::Sparse, cpu::Backend<double>, act::GELU> layer(
+      {.d_model = 4, .d_ff = 3, .experts = 3}, router::TopK{.k = 1, .bias = true, .frozen = true});
+  CHECK_FALSE(layer.parameters().layout().at("router.weight").trainable);
+  CHECK(layer.parameters().layout().at("experts.w1").trainable);
+  const auto router_before = std::vector<double>(layer.parameters()["router.weight"].begin(),
+                                                 layer.parameters()["router.weight"].end());
+  const auto w1_before = std::vector<double>(layer.parameters()["experts.w1"].begin(),
+                                             layer.parameters()["experts.w1"].end());
+  auto grads = layer.make_gradients();
+  for (auto& g : grads.flat()) g = 1.0;  // even a non-zero gradient must not move them
+  optim::AdamW adamw({.lr = 0.1, .weight_decay = 0.1});
+  optim::Sgd sgd({.lr = 0.1, .momentum = 0.9});
+  adamw.step(layer.parameters(), grads);
+  sgd.step(layer.parameters(), grads);
+  const auto router_after = layer.parameters()["router.weight"];
+  CHECK(std::equal(router_before.begin(), router_before.end(), router_after.begin()));
+  const auto w1_after = layer.parameters()["experts.w1"];
+  CHECK_FALSE(std::equal(w1_before.begin(), w1_before.end(), w1_after.begin()));
+}

@@ -11,6 +11,7 @@
 // of the loss the backward differentiates: callers add its value to their loss
 // and do nothing else.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -56,6 +57,7 @@ class Layer {
    private:
     friend class Layer;
     bool filled_ = false;
+    std::uint64_t owner_ = 0;  // the id of the layer that filled it
     Index tokens_ = 0, d_model_ = 0, d_ff_ = 0, experts_ = 0;
     Selection<Scalar, Backend::template Buffer> selection_;  // the router's A_t
     // Pairs the experts compute: the router's selection, or (estimators that
@@ -71,6 +73,22 @@ class Layer {
     std::uint64_t dropout_key_ = 0;
     double dropout_ = 0;  // the rate this forward used (0 in eval)
     RoutingStats stats_;
+  };
+
+  // Caches remember which layer filled them; copies get a new identity.
+  class InstanceId {
+   public:
+    InstanceId() : value_(next()) {}
+    InstanceId(const InstanceId&) : value_(next()) {}
+    InstanceId& operator=(const InstanceId&) { return *this; }
+    std::uint64_t value() const { return value_; }
+
+   private:
+    static std::uint64_t next() {
+      static std::atomic<std::uint64_t> counter{0};
+      return ++counter;
+    }
+    std::uint64_t value_;
   };
 
   Layer(const LayerConfig& config, Router router = {}, Estimator estimator = {},
@@ -130,6 +148,7 @@ class Layer {
     router_.validate(config_);  // runtime k may have changed since construction
 
     cache.filled_ = false;
+    cache.owner_ = id_.value();
     cache.tokens_ = T;
     cache.d_model_ = d;
     cache.d_ff_ = h;
@@ -155,11 +174,14 @@ class Layer {
       Scalar* x_rows = cache.x_rows_.data();
       const Index* row_pair = dispatch.row_pair.data();
       const Index* pair_token = dispatch.pair_token.data();
-      backend_.parallel_for(rows, [=](Index r) {
-        const Scalar* src = xs + pair_token[row_pair[r]] * d;
-        Scalar* dst = x_rows + r * d;
-        for (Index j = 0; j < d; ++j) dst[j] = src[j];
-      });
+      backend_.parallel_for(
+          rows,
+          [=](Index r) {
+            const Scalar* src = xs + pair_token[row_pair[r]] * d;
+            Scalar* dst = x_rows + r * d;
+            for (Index j = 0; j < d; ++j) dst[j] = src[j];
+          },
+          rows * d);
     }
 
     // Experts: GEMM1, activation (+ b1, dropout), GEMM2 (+ b2).
@@ -180,25 +202,28 @@ class Layer {
       const double rate = cache.dropout_;
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
-      backend_.parallel_for(rows, [=](Index r) {
-        Scalar* pr = pre + r * wide;
-        Scalar* hr = hidden + r * h;
-        if (b1 != nullptr) {
-          const Scalar* be = b1 + row_expert[r] * h;
-          for (Index j = 0; j < h; ++j) pr[j] += be[j];
-        }
-        for (Index j = 0; j < h; ++j) {
-          if constexpr (Activation::kGated) {
-            hr[j] = Activation::value(pr[j], pr[h + j]);
-          } else {
-            hr[j] = Activation::value(pr[j]);
-          }
-        }
-        if (rate > 0) {
-          for (Index j = 0; j < h; ++j)
-            hr[j] *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
-        }
-      });
+      backend_.parallel_for(
+          rows,
+          [=](Index r) {
+            Scalar* pr = pre + r * wide;
+            Scalar* hr = hidden + r * h;
+            if (b1 != nullptr) {
+              const Scalar* be = b1 + row_expert[r] * h;
+              for (Index j = 0; j < h; ++j) pr[j] += be[j];
+            }
+            for (Index j = 0; j < h; ++j) {
+              if constexpr (Activation::kGated) {
+                hr[j] = Activation::value(pr[j], pr[h + j]);
+              } else {
+                hr[j] = Activation::value(pr[j]);
+              }
+            }
+            if (rate > 0) {
+              for (Index j = 0; j < h; ++j)
+                hr[j] *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
+            }
+          },
+          rows * wide * 8);
     }
     backend_.grouped_gemm(offsets, false, d, h, cache.hidden_.data(), params_["experts.w2"].data(),
                           h * d, Scalar(0), cache.out_rows_.data());
@@ -206,10 +231,13 @@ class Layer {
       Scalar* out = cache.out_rows_.data();
       const int* row_expert = dispatch.row_expert.data();
       const Scalar* b2 = params_["experts.b2"].data();
-      backend_.parallel_for(rows, [=](Index r) {
-        const Scalar* be = b2 + row_expert[r] * d;
-        for (Index j = 0; j < d; ++j) out[r * d + j] += be[j];
-      });
+      backend_.parallel_for(
+          rows,
+          [=](Index r) {
+            const Scalar* be = b2 + row_expert[r] * d;
+            for (Index j = 0; j < d; ++j) out[r * d + j] += be[j];
+          },
+          rows * d);
     }
 
     // Combine: each token sums its selected pairs in their fixed order (no
@@ -222,18 +250,21 @@ class Layer {
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* out = cache.out_rows_.data();
       Scalar* ys = y.data();
-      backend_.parallel_for(T, [=](Index t) {
-        Scalar* yt = ys + t * d;
-        for (Index j = 0; j < d; ++j) yt[j] = Scalar(0);
-        const Index first = token_offsets[t], end = first + selected[t + 1] - selected[t];
-        for (Index p = first; p < end; ++p) {
-          const Index r = pair_row[p];
-          if (r < 0) continue;  // dropped by capacity
-          const Scalar g = gates[t * E + pair_expert[p]];
-          const Scalar* o = out + r * d;
-          for (Index j = 0; j < d; ++j) yt[j] += g * o[j];
-        }
-      });
+      backend_.parallel_for(
+          T,
+          [=](Index t) {
+            Scalar* yt = ys + t * d;
+            for (Index j = 0; j < d; ++j) yt[j] = Scalar(0);
+            const Index first = token_offsets[t], end = first + selected[t + 1] - selected[t];
+            for (Index p = first; p < end; ++p) {
+              const Index r = pair_row[p];
+              if (r < 0) continue;  // dropped by capacity
+              const Scalar g = gates[t * E + pair_expert[p]];
+              const Scalar* o = out + r * d;
+              for (Index j = 0; j < d; ++j) yt[j] += g * o[j];
+            }
+          },
+          (rows + T) * d);
     }
     const auto batch = batch_of(cache);
     estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
@@ -267,6 +298,9 @@ class Layer {
                     "moe::Layer::backward: cache from a layer with (d_model, d_ff, experts)=(",
                     cache.d_model_, ", ", cache.d_ff_, ", ", cache.experts_, "), expected (", d,
                     ", ", h, ", ", E, ")");
+    detail::require(cache.owner_ == id_.value(), "moe::Layer::backward: cache filled by layer #",
+                    cache.owner_, ", expected this layer #", id_.value(),
+                    " (a copy of a layer is a new layer with its own caches)");
     detail::require(x.cols() == d, "moe::Layer::backward: x.cols()=", x.cols(),
                     ", expected d_model=", d);
     detail::require(T == cache.tokens_, "moe::Layer::backward: x.rows()=", T,
@@ -278,6 +312,9 @@ class Layer {
     detail::require(grads.same_layout(params_), "moe::Layer::backward: grads has size ",
                     grads.size(), " and another layout, expected layer.make_gradients() (size ",
                     params_.size(), ")");
+    detail::require(dx.data() != x.data(),
+                    "moe::Layer::backward: dx aliases x, expected separate buffers (x is read "
+                    "after dx is written)");
     check_finite("backward", "dy", dy);
 
     const auto& sel = cache.selection_;
@@ -304,26 +341,29 @@ class Layer {
       const Scalar* dys = dy.data();
       Scalar* d_out = ws.d_out.data();
       Scalar* d_gates = ws.d_gates.data();
-      backend_.parallel_for(T, [=](Index t) {
-        const Scalar* g = dys + t * d;
-        Scalar* dg = d_gates + t * E;
-        for (Index e = 0; e < E; ++e) dg[e] = Scalar(0);
-        const Index selected_end = token_offsets[t] + selected[t + 1] - selected[t];
-        for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
-          const Index r = pair_row[p];
-          if (r < 0) continue;
-          const Index e = pair_expert[p];
-          const Scalar gate = p < selected_end ? gates[t * E + e] : Scalar(0);
-          const Scalar* o = out + r * d;
-          Scalar* dor = d_out + r * d;
-          Scalar dot = 0;
-          for (Index j = 0; j < d; ++j) {
-            dot += g[j] * o[j];
-            dor[j] = gate * g[j];
-          }
-          dg[e] = dot;
-        }
-      });
+      backend_.parallel_for(
+          T,
+          [=](Index t) {
+            const Scalar* g = dys + t * d;
+            Scalar* dg = d_gates + t * E;
+            for (Index e = 0; e < E; ++e) dg[e] = Scalar(0);
+            const Index selected_end = token_offsets[t] + selected[t + 1] - selected[t];
+            for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+              const Index r = pair_row[p];
+              if (r < 0) continue;
+              const Index e = pair_expert[p];
+              const Scalar gate = p < selected_end ? gates[t * E + e] : Scalar(0);
+              const Scalar* o = out + r * d;
+              Scalar* dor = d_out + r * d;
+              Scalar dot = 0;
+              for (Index j = 0; j < d; ++j) {
+                dot += g[j] * o[j];
+                dor[j] = gate * g[j];
+              }
+              dg[e] = dot;
+            }
+          },
+          2 * rows * d);
     }
     estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), std::as_const(state_),
                                              dy.data(), ws.d_gates.data());
@@ -346,23 +386,26 @@ class Layer {
       const double rate = cache.dropout_;
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
-      backend_.parallel_for(rows, [=](Index r) {
-        const Scalar* pr = pre + r * wide;
-        const Scalar* dhr = d_hidden + r * h;
-        Scalar* dpr = d_pre + r * wide;
-        for (Index j = 0; j < h; ++j) {
-          Scalar dh = dhr[j];
-          if (rate > 0) dh *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
-          if constexpr (Activation::kGated) {
-            Scalar d_gate, d_up;
-            Activation::partials(pr[j], pr[h + j], d_gate, d_up);
-            dpr[j] = dh * d_gate;
-            dpr[h + j] = dh * d_up;
-          } else {
-            dpr[j] = dh * Activation::derivative(pr[j]);
-          }
-        }
-      });
+      backend_.parallel_for(
+          rows,
+          [=](Index r) {
+            const Scalar* pr = pre + r * wide;
+            const Scalar* dhr = d_hidden + r * h;
+            Scalar* dpr = d_pre + r * wide;
+            for (Index j = 0; j < h; ++j) {
+              Scalar dh = dhr[j];
+              if (rate > 0) dh *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
+              if constexpr (Activation::kGated) {
+                Scalar d_gate, d_up;
+                Activation::partials(pr[j], pr[h + j], d_gate, d_up);
+                dpr[j] = dh * d_gate;
+                dpr[h + j] = dh * d_up;
+              } else {
+                dpr[j] = dh * Activation::derivative(pr[j]);
+              }
+            }
+          },
+          rows * wide * 8);
     }
     backend_.grouped_gemm_tn(offsets, d, wide, cache.x_rows_.data(), ws.d_pre.data(),
                              grads["experts.w1"].data(), d * wide);  // dW1 += X^T dPre
@@ -378,16 +421,19 @@ class Layer {
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* d_x_rows = ws.d_x_rows.data();
       Scalar* dxs = dx.data();
-      backend_.parallel_for(T, [=](Index t) {
-        Scalar* dxt = dxs + t * d;
-        for (Index j = 0; j < d; ++j) dxt[j] = Scalar(0);
-        for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
-          const Index r = pair_row[p];
-          if (r < 0) continue;
-          const Scalar* src = d_x_rows + r * d;
-          for (Index j = 0; j < d; ++j) dxt[j] += src[j];
-        }
-      });
+      backend_.parallel_for(
+          T,
+          [=](Index t) {
+            Scalar* dxt = dxs + t * d;
+            for (Index j = 0; j < d; ++j) dxt[j] = Scalar(0);
+            for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+              const Index r = pair_row[p];
+              if (r < 0) continue;
+              const Scalar* src = d_x_rows + r * d;
+              for (Index j = 0; j < d; ++j) dxt[j] += src[j];
+            }
+          },
+          (rows + T) * d);
     }
     // The router adds its own dL/dx and parameter gradients (aux loss included).
     router_.backward(backend_, x, std::as_const(params_), sel, cache.router_, ws.d_gates.data(),
@@ -419,12 +465,14 @@ class Layer {
   // Statistics of the latest forward (each cache also keeps its own).
   const RoutingStats& last_stats() const { return last_stats_; }
 
-  // Pairs one expert may take: ceil(c T k / E), or -1 when dropless.
+  // Pairs one expert may take: ceil(c T k / E), or -1 when dropless. Never
+  // more than T pairs can reach one expert, which also bounds huge factors.
   Index capacity(Index tokens) const {
     if (config_.capacity_factor <= 0) return -1;
-    return static_cast<Index>(std::ceil(config_.capacity_factor * static_cast<double>(tokens) *
-                                        static_cast<double>(router_.nominal_k()) /
-                                        static_cast<double>(config_.experts)));
+    const double pairs =
+        std::ceil(config_.capacity_factor * static_cast<double>(tokens) *
+                  static_cast<double>(router_.nominal_k()) / static_cast<double>(config_.experts));
+    return pairs >= static_cast<double>(tokens) ? tokens : static_cast<Index>(pairs);
   }
 
  private:
@@ -462,9 +510,10 @@ class Layer {
   void check_finite(const char* where, const char* name, ConstMatrixView<Scalar> m) const {
     if (!config_.check_finite) return;
     const Index bad = backend_.first_non_finite(m.data(), m.size());
-    detail::require(bad < 0, "moe::Layer::", where, ": ", name, "(",
-                    bad / (m.cols() ? m.cols() : 1), ", ", bad % (m.cols() ? m.cols() : 1),
-                    ") is not finite, expected finite ", "values (check_finite=true)");
+    if (bad < 0) return;
+    throw Error(detail::concat("moe::Layer::", where, ": ", name, "(", bad / m.cols(), ", ",
+                               bad % m.cols(), ")=", m.data()[bad],
+                               " is not finite, expected finite values (check_finite=true)"));
   }
 
   void fill_uniform(const char* name, double bound, std::uint64_t stream) {
@@ -478,11 +527,15 @@ class Layer {
   void add_column_sums(const std::vector<Index>& offsets, const Scalar* src, Index n,
                        Scalar* db) const {
     const Index* off = offsets.data();
-    backend_.parallel_for(config_.experts, [=](Index e) {
-      Scalar* out = db + e * n;
-      for (Index r = off[e]; r < off[e + 1]; ++r)
-        for (Index j = 0; j < n; ++j) out[j] += src[r * n + j];
-    });
+    const Index E = config_.experts;
+    backend_.parallel_for(
+        config_.experts,
+        [=](Index e) {
+          Scalar* out = db + e * n;
+          for (Index r = off[e]; r < off[e + 1]; ++r)
+            for (Index j = 0; j < n; ++j) out[j] += src[r * n + j];
+        },
+        off[E] * n);
   }
 
   EstimatorBatch<Scalar> batch_of(const Cache& cache) const {
@@ -515,18 +568,21 @@ class Layer {
       const int* chosen = sel.pair_expert.data();
       Index* offsets = all.token_offsets.data();
       int* experts = all.pair_expert.data();
-      backend_.parallel_for(T, [=](Index t) {
-        offsets[t + 1] = (t + 1) * E;
-        if (t == 0) offsets[0] = 0;
-        int* out = experts + t * E;
-        Index n = 0;
-        for (Index p = selected[t]; p < selected[t + 1]; ++p) out[n++] = chosen[p];
-        for (Index e = 0; e < E; ++e) {
-          bool is_selected = false;
-          for (Index p = selected[t]; p < selected[t + 1]; ++p) is_selected |= chosen[p] == e;
-          if (!is_selected) out[n++] = static_cast<int>(e);
-        }
-      });
+      backend_.parallel_for(
+          T,
+          [=](Index t) {
+            offsets[t + 1] = (t + 1) * E;
+            if (t == 0) offsets[0] = 0;
+            int* out = experts + t * E;
+            Index n = 0;
+            for (Index p = selected[t]; p < selected[t + 1]; ++p) out[n++] = chosen[p];
+            for (Index e = 0; e < E; ++e) {
+              bool is_selected = false;
+              for (Index p = selected[t]; p < selected[t + 1]; ++p) is_selected |= chosen[p] == e;
+              if (!is_selected) out[n++] = static_cast<int>(e);
+            }
+          },
+          T * E * E);
       return all;
     }
   }
@@ -540,11 +596,13 @@ class Layer {
     const Index* offsets = sel.token_offsets.data();
     const int* chosen = sel.pair_expert.data();
     int* out = top1.data();
-    backend_.parallel_for(sel.tokens, [=](Index t) {
-      out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1;
-    });
+    backend_.parallel_for(
+        sel.tokens,
+        [=](Index t) { out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1; },
+        sel.tokens);
   }
 
+  InstanceId id_;
   LayerConfig config_;
   Router router_;
   Estimator estimator_;

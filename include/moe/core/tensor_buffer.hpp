@@ -19,6 +19,9 @@ struct TensorSpec {
   std::string name;
   std::vector<Index> shape;
   Index offset = 0;  // in elements, into the flat buffer
+  // False for tensors no optimizer may change (a frozen router): they keep a
+  // (zero) gradient slot so that every buffer has one layout.
+  bool trainable = true;
 
   Index size() const {
     Index n = 1;
@@ -31,10 +34,10 @@ struct TensorSpec {
 // a parameter buffer and every gradient buffer made from it.
 class TensorLayout {
  public:
-  void add(std::string name, std::vector<Index> shape) {
+  void add(std::string name, std::vector<Index> shape, bool trainable = true) {
     detail::require(find(name) == nullptr, "moe::TensorLayout::add: duplicate tensor name '", name,
                     "'");
-    TensorSpec spec{std::move(name), std::move(shape), total_};
+    TensorSpec spec{std::move(name), std::move(shape), total_, trainable};
     total_ += spec.size();
     specs_.push_back(std::move(spec));
   }
@@ -63,7 +66,8 @@ class TensorLayout {
   friend bool operator==(const TensorLayout& a, const TensorLayout& b) {
     if (a.specs_.size() != b.specs_.size()) return false;
     for (std::size_t i = 0; i < a.specs_.size(); ++i) {
-      if (a.specs_[i].name != b.specs_[i].name || a.specs_[i].shape != b.specs_[i].shape)
+      if (a.specs_[i].name != b.specs_[i].name || a.specs_[i].shape != b.specs_[i].shape ||
+          a.specs_[i].trainable != b.specs_[i].trainable)
         return false;
     }
     return true;

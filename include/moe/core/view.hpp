@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "moe/core/config.hpp"
+#include "moe/core/error.hpp"
 
 namespace moe {
 
@@ -31,6 +32,16 @@ class MatrixView {
            }) MatrixView(M&& m)  // NOLINT(google-explicit-constructor): views convert implicitly
       : data_(m.data()), rows_(static_cast<Index>(m.rows())), cols_(static_cast<Index>(m.cols())) {
     using Plain = std::remove_cvref_t<M>;
+    // A block or a Map with strides is not contiguous rows of cols_ values.
+    if constexpr (requires {
+                    m.outerStride();
+                    m.innerStride();
+                  }) {
+      const bool contiguous = m.innerStride() == 1 && (rows_ <= 1 || m.outerStride() == cols_);
+      detail::require(contiguous, "moe::MatrixView: a matrix with outerStride()=", m.outerStride(),
+                      " and innerStride()=", m.innerStride(), ", expected contiguous rows (", cols_,
+                      ", 1): pass a copy, e.g. Matrix(block)");
+    }
     if constexpr (requires { Plain::IsRowMajor; }) {
       static_assert(
           Plain::IsRowMajor || Plain::ColsAtCompileTime == 1 || Plain::RowsAtCompileTime == 1,

@@ -51,22 +51,25 @@ struct DefaultEMA {
     const Index d = batch.d_model, E = batch.experts;
     const double b = beta;
     const bool weighted = weighting == Weighting::score_weighted;
-    be.parallel_for(E, [=](Index e) {
-      const Index r0 = offsets[e], r1 = offsets[e + 1];
-      double total = 0;
-      for (Index r = r0; r < r1; ++r)
-        total += weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
-      if (r1 == r0 || total <= 0) return;  // S_i empty: keep Ehat_i [choice]
-      double* ema_e = ema + e * d;
-      for (Index j = 0; j < d; ++j) {
-        double sum = 0;
-        for (Index r = r0; r < r1; ++r) {
-          const double w = weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
-          sum += w * static_cast<double>(out[r * d + j]);
-        }
-        ema_e[j] = math::ema_update(ema_e[j], b, sum / total);
-      }
-    });
+    be.parallel_for(
+        E,
+        [=](Index e) {
+          const Index r0 = offsets[e], r1 = offsets[e + 1];
+          double total = 0;
+          for (Index r = r0; r < r1; ++r)
+            total += weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
+          if (r1 == r0 || total <= 0) return;  // S_i empty: keep Ehat_i [choice]
+          double* ema_e = ema + e * d;
+          for (Index j = 0; j < d; ++j) {
+            double sum = 0;
+            for (Index r = r0; r < r1; ++r) {
+              const double w = weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
+              sum += w * static_cast<double>(out[r * d + j]);
+            }
+            ema_e[j] = math::ema_update(ema_e[j], b, sum / total);
+          }
+        },
+        offsets[E] * d);
   }
 
   // y_t += sum_{i not in A_t} G_ti Ehat_i.
@@ -79,14 +82,17 @@ struct DefaultEMA {
     const Index* offsets = batch.token_offsets;
     const int* pair_expert = batch.pair_expert;
     const Index d = batch.d_model, E = batch.experts;
-    be.parallel_for(batch.tokens, [=](Index t) {
-      for (Index e = 0; e < E; ++e) {
-        if (selected(offsets, pair_expert, t, e)) continue;
-        const S g = gates[t * E + e];
-        if (g == S(0)) continue;
-        for (Index j = 0; j < d; ++j) y[t * d + j] += g * static_cast<S>(ema[e * d + j]);
-      }
-    });
+    be.parallel_for(
+        batch.tokens,
+        [=](Index t) {
+          for (Index e = 0; e < E; ++e) {
+            if (selected(offsets, pair_expert, t, e)) continue;
+            const S g = gates[t * E + e];
+            if (g == S(0)) continue;
+            for (Index j = 0; j < d; ++j) y[t * d + j] += g * static_cast<S>(ema[e * d + j]);
+          }
+        },
+        batch.tokens * E * d);
   }
 
   // dL/dG_ti = <g_t, Ehat_i> for i not in A_t.
@@ -100,14 +106,17 @@ struct DefaultEMA {
     const Index* offsets = batch.token_offsets;
     const int* pair_expert = batch.pair_expert;
     const Index d = batch.d_model, E = batch.experts;
-    be.parallel_for(batch.tokens, [=](Index t) {
-      for (Index e = 0; e < E; ++e) {
-        if (selected(offsets, pair_expert, t, e)) continue;
-        S dot = 0;
-        for (Index j = 0; j < d; ++j) dot += dy[t * d + j] * static_cast<S>(ema[e * d + j]);
-        dgates[t * E + e] = dot;
-      }
-    });
+    be.parallel_for(
+        batch.tokens,
+        [=](Index t) {
+          for (Index e = 0; e < E; ++e) {
+            if (selected(offsets, pair_expert, t, e)) continue;
+            S dot = 0;
+            for (Index j = 0; j < d; ++j) dot += dy[t * d + j] * static_cast<S>(ema[e * d + j]);
+            dgates[t * E + e] = dot;
+          }
+        },
+        batch.tokens * E * d);
   }
 
  private:

@@ -48,13 +48,18 @@ class AdamW {
     const auto [lr, beta1, beta2, eps, weight_decay] = options_;
     const double c1 = 1.0 - std::pow(beta1, static_cast<double>(steps_));
     const double c2 = 1.0 - std::pow(beta2, static_cast<double>(steps_));
-    for (std::size_t i = 0; i < p.size(); ++i) {
-      const double gi = static_cast<double>(g[i]);
-      m_[i] = beta1 * m_[i] + (1 - beta1) * gi;
-      v_[i] = beta2 * v_[i] + (1 - beta2) * gi * gi;
-      const double update = (m_[i] / c1) / (std::sqrt(v_[i] / c2) + eps);
-      p[i] = static_cast<T>(static_cast<double>(p[i]) -
-                            lr * (update + weight_decay * static_cast<double>(p[i])));
+    for (const auto& spec : params.layout().specs()) {
+      if (!spec.trainable) continue;  // frozen: neither a step nor weight decay
+      const auto begin = static_cast<std::size_t>(spec.offset);
+      const auto end = begin + static_cast<std::size_t>(spec.size());
+      for (std::size_t i = begin; i < end; ++i) {
+        const double gi = static_cast<double>(g[i]);
+        m_[i] = beta1 * m_[i] + (1 - beta1) * gi;
+        v_[i] = beta2 * v_[i] + (1 - beta2) * gi * gi;
+        const double update = (m_[i] / c1) / (std::sqrt(v_[i] / c2) + eps);
+        p[i] = static_cast<T>(static_cast<double>(p[i]) -
+                              lr * (update + weight_decay * static_cast<double>(p[i])));
+      }
     }
   }
 

@@ -34,14 +34,15 @@ class Sgd {
     auto p = params.flat();
     auto g = grads.flat();
     const auto [lr, momentum] = options_;
-    if (momentum == 0) {
-      for (std::size_t i = 0; i < p.size(); ++i) p[i] -= static_cast<T>(lr) * g[i];
-      return;
-    }
     velocity_.resize(p.size(), 0.0);
-    for (std::size_t i = 0; i < p.size(); ++i) {
-      velocity_[i] = momentum * velocity_[i] + static_cast<double>(g[i]);
-      p[i] -= static_cast<T>(lr * velocity_[i]);
+    for (const auto& spec : params.layout().specs()) {
+      if (!spec.trainable) continue;  // frozen tensors never move
+      const auto begin = static_cast<std::size_t>(spec.offset);
+      const auto end = begin + static_cast<std::size_t>(spec.size());
+      for (std::size_t i = begin; i < end; ++i) {
+        velocity_[i] = momentum * velocity_[i] + static_cast<double>(g[i]);
+        p[i] = static_cast<T>(static_cast<double>(p[i]) - lr * velocity_[i]);
+      }
     }
   }
 

@@ -30,6 +30,11 @@ struct TopK {
 
   template <class B>
   struct Cache {
+    // The options this forward used: backward must not see a k or a
+    // normalisation changed in between (SMoE-Dropout changes k at run time).
+    int k = 0;
+    math::GateNormalization normalization = math::GateNormalization::full_softmax;
+    double z_coef = 0;
     typename B::template Buffer<typename B::Scalar> logits;    // (T, E)
     typename B::template Buffer<typename B::Scalar> probs;     // (T, E) softmax over all E
     typename B::template Buffer<typename B::Scalar> lse;       // (T) logsumexp(z_t)
@@ -60,8 +65,8 @@ struct TopK {
   }
 
   void add_parameters(TensorLayout& layout, const LayerConfig& cfg) const {
-    layout.add("router.weight", {cfg.experts, cfg.d_model});  // (E, d)
-    if (bias) layout.add("router.bias", {cfg.experts});
+    layout.add("router.weight", {cfg.experts, cfg.d_model}, !frozen);  // (E, d)
+    if (bias) layout.add("router.bias", {cfg.experts}, !frozen);
   }
 
   template <class S>
@@ -84,6 +89,9 @@ struct TopK {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
     const int kk = k, EE = static_cast<int>(E);
+    cache.k = k;
+    cache.normalization = normalization();
+    cache.z_coef = z_coef;
     cache.logits.resize(static_cast<std::size_t>(T * E));
     cache.probs.resize(static_cast<std::size_t>(T * E));
     cache.lse.resize(static_cast<std::size_t>(T));
@@ -103,15 +111,22 @@ struct TopK {
     int* chosen = sel.pair_expert.data();
     Index* offsets = sel.token_offsets.data();
     const auto norm = normalization();
-    be.parallel_for(T, [=](Index t) {
-      S* zt = z + t * E;
-      if (b != nullptr)
-        for (Index e = 0; e < E; ++e) zt[e] += b[e];
-      lse[t] = math::topk_gates_forward(zt, EE, kk, norm, p + t * E, chosen + t * kk, g + t * E);
-      offsets[t] = t * kk;
-      if (t == 0) offsets[T] = T * kk;
-    });
+    be.parallel_for(
+        T,
+        [=](Index t) {
+          S* zt = z + t * E;
+          if (b != nullptr)
+            for (Index e = 0; e < E; ++e) zt[e] += b[e];
+          lse[t] =
+              math::topk_gates_forward(zt, EE, kk, norm, p + t * E, chosen + t * kk, g + t * E);
+          offsets[t] = t * kk;
+          if (t == 0) offsets[T] = T * kk;
+        },
+        T * E * (8 + kk));
 
+    // Selection is the top-k of z rather than of p [choice]: the same set
+    // except where float underflow makes distinct logits' p tie, where z
+    // still ranks them (SMoE-Dropout also selects on logits).
     // Switch load balancing: c_e counts selections (no gradient), so the
     // gradient w.r.t. p_te is the constant aux_grad_e = alpha E c_e / (k T^2).
     // Each expert's term is reduced in token order, then the E terms in
@@ -121,14 +136,17 @@ struct TopK {
     const S scale =
         static_cast<S>(aux_coef * static_cast<double>(E) /
                        (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
-    be.parallel_for(E, [=](Index e) {
-      Index count = 0;
-      for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
-      S column = 0;
-      for (Index t = 0; t < T; ++t) column += p[t * E + e];
-      aux_grad[e] = scale * static_cast<S>(count);
-      aux_term[e] = aux_grad[e] * column;
-    });
+    be.parallel_for(
+        E,
+        [=](Index e) {
+          Index count = 0;
+          for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
+          S column = 0;
+          for (Index t = 0; t < T; ++t) column += p[t * E + e];
+          aux_grad[e] = scale * static_cast<S>(count);
+          aux_term[e] = aux_grad[e] * column;
+        },
+        T * kk * E);
     double aux = 0;
     for (Index e = 0; e < E; ++e) aux += static_cast<double>(aux_term[e]);
     if (z_coef > 0) {
@@ -147,18 +165,21 @@ struct TopK {
                 TensorBuffer<typename B::Scalar>& grads, typename B::Scalar* dlogits) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
-    const int kk = k, EE = static_cast<int>(E);
+    const int kk = cache.k, EE = static_cast<int>(E);
     const S* p = cache.probs.data();
     const S* g = sel.gates.data();
     const S* lse = cache.lse.data();
     const S* aux_grad = cache.aux_grad.data();
     const int* chosen = sel.pair_expert.data();
-    const auto norm = normalization();
-    const S zc_scale = static_cast<S>(2.0 * z_coef / static_cast<double>(T));
-    be.parallel_for(T, [=](Index t) {
-      math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm, dgates + t * E,
-                                aux_grad, zc_scale * lse[t], dlogits + t * E);
-    });
+    const auto norm = cache.normalization;
+    const S zc_scale = static_cast<S>(2.0 * cache.z_coef / static_cast<double>(T));
+    be.parallel_for(
+        T,
+        [=](Index t) {
+          math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm,
+                                    dgates + t * E, aux_grad, zc_scale * lse[t], dlogits + t * E);
+        },
+        T * E * 8);
     const S* w = params["router.weight"].data();
     be.gemm_rows(false, T, d, E, S(1), dlogits, E, w, d, S(1), dx, d);  // dx += dz W_r
     if (frozen) return;
@@ -166,11 +187,14 @@ struct TopK {
     be.gemm(true, false, E, d, T, S(1), dlogits, E, x.data(), d, S(1), dw, d);  // dW_r += dz^T x
     if (bias) {
       S* db = grads["router.bias"].data();
-      be.parallel_for(E, [=](Index e) {
-        S sum = 0;
-        for (Index t = 0; t < T; ++t) sum += dlogits[t * E + e];
-        db[e] += sum;
-      });
+      be.parallel_for(
+          E,
+          [=](Index e) {
+            S sum = 0;
+            for (Index t = 0; t < T; ++t) sum += dlogits[t * E + e];
+            db[e] += sum;
+          },
+          T * E);
     }
   }
 

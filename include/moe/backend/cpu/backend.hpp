@@ -43,14 +43,19 @@ class Backend {
 #endif
   }
 
-  // f(i) for every i in [0, n), in parallel. f must not depend on the order.
+  // f(i) for every i in [0, n), in parallel when the loop does at least
+  // kMinParallelWork units of `work` in total (roughly flops; opening a
+  // parallel region costs microseconds). f must not depend on the order.
   template <class F>
-  void parallel_for(Index n, F&& f) const {
+  void parallel_for(Index n, F&& f, Index work = kMinParallelWork) const {
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(guided) num_threads(threads()) if (n > 1)
+    const bool parallel = n > 1 && work >= kMinParallelWork && threads() > 1;
+#pragma omp parallel for schedule(guided) num_threads(threads()) if (parallel)
 #endif
     for (Index i = 0; i < n; ++i) f(i);
   }
+
+  static constexpr Index kMinParallelWork = 1 << 15;
 
   // Row-major C(m, n) = alpha * op(A) * op(B) + beta * C on one thread, with
   // op(A) of shape (m, k) and op(B) of shape (k, n). lda/ldb/ldc are row strides.
@@ -61,6 +66,7 @@ class Backend {
     using Stride = Eigen::OuterStride<>;
     Eigen::Map<Mat, 0, Stride> C(c, m, n, Stride(ldc));
     if (m == 0 || n == 0) return;
+    SerialEigen serial;  // Eigen's own threading would change the summation order
     if (beta == S(0)) {
       C.setZero();
     } else if (beta != S(1)) {
@@ -75,17 +81,41 @@ class Backend {
     if (trans_a && trans_b) C.noalias() += alpha * (A.transpose() * B.transpose());
   }
 
+  // Eigen threads a large product unless the calling thread's OpenMP team is
+  // larger than one or its nthreads ICV is 1, and it sizes its blocking (so the
+  // order of the sums) by the thread count. Setting this thread's ICV to 1 for
+  // the duration of one GEMM keeps every product on Eigen's serial path; the
+  // ICV is per thread, so nothing else is affected. (A process-wide
+  // Eigen::setNbThreads(n > 1) overrides it: leave it unset for determinism.)
+  struct SerialEigen {
+#if defined(_OPENMP)
+    int saved = omp_get_max_threads();
+    SerialEigen() {
+      if (saved != 1) omp_set_num_threads(1);
+    }
+    ~SerialEigen() {
+      if (saved != 1) omp_set_num_threads(saved);
+    }
+    SerialEigen(const SerialEigen&) = delete;
+    SerialEigen& operator=(const SerialEigen&) = delete;
+#endif
+  };
+
   // The same product with the rows of C split into fixed tiles of kRowTile run
   // in parallel: tile boundaries do not depend on the thread count.
   template <class S>
   void gemm_rows(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
                  const S* b, Index ldb, S beta, S* c, Index ldc) const {
     const Index tiles = (m + kRowTile - 1) / kRowTile;
-    parallel_for(tiles, [&](Index tile) {
-      const Index r0 = tile * kRowTile;
-      const Index rows = std::min(kRowTile, m - r0);
-      gemm(false, trans_b, rows, n, k, alpha, a + r0 * lda, lda, b, ldb, beta, c + r0 * ldc, ldc);
-    });
+    parallel_for(
+        tiles,
+        [&](Index tile) {
+          const Index r0 = tile * kRowTile;
+          const Index rows = std::min(kRowTile, m - r0);
+          gemm(false, trans_b, rows, n, k, alpha, a + r0 * lda, lda, b, ldb, beta, c + r0 * ldc,
+               ldc);
+        },
+        m * n * k);
   }
 
   static constexpr Index kRowTile = 128;
@@ -106,12 +136,15 @@ class Backend {
         tiles.push_back(r);
       }
     const Index count = static_cast<Index>(tiles.size()) / 2;
-    parallel_for(count, [&](Index i) {
-      const Index e = tiles[2 * i], r0 = tiles[2 * i + 1];
-      const Index rows = std::min(kRowTile, offsets[e + 1] - r0);
-      gemm(false, trans_b, rows, n, k, S(1), a + r0 * k, k, b + e * b_stride, trans_b ? k : n, beta,
-           c + r0 * n, n);
-    });
+    parallel_for(
+        count,
+        [&](Index i) {
+          const Index e = tiles[2 * i], r0 = tiles[2 * i + 1];
+          const Index rows = std::min(kRowTile, offsets[e + 1] - r0);
+          gemm(false, trans_b, rows, n, k, S(1), a + r0 * k, k, b + e * b_stride, trans_b ? k : n,
+               beta, c + r0 * n, n);
+        },
+        offsets.back() * n * k);
   }
 
   // For every expert e: W_e (k, n) += A_e^T (k, n_e) * B_e (n_e, n), with
@@ -120,10 +153,14 @@ class Backend {
   void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a, const S* b,
                        S* w, Index w_stride) const {
     const Index E = static_cast<Index>(offsets.size()) - 1;
-    parallel_for(E, [&](Index e) {
-      const Index r0 = offsets[e], rows = offsets[e + 1] - offsets[e];
-      gemm(true, false, k, n, rows, S(1), a + r0 * k, k, b + r0 * n, n, S(1), w + e * w_stride, n);
-    });
+    parallel_for(
+        E,
+        [&](Index e) {
+          const Index r0 = offsets[e], rows = offsets[e + 1] - offsets[e];
+          gemm(true, false, k, n, rows, S(1), a + r0 * k, k, b + r0 * n, n, S(1), w + e * w_stride,
+               n);
+        },
+        offsets.back() * n * k);
   }
 
   // Index of the first NaN or Inf in p[0, n), or -1.
