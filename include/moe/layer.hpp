@@ -11,6 +11,7 @@
 // of the loss the backward differentiates: callers add its value to their loss
 // and do nothing else.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -113,6 +114,7 @@ class Layer {
       router_.add_state(*state_layout, config_);
     estimator_.add_state(*state_layout, config_);
     state_ = TensorBuffer<double>(std::move(state_layout));
+    save_router_state();
     initialize();
   }
 
@@ -443,14 +445,27 @@ class Layer {
   // Called once after each optimiser step with the number of steps done:
   // stateful policies (k schedules, the ReLU router's lambda) advance here.
   void end_step(std::uint64_t step) {
-    if constexpr (requires { router_.end_step(step, state_); }) router_.end_step(step, state_);
+    if constexpr (requires { router_.end_step(step); }) router_.end_step(step);
+    save_router_state();
   }
 
   // Non-parameter state (no gradient), one flat buffer with named views:
   // "layer.train_forwards", the estimator's "estimator.ema", the router's
-  // state. Together with parameters() it restores training exactly.
-  TensorBuffer<double>& state() { return state_; }
+  // ("router.lambda", "router.step"). Together with parameters() it restores
+  // training exactly: save both between steps, restore with load_state().
   const TensorBuffer<double>& state() const { return state_; }
+  TensorBuffer<double>& state() { return state_; }
+
+  // Replaces the state (e.g. from a checkpoint) and hands policies their part
+  // back (the shared lambda, the schedule's k).
+  void load_state(const TensorBuffer<double>& state) {
+    detail::require(state.same_layout(state_), "moe::Layer::load_state: a state of size ",
+                    state.size(), " with another layout, expected this layer's (size ",
+                    state_.size(), ")");
+    std::copy(state.flat().begin(), state.flat().end(), state_.flat().begin());
+    if constexpr (requires { router_.restore(std::as_const(state_)); })
+      router_.restore(std::as_const(state_));
+  }
 
   // A zero gradient buffer with the parameters' layout.
   Parameters make_gradients() const { return params_.zeros_like(); }
@@ -489,6 +504,10 @@ class Layer {
   MOE_HOST_DEVICE static bool keeps(std::uint64_t key, Index pair, Index j, double rate) {
     return math::uniform01(key, static_cast<std::uint64_t>(pair), static_cast<std::uint64_t>(j)) >=
            rate;
+  }
+
+  void save_router_state() {
+    if constexpr (requires { router_.save_state(state_); }) router_.save_state(state_);
   }
 
   void validate_config() const {

@@ -17,6 +17,8 @@
 #include "moe/layer.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/optim/sgd.hpp"
+#include "moe/router/lambda_controller.hpp"
+#include "moe/router/relu_l1.hpp"
 #include "moe/router/topk.hpp"
 
 namespace moe {

@@ -163,6 +163,15 @@ class Backend {
         offsets.back() * n * k);
   }
 
+  // offsets[0] = 0, offsets[i + 1] = offsets[i] + counts[i] (an exclusive scan
+  // with the total appended); returns the total, which the caller needs on the
+  // host to size the next buffers.
+  Index offsets_from_counts(const Index* counts, Index n, Index* offsets) const {
+    offsets[0] = 0;
+    for (Index i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + counts[i];
+    return offsets[n];
+  }
+
   // Index of the first NaN or Inf in p[0, n), or -1.
   template <class S>
   Index first_non_finite(const S* p, Index n) const {
