@@ -19,6 +19,7 @@
 #include "moe/optim/sgd.hpp"
 #include "moe/router/lambda_controller.hpp"
 #include "moe/router/relu_l1.hpp"
+#include "moe/router/adaptive_cluster.hpp"
 #include "moe/router/k_schedule.hpp"
 #include "moe/router/scheduled.hpp"
 #include "moe/router/topk.hpp"
