@@ -110,10 +110,13 @@ class Layer {
     params_ = Parameters(std::move(layout));
     auto state_layout = std::make_shared<TensorLayout>();
     state_layout->add("layer.train_forwards", {1});  // keys each training forward's dropout mask
+    state_layout->add("layer.dropout_seed", {2});  // the seed's two 32-bit halves, exact in double
     if constexpr (requires { router_.add_state(*state_layout, config_); })
       router_.add_state(*state_layout, config_);
     estimator_.add_state(*state_layout, config_);
     state_ = TensorBuffer<double>(std::move(state_layout));
+    state_["layer.dropout_seed"][0] = static_cast<double>(seed_ >> 32);
+    state_["layer.dropout_seed"][1] = static_cast<double>(seed_ & 0xFFFFFFFFull);
     save_router_state();
     initialize();
   }
@@ -193,7 +196,7 @@ class Layer {
     cache.dropout_ = mode == Mode::train ? config_.dropout : 0.0;
     double& train_forwards = state_["layer.train_forwards"][0];
     cache.dropout_key_ =
-        math::hash3(seed_, kDropoutSeedStream, static_cast<std::uint64_t>(train_forwards));
+        math::hash3(dropout_seed(), kDropoutSeedStream, static_cast<std::uint64_t>(train_forwards));
     if (mode == Mode::train) train_forwards += 1;
     {
       Scalar* pre = cache.pre_.data();
@@ -504,6 +507,12 @@ class Layer {
   MOE_HOST_DEVICE static bool keeps(std::uint64_t key, Index pair, Index j, double rate) {
     return math::uniform01(key, static_cast<std::uint64_t>(pair), static_cast<std::uint64_t>(j)) >=
            rate;
+  }
+
+  // From the state, so that a restored checkpoint draws the same masks.
+  std::uint64_t dropout_seed() const {
+    const auto halves = state_["layer.dropout_seed"];
+    return (static_cast<std::uint64_t>(halves[0]) << 32) | static_cast<std::uint64_t>(halves[1]);
   }
 
   void save_router_state() {

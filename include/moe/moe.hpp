@@ -17,10 +17,11 @@
 #include "moe/layer.hpp"
 #include "moe/optim/adamw.hpp"
 #include "moe/optim/sgd.hpp"
-#include "moe/router/lambda_controller.hpp"
-#include "moe/router/relu_l1.hpp"
+#include "moe/recipes.hpp"
 #include "moe/router/adaptive_cluster.hpp"
 #include "moe/router/k_schedule.hpp"
+#include "moe/router/lambda_controller.hpp"
+#include "moe/router/relu_l1.hpp"
 #include "moe/router/scheduled.hpp"
 #include "moe/router/topk.hpp"
 
