@@ -91,6 +91,10 @@ std::vector<GradientReport> check_gradients(const Layer& layer, const Mat<double
   for (const auto& spec : layer.parameters().layout().specs()) {
     const auto g = grads[spec.name];
     std::vector<double> a(g.begin(), g.end()), n(a.size());
+    if (!spec.trainable) {  // frozen: its gradient must be exactly zero, whatever FD says
+      reports.push_back(compare(spec.name + " (frozen, must be 0)", a, n));
+      continue;
+    }
     Layer perturbed = layer;
     auto p = perturbed.parameters()[spec.name];
     for (std::size_t i = 0; i < p.size(); ++i) {

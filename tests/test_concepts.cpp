@@ -19,7 +19,7 @@ struct RouterWithoutBackward {
   void init(TensorBuffer<S>&, const LayerConfig&, std::uint64_t) const {}
   template <class B>
   void forward(const B&, Mode, ConstMatrixView<typename B::Scalar>,
-               const TensorBuffer<typename B::Scalar>&,
+               const TensorBuffer<typename B::Scalar>&, const ForwardContext&,
                Selection<typename B::Scalar, B::template Buffer>&, Cache<B>&) const {}
 };
 struct NotAnActivation {};

@@ -33,7 +33,7 @@ RouterRun run_router(const router::TopK& topk, TensorBuffer<double>& params, Mat
   RouterRun run;
   run.sel.tokens = 3;
   run.sel.experts = 4;
-  topk.forward(B(1), Mode::train, ConstMatrixView<double>(x), params, run.sel, run.cache);
+  topk.forward(B(1), Mode::train, ConstMatrixView<double>(x), params, {}, run.sel, run.cache);
   return run;
 }
 

@@ -11,15 +11,18 @@
 // of the loss the backward differentiates: callers add its value to their loss
 // and do nothing else.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <utility>
 #include <vector>
 
 #include "moe/core/concepts.hpp"
 #include "moe/core/config.hpp"
+#include "moe/core/context.hpp"
 #include "moe/core/error.hpp"
 #include "moe/core/routing.hpp"
 #include "moe/core/tensor_buffer.hpp"
@@ -47,6 +50,9 @@ class Layer {
    public:
     const RoutingStats& stats() const { return stats_; }
     Index tokens() const { return tokens_; }
+    // Each token's top-1 expert (-1 for a token with no expert): what the next
+    // layer's AdaptiveCluster router takes as its previous assignment.
+    std::span<const int> top1_assignment() const { return {top1_.data(), top1_.size()}; }
     bool filled() const { return filled_; }
 
    private:
@@ -54,7 +60,11 @@ class Layer {
     bool filled_ = false;
     std::uint64_t owner_ = 0;  // the id of the layer that filled it
     Index tokens_ = 0, d_model_ = 0, d_ff_ = 0, experts_ = 0;
-    Selection<Scalar, Backend::template Buffer> selection_;
+    Selection<Scalar, Backend::template Buffer> selection_;  // the router's A_t
+    // Pairs the experts compute: the router's selection, or (estimators that
+    // compute all experts) every expert per token, the selected ones first.
+    Selection<Scalar, Backend::template Buffer> all_pairs_;
+    Buffer<int> top1_;  // (T) each token's first-ranked selected expert, -1 if none
     typename Router::template Cache<Backend> router_;
     Dispatch<Backend::template Buffer> dispatch_;
     Buffer<Scalar> x_rows_;    // (rows, d)       inputs gathered by expert
@@ -98,6 +108,16 @@ class Layer {
     layout->add("experts.w2", {E, h, d});
     if (config_.expert_bias) layout->add("experts.b2", {E, d});
     params_ = Parameters(std::move(layout));
+    auto state_layout = std::make_shared<TensorLayout>();
+    state_layout->add("layer.train_forwards", {1});  // keys each training forward's dropout mask
+    state_layout->add("layer.dropout_seed", {2});  // the seed's two 32-bit halves, exact in double
+    if constexpr (requires { router_.add_state(*state_layout, config_); })
+      router_.add_state(*state_layout, config_);
+    estimator_.add_state(*state_layout, config_);
+    state_ = TensorBuffer<double>(std::move(state_layout));
+    state_["layer.dropout_seed"][0] = static_cast<double>(seed_ >> 32);
+    state_["layer.dropout_seed"][1] = static_cast<double>(seed_ & 0xFFFFFFFFull);
+    save_router_state();
     initialize();
   }
 
@@ -117,7 +137,8 @@ class Layer {
 
   // y = MoE(x); x and y are (T, d_model), row-major. x must stay unchanged
   // until the backward of this cache.
-  void forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Cache& cache, Mode mode) {
+  void forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Cache& cache, Mode mode,
+               const ForwardContext& context = {}) {
     const Index T = x.rows(), d = config_.d_model, E = config_.experts, h = config_.d_ff;
     const Index wide = kInputWidth * h;
     detail::require(x.cols() == d, "moe::Layer::forward: x.cols()=", x.cols(),
@@ -140,10 +161,12 @@ class Layer {
     auto& sel = cache.selection_;
     sel.tokens = T;
     sel.experts = E;
-    router_.forward(backend_, mode, x, std::as_const(params_), sel, cache.router_);
+    router_.forward(backend_, mode, x, std::as_const(params_), context, sel, cache.router_);
+    write_top1(sel, cache.top1_);
 
     auto& dispatch = cache.dispatch_;
-    backend_.dispatch(sel, capacity(T), dispatch);
+    const auto& computed = computed_pairs(cache);
+    backend_.dispatch(computed, capacity(T), dispatch);
     const Index rows = dispatch.rows();
     cache.x_rows_.resize(static_cast<std::size_t>(rows * d));
     cache.pre_.resize(static_cast<std::size_t>(rows * wide));
@@ -171,8 +194,10 @@ class Layer {
     backend_.grouped_gemm(offsets, false, wide, d, cache.x_rows_.data(),
                           params_["experts.w1"].data(), d * wide, Scalar(0), cache.pre_.data());
     cache.dropout_ = mode == Mode::train ? config_.dropout : 0.0;
-    cache.dropout_key_ = math::hash3(seed_, kDropoutSeedStream, train_forwards_);
-    if (mode == Mode::train) ++train_forwards_;
+    double& train_forwards = state_["layer.train_forwards"][0];
+    cache.dropout_key_ =
+        math::hash3(dropout_seed(), kDropoutSeedStream, static_cast<std::uint64_t>(train_forwards));
+    if (mode == Mode::train) train_forwards += 1;
     {
       Scalar* pre = cache.pre_.data();
       Scalar* hidden = cache.hidden_.data();
@@ -220,11 +245,13 @@ class Layer {
           rows * d);
     }
 
-    // Combine: each token sums its pairs in its fixed order (no atomics).
+    // Combine: each token sums its selected pairs in their fixed order (no
+    // atomics). Selected pairs lead each token's computed pairs.
     {
       const Scalar* gates = sel.gates.data();
-      const Index* token_offsets = sel.token_offsets.data();
-      const int* pair_expert = sel.pair_expert.data();
+      const Index* selected = sel.token_offsets.data();
+      const Index* token_offsets = computed.token_offsets.data();
+      const int* pair_expert = computed.pair_expert.data();
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* out = cache.out_rows_.data();
       Scalar* ys = y.data();
@@ -233,7 +260,8 @@ class Layer {
           [=](Index t) {
             Scalar* yt = ys + t * d;
             for (Index j = 0; j < d; ++j) yt[j] = Scalar(0);
-            for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+            const Index first = token_offsets[t], end = first + selected[t + 1] - selected[t];
+            for (Index p = first; p < end; ++p) {
               const Index r = pair_row[p];
               if (r < 0) continue;  // dropped by capacity
               const Scalar g = gates[t * E + pair_expert[p]];
@@ -243,10 +271,16 @@ class Layer {
           },
           (rows + T) * d);
     }
-    estimator_.add_unselected_outputs(backend_, mode, batch_of(cache), y.data());
+    const auto batch = batch_of(cache);
+    estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
+    estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
 
     auto& stats = cache.stats_;
     stats.tokens_per_expert = dispatch.rows_per_expert;
+    if constexpr (Estimator::kComputesAllExperts) {  // report the routed load, not the oracle's
+      stats.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
+      for (Index p = 0; p < sel.pairs(); ++p) ++stats.tokens_per_expert[sel.pair_expert[p]];
+    }
     stats.selected_pairs = sel.pairs();
     stats.dropped_pairs = dispatch.dropped;
     stats.aux_loss = sel.aux_loss;
@@ -289,6 +323,7 @@ class Layer {
     check_finite("backward", "dy", dy);
 
     const auto& sel = cache.selection_;
+    const auto& computed = computed_pairs(cache);
     const auto& dispatch = cache.dispatch_;
     const Index rows = dispatch.rows();
     auto& ws = workspace_;
@@ -299,11 +334,13 @@ class Layer {
     ws.d_gates.resize(static_cast<std::size_t>(T * E));
     ws.d_logits.resize(static_cast<std::size_t>(T * E));
 
-    // Combine backward: dG_te = <dy_t, E_e(x_t)>, dE_e(x_t) = G_te dy_t.
+    // Combine backward: dG_te = <dy_t, E_e(x_t)> for every computed pair,
+    // dE_e(x_t) = G_te dy_t for the selected ones (0 for the oracle's others).
     {
       const Scalar* gates = sel.gates.data();
-      const Index* token_offsets = sel.token_offsets.data();
-      const int* pair_expert = sel.pair_expert.data();
+      const Index* selected = sel.token_offsets.data();
+      const Index* token_offsets = computed.token_offsets.data();
+      const int* pair_expert = computed.pair_expert.data();
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* out = cache.out_rows_.data();
       const Scalar* dys = dy.data();
@@ -315,11 +352,12 @@ class Layer {
             const Scalar* g = dys + t * d;
             Scalar* dg = d_gates + t * E;
             for (Index e = 0; e < E; ++e) dg[e] = Scalar(0);
+            const Index selected_end = token_offsets[t] + selected[t + 1] - selected[t];
             for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
               const Index r = pair_row[p];
               if (r < 0) continue;
               const Index e = pair_expert[p];
-              const Scalar gate = gates[t * E + e];
+              const Scalar gate = p < selected_end ? gates[t * E + e] : Scalar(0);
               const Scalar* o = out + r * d;
               Scalar* dor = d_out + r * d;
               Scalar dot = 0;
@@ -332,8 +370,8 @@ class Layer {
           },
           2 * rows * d);
     }
-    estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), dy.data(),
-                                             ws.d_gates.data());
+    estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), std::as_const(state_),
+                                             dy.data(), ws.d_gates.data());
 
     // Expert backward: GEMM2, activation, GEMM1, in reverse.
     const auto& offsets = dispatch.expert_offsets;
@@ -381,9 +419,10 @@ class Layer {
     backend_.grouped_gemm(offsets, true, d, wide, ws.d_pre.data(), w1, d * wide, Scalar(0),
                           ws.d_x_rows.data());  // dX_rows = dPre W1^T
 
-    // dx_t: each token sums its pairs' input gradients in its fixed order.
+    // dx_t: each token sums its pairs' input gradients in its fixed order
+    // (the oracle's unselected pairs have zero input gradient).
     {
-      const Index* token_offsets = sel.token_offsets.data();
+      const Index* token_offsets = computed.token_offsets.data();
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* d_x_rows = ws.d_x_rows.data();
       Scalar* dxs = dx.data();
@@ -404,6 +443,31 @@ class Layer {
     // The router adds its own dL/dx and parameter gradients (aux loss included).
     router_.backward(backend_, x, std::as_const(params_), sel, cache.router_, ws.d_gates.data(),
                      dx.data(), grads, ws.d_logits.data());
+  }
+
+  // Called once after each optimiser step with the number of steps done:
+  // stateful policies (k schedules, the ReLU router's lambda) advance here.
+  void end_step(std::uint64_t step) {
+    if constexpr (requires { router_.end_step(step); }) router_.end_step(step);
+    save_router_state();
+  }
+
+  // Non-parameter state (no gradient), one flat buffer with named views:
+  // "layer.train_forwards", the estimator's "estimator.ema", the router's
+  // ("router.lambda", "router.step"). Together with parameters() it restores
+  // training exactly: save both between steps, restore with load_state().
+  const TensorBuffer<double>& state() const { return state_; }
+  TensorBuffer<double>& state() { return state_; }
+
+  // Replaces the state (e.g. from a checkpoint) and hands policies their part
+  // back (the shared lambda, the schedule's k).
+  void load_state(const TensorBuffer<double>& state) {
+    detail::require(state.same_layout(state_), "moe::Layer::load_state: a state of size ",
+                    state.size(), " with another layout, expected this layer's (size ",
+                    state_.size(), ")");
+    std::copy(state.flat().begin(), state.flat().end(), state_.flat().begin());
+    if constexpr (requires { router_.restore(std::as_const(state_)); })
+      router_.restore(std::as_const(state_));
   }
 
   // A zero gradient buffer with the parameters' layout.
@@ -443,6 +507,16 @@ class Layer {
   MOE_HOST_DEVICE static bool keeps(std::uint64_t key, Index pair, Index j, double rate) {
     return math::uniform01(key, static_cast<std::uint64_t>(pair), static_cast<std::uint64_t>(j)) >=
            rate;
+  }
+
+  // From the state, so that a restored checkpoint draws the same masks.
+  std::uint64_t dropout_seed() const {
+    const auto halves = state_["layer.dropout_seed"];
+    return (static_cast<std::uint64_t>(halves[0]) << 32) | static_cast<std::uint64_t>(halves[1]);
+  }
+
+  void save_router_state() {
+    if constexpr (requires { router_.save_state(state_); }) router_.save_state(state_);
   }
 
   void validate_config() const {
@@ -500,9 +574,60 @@ class Layer {
     b.gates = cache.selection_.gates.data();
     b.token_offsets = cache.selection_.token_offsets.data();
     b.pair_expert = cache.selection_.pair_expert.data();
-    b.pair_row = cache.dispatch_.pair_row.data();
+    b.expert_offsets = cache.dispatch_.expert_offsets.data();
+    b.row_token = cache.dispatch_.row_token.data();
     b.expert_out = cache.out_rows_.data();
     return b;
+  }
+
+  // The pairs the experts compute (see Cache::all_pairs_).
+  const Selection<Scalar, Backend::template Buffer>& computed_pairs(Cache& cache) const {
+    if constexpr (!Estimator::kComputesAllExperts) {
+      return cache.selection_;
+    } else {
+      const auto& sel = cache.selection_;
+      auto& all = cache.all_pairs_;
+      const Index T = sel.tokens, E = sel.experts;
+      all.tokens = T;
+      all.experts = E;
+      all.token_offsets.resize(static_cast<std::size_t>(T + 1));
+      all.pair_expert.resize(static_cast<std::size_t>(T * E));
+      const Index* selected = sel.token_offsets.data();
+      const int* chosen = sel.pair_expert.data();
+      Index* offsets = all.token_offsets.data();
+      int* experts = all.pair_expert.data();
+      backend_.parallel_for(
+          T,
+          [=](Index t) {
+            offsets[t + 1] = (t + 1) * E;
+            if (t == 0) offsets[0] = 0;
+            int* out = experts + t * E;
+            Index n = 0;
+            for (Index p = selected[t]; p < selected[t + 1]; ++p) out[n++] = chosen[p];
+            for (Index e = 0; e < E; ++e) {
+              bool is_selected = false;
+              for (Index p = selected[t]; p < selected[t + 1]; ++p) is_selected |= chosen[p] == e;
+              if (!is_selected) out[n++] = static_cast<int>(e);
+            }
+          },
+          T * E * E);
+      return all;
+    }
+  }
+  const Selection<Scalar, Backend::template Buffer>& computed_pairs(const Cache& cache) const {
+    return Estimator::kComputesAllExperts ? cache.all_pairs_ : cache.selection_;
+  }
+
+  // Each token's first selected expert (routers list the best first), or -1.
+  void write_top1(const Selection<Scalar, Backend::template Buffer>& sel, Buffer<int>& top1) const {
+    top1.resize(static_cast<std::size_t>(sel.tokens));
+    const Index* offsets = sel.token_offsets.data();
+    const int* chosen = sel.pair_expert.data();
+    int* out = top1.data();
+    backend_.parallel_for(
+        sel.tokens,
+        [=](Index t) { out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1; },
+        sel.tokens);
   }
 
   InstanceId id_;
@@ -511,7 +636,7 @@ class Layer {
   Estimator estimator_;
   Backend backend_;
   std::uint64_t seed_ = 0;
-  std::uint64_t train_forwards_ = 0;  // keys the dropout mask of each training forward
+  TensorBuffer<double> state_;  // non-parameter state: counters, estimator buffers, ...
   Parameters params_;
   Workspace workspace_;
   RoutingStats last_stats_;

@@ -31,6 +31,7 @@ struct Dispatch {
   Buffer<Index> row_pair;                  // (rows) the pair behind each expert-sorted row
   Buffer<Index> pair_row;                  // (P) row of each pair, -1 when dropped by capacity
   Buffer<Index> pair_token;                // (P) token of each pair
+  Buffer<Index> row_token;                 // (rows) token of each expert-sorted row
   std::vector<Index> selected_per_expert;  // host copy: pairs routed to e before capacity
   std::vector<Index> rows_per_expert;      // host copy: pairs kept
   Index dropped = 0;

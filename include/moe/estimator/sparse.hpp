@@ -2,7 +2,7 @@
 // The standard sparse estimator (ALGORITHMS.md section 4):
 //   y_t = sum_{i in A_t} G_ti E_i(x_t),  dL/dG_ti = <g_t, E_i(x_t)> for i in A_t only.
 // Experts outside A_t contribute nothing to the forward and receive no gate
-// gradient, so both hooks are empty by definition, not by omission.
+// gradient and there is no state, so every hook is empty by definition.
 
 #include "moe/core/concepts.hpp"
 
@@ -10,16 +10,23 @@ namespace moe::estimator {
 
 struct Sparse {
   static constexpr const char* kName = "sparse";
+  static constexpr bool kComputesAllExperts = false;
 
   void validate(const LayerConfig&) const {}
+  void add_state(TensorLayout&, const LayerConfig&) const {}
 
   template <class B>
-  void add_unselected_outputs(const B&, Mode, const EstimatorBatch<typename B::Scalar>&,
-                              typename B::Scalar*) const {}
+  void update_state(const B&, Mode, const EstimatorBatch<typename B::Scalar>&,
+                    TensorBuffer<double>&) const {}
+
+  template <class B>
+  void add_unselected_outputs(const B&, const EstimatorBatch<typename B::Scalar>&,
+                              const TensorBuffer<double>&, typename B::Scalar*) const {}
 
   template <class B>
   void add_unselected_gate_gradients(const B&, const EstimatorBatch<typename B::Scalar>&,
-                                     const typename B::Scalar*, typename B::Scalar*) const {}
+                                     const TensorBuffer<double>&, const typename B::Scalar*,
+                                     typename B::Scalar*) const {}
 };
 
 static_assert(EstimatorPolicy<Sparse, archetype::Backend>);

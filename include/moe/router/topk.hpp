@@ -13,6 +13,7 @@
 #include "moe/core/error.hpp"
 #include "moe/math/random.hpp"
 #include "moe/math/topk_gates.hpp"
+#include "moe/router/topk_gating.hpp"
 
 namespace moe::router {
 
@@ -29,20 +30,11 @@ struct TopK {
   static constexpr const char* kName = "topk";
 
   template <class B>
-  struct Cache {
-    // The options this forward used: backward must not see a k or a
-    // normalisation changed in between (SMoE-Dropout changes k at run time).
-    int k = 0;
-    math::GateNormalization normalization = math::GateNormalization::full_softmax;
-    double z_coef = 0;
-    typename B::template Buffer<typename B::Scalar> logits;    // (T, E)
-    typename B::template Buffer<typename B::Scalar> probs;     // (T, E) softmax over all E
-    typename B::template Buffer<typename B::Scalar> lse;       // (T) logsumexp(z_t)
-    typename B::template Buffer<typename B::Scalar> aux_grad;  // (E) dAux/dp_te, same for all t
-    typename B::template Buffer<typename B::Scalar> aux_term;  // (E) expert e's share of aux
-  };
+  using Cache = TopKGating::Cache<B>;
 
   Index nominal_k() const { return k; }
+
+  TopKGating gating() const { return {k, normalization(), aux_coef, z_coef}; }
 
   math::GateNormalization normalization() const {
     if (softmax_over_selected) return math::GateNormalization::softmax_over_selected;
@@ -84,77 +76,24 @@ struct TopK {
 
   template <class B>
   void forward(const B& be, Mode /*mode*/, ConstMatrixView<typename B::Scalar> x,
-               const TensorBuffer<typename B::Scalar>& params,
+               const TensorBuffer<typename B::Scalar>& params, const ForwardContext& /*context*/,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
-    const int kk = k, EE = static_cast<int>(E);
-    cache.k = k;
-    cache.normalization = normalization();
-    cache.z_coef = z_coef;
-    cache.logits.resize(static_cast<std::size_t>(T * E));
-    cache.probs.resize(static_cast<std::size_t>(T * E));
-    cache.lse.resize(static_cast<std::size_t>(T));
-    cache.aux_grad.resize(static_cast<std::size_t>(E));
-    cache.aux_term.resize(static_cast<std::size_t>(E));
-    sel.gates.resize(static_cast<std::size_t>(T * E));
-    sel.token_offsets.resize(static_cast<std::size_t>(T + 1));
-    sel.pair_expert.resize(static_cast<std::size_t>(T * k));
-
-    // z = x W_r^T (+ b_r)
+    TopKGating::resize_logits(cache, T, E);
     S* z = cache.logits.data();
-    be.gemm_rows(true, T, E, d, S(1), x.data(), d, params["router.weight"].data(), d, S(0), z, E);
-    const S* b = bias ? params["router.bias"].data() : nullptr;
-    S* p = cache.probs.data();
-    S* g = sel.gates.data();
-    S* lse = cache.lse.data();
-    int* chosen = sel.pair_expert.data();
-    Index* offsets = sel.token_offsets.data();
-    const auto norm = normalization();
-    be.parallel_for(
-        T,
-        [=](Index t) {
-          S* zt = z + t * E;
-          if (b != nullptr)
-            for (Index e = 0; e < E; ++e) zt[e] += b[e];
-          lse[t] =
-              math::topk_gates_forward(zt, EE, kk, norm, p + t * E, chosen + t * kk, g + t * E);
-          offsets[t] = t * kk;
-          if (t == 0) offsets[T] = T * kk;
-        },
-        T * E * (8 + kk));
-
-    // Selection is the top-k of z rather than of p [choice]: the same set
-    // except where float underflow makes distinct logits' p tie, where z
-    // still ranks them (SMoE-Dropout also selects on logits).
-    // Switch load balancing: c_e counts selections (no gradient), so the
-    // gradient w.r.t. p_te is the constant aux_grad_e = alpha E c_e / (k T^2).
-    // Each expert's term is reduced in token order, then the E terms in
-    // expert order: deterministic for any thread count.
-    S* aux_grad = cache.aux_grad.data();
-    S* aux_term = cache.aux_term.data();
-    const S scale =
-        static_cast<S>(aux_coef * static_cast<double>(E) /
-                       (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
-    be.parallel_for(
-        E,
-        [=](Index e) {
-          Index count = 0;
-          for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
-          S column = 0;
-          for (Index t = 0; t < T; ++t) column += p[t * E + e];
-          aux_grad[e] = scale * static_cast<S>(count);
-          aux_term[e] = aux_grad[e] * column;
-        },
-        T * kk * E);
-    double aux = 0;
-    for (Index e = 0; e < E; ++e) aux += static_cast<double>(aux_term[e]);
-    if (z_coef > 0) {
-      double zl = 0;
-      for (Index t = 0; t < T; ++t) zl += static_cast<double>(lse[t]) * static_cast<double>(lse[t]);
-      aux += z_coef * zl / static_cast<double>(T);
+    be.gemm_rows(true, T, E, d, S(1), x.data(), d, params["router.weight"].data(), d, S(0), z,
+                 E);  // z = x W_r^T
+    if (bias) {
+      const S* b = params["router.bias"].data();
+      be.parallel_for(
+          T,
+          [=](Index t) {
+            for (Index e = 0; e < E; ++e) z[t * E + e] += b[e];
+          },
+          T * E);
     }
-    sel.aux_loss = aux;
+    gating().forward(be, T, E, sel, cache);
   }
 
   template <class B>
@@ -165,21 +104,7 @@ struct TopK {
                 TensorBuffer<typename B::Scalar>& grads, typename B::Scalar* dlogits) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
-    const int kk = cache.k, EE = static_cast<int>(E);
-    const S* p = cache.probs.data();
-    const S* g = sel.gates.data();
-    const S* lse = cache.lse.data();
-    const S* aux_grad = cache.aux_grad.data();
-    const int* chosen = sel.pair_expert.data();
-    const auto norm = cache.normalization;
-    const S zc_scale = static_cast<S>(2.0 * cache.z_coef / static_cast<double>(T));
-    be.parallel_for(
-        T,
-        [=](Index t) {
-          math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm,
-                                    dgates + t * E, aux_grad, zc_scale * lse[t], dlogits + t * E);
-        },
-        T * E * 8);
+    TopKGating::backward(be, sel, cache, dgates, dlogits);
     const S* w = params["router.weight"].data();
     be.gemm_rows(false, T, d, E, S(1), dlogits, E, w, d, S(1), dx, d);  // dx += dz W_r
     if (frozen) return;

@@ -163,6 +163,15 @@ class Backend {
         offsets.back() * n * k);
   }
 
+  // offsets[0] = 0, offsets[i + 1] = offsets[i] + counts[i] (an exclusive scan
+  // with the total appended); returns the total, which the caller needs on the
+  // host to size the next buffers.
+  Index offsets_from_counts(const Index* counts, Index n, Index* offsets) const {
+    offsets[0] = 0;
+    for (Index i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + counts[i];
+    return offsets[n];
+  }
+
   // Index of the first NaN or Inf in p[0, n), or -1.
   template <class S>
   Index first_non_finite(const S* p, Index n) const {
@@ -195,6 +204,7 @@ class Backend {
     }
     out.row_pair.resize(static_cast<std::size_t>(out.expert_offsets[E]));
     out.row_expert.resize(static_cast<std::size_t>(out.expert_offsets[E]));
+    out.row_token.resize(static_cast<std::size_t>(out.expert_offsets[E]));
     for (Index e = 0; e < E; ++e)
       for (Index r = out.expert_offsets[e]; r < out.expert_offsets[e + 1]; ++r)
         out.row_expert[r] = static_cast<int>(e);
@@ -205,6 +215,7 @@ class Backend {
       const int e = sel.pair_expert[p];
       if (next[e] < out.expert_offsets[e + 1]) {
         out.pair_row[p] = next[e];
+        out.row_token[next[e]] = out.pair_token[p];
         out.row_pair[next[e]++] = p;
       } else {
         out.pair_row[p] = -1;

@@ -23,6 +23,8 @@ concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typen
   be.grouped_gemm(std::vector<Index>{}, false, n, n, a, a, n, s, c);
   be.grouped_gemm_tn(std::vector<Index>{}, n, n, a, a, c, n);
   { be.first_non_finite(a, n) } -> std::convertible_to<Index>;
+  { be.offsets_from_counts(static_cast<const Index*>(nullptr), n, static_cast<Index*>(nullptr)) }
+      -> std::convertible_to<Index>;
   be.parallel_for(n, [](Index) {});
   be.dispatch(sel, n, dispatch);
 };
@@ -53,6 +55,7 @@ struct Backend {
   void grouped_gemm_tn(const std::vector<Index>&, Index, Index, const double*, const double*,
                        double*, Index) const;
   Index first_non_finite(const double*, Index) const;
+  Index offsets_from_counts(const Index*, Index, Index*) const;
   template <class F>
   void parallel_for(Index, F&&) const;
   template <class S>

@@ -1,35 +1,45 @@
 #pragma once
 #include <concepts>
+#include <utility>
 
 #include "moe/core/concepts/backend.hpp"
+#include "moe/core/tensor_buffer.hpp"
 
 namespace moe {
 
-// What an estimator sees of one batch: the router's selection, the dispatch
-// and the expert outputs in expert-sorted rows (views in backend memory).
+// What an estimator sees of one batch (views in backend memory, except the
+// host expert offsets): the router's gates and selection A_t, and the outputs
+// of the computed pairs in expert-sorted rows.
 template <class S>
 struct EstimatorBatch {
   Index tokens = 0, experts = 0, d_model = 0;
-  const S* gates = nullptr;              // (T, E)
-  const Index* token_offsets = nullptr;  // (T + 1)
-  const int* pair_expert = nullptr;      // (P)
-  const Index* pair_row = nullptr;       // (P), -1 when dropped
-  const S* expert_out = nullptr;         // (rows, d)
+  const S* gates = nullptr;               // (T, E) the router's gates G_te
+  const Index* token_offsets = nullptr;   // (T + 1) the router's selection A_t, as CSR
+  const int* pair_expert = nullptr;       // (P)
+  const Index* expert_offsets = nullptr;  // (E + 1) host: rows of expert e
+  const Index* row_token = nullptr;       // (rows) the token of each computed row
+  const S* expert_out = nullptr;          // (rows, d) E_e(x_t) of each computed row
 };
 
-// A gradient estimator (ALGORITHMS.md section 4): decides what the forward adds
-// for experts outside the selection and which entries of dL/dG the backward
-// supplies beyond the computed pairs. The layer always supplies
-// dL/dG_te = <g_t, E_e(x_t)> for every computed pair.
+// A gradient estimator (ALGORITHMS.md section 4). It decides
+//  - whether the layer computes every expert on every token (DenseExact) or
+//    only the selected pairs (kComputesAllExperts);
+//  - what the forward adds for experts outside A_t, from state it keeps in the
+//    layer's state buffer (add_state, update_state in training forwards);
+//  - which entries of dL/dG the backward adds beyond the computed pairs (the
+//    layer always supplies dL/dG_te = <g_t, E_e(x_t)> for computed pairs).
 template <class Est, class B>
 concept EstimatorPolicy = BackendPolicy<B> &&
-    requires(const Est& est, const B& be, const LayerConfig& cfg, Mode mode,
-             const EstimatorBatch<typename B::Scalar>& batch, typename B::Scalar* y,
-             const typename B::Scalar* dy, typename B::Scalar* dgates) {
+    requires(const Est& est, const B& be, const LayerConfig& cfg, TensorLayout& layout, Mode mode,
+             const EstimatorBatch<typename B::Scalar>& batch, TensorBuffer<double>& state,
+             typename B::Scalar* y, const typename B::Scalar* dy, typename B::Scalar* dgates) {
   { Est::kName } -> std::convertible_to<const char*>;
+  { Est::kComputesAllExperts } -> std::convertible_to<bool>;
   est.validate(cfg);
-  est.add_unselected_outputs(be, mode, batch, y);
-  est.add_unselected_gate_gradients(be, batch, dy, dgates);
+  est.add_state(layout, cfg);
+  est.update_state(be, mode, batch, state);
+  est.add_unselected_outputs(be, batch, std::as_const(state), y);
+  est.add_unselected_gate_gradients(be, batch, std::as_const(state), dy, dgates);
 };
 
 }  // namespace moe

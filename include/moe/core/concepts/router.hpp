@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "moe/core/concepts/backend.hpp"
+#include "moe/core/context.hpp"
 #include "moe/core/tensor_buffer.hpp"
 
 namespace moe {
@@ -15,7 +16,7 @@ template <class R, class B>
 concept RouterPolicy = BackendPolicy<B> &&
     requires(const R& r, const B& be, const LayerConfig& cfg, TensorLayout& layout,
              TensorBuffer<typename B::Scalar>& params, Mode mode,
-             ConstMatrixView<typename B::Scalar> x,
+             ConstMatrixView<typename B::Scalar> x, const ForwardContext& ctx,
              Selection<typename B::Scalar, B::template Buffer>& sel,
              typename R::template Cache<B>& cache, const typename B::Scalar* dgates,
              typename B::Scalar* dx, typename B::Scalar* scratch) {
@@ -24,7 +25,7 @@ concept RouterPolicy = BackendPolicy<B> &&
   { r.nominal_k() } -> std::convertible_to<Index>;
   r.add_parameters(layout, cfg);
   r.init(params, cfg, std::uint64_t{0});
-  r.forward(be, mode, x, std::as_const(params), sel, cache);
+  r.forward(be, mode, x, std::as_const(params), ctx, sel, cache);
   r.backward(be, x, std::as_const(params), std::as_const(sel), std::as_const(cache), dgates, dx,
              params, scratch);
 };

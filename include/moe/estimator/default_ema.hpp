@@ -1,0 +1,133 @@
+#pragma once
+// Default MoE (Panda et al., "Dense Backpropagation Improves Training for
+// Sparse Mixture-of-Experts", NeurIPS 2025; ALGORITHMS.md section 4).
+// Each expert keeps a default output Ehat_i (buffer "estimator.ema" (E, d),
+// zero init, no gradient). In a training forward, before use:
+//   Ehat_i <- beta Ehat_i + (1 - beta) m_i,   m_i = mean_{t in S_i} E_i(x_t)
+// (ScoreWeighted: m_i = sum p_ti E_i(x_t) / sum p_ti), skipped when S_i is
+// empty; no update in eval. The forward and the router gradient become dense:
+//   y_t += sum_{i not in A_t} G_ti Ehat_i,  dL/dG_ti = <g_t, Ehat_i> for i not in A_t.
+// Only meaningful with dense gates (TopK with the plain softmax): with ReLU
+// or softmax-over-selected gates G_ti = 0 off A_t and it equals Sparse.
+
+#include <cmath>
+
+#include "moe/core/concepts.hpp"
+#include "moe/core/error.hpp"
+#include "moe/math/ema.hpp"
+
+namespace moe::estimator {
+
+struct DefaultEMA {
+  enum class Weighting { mean, score_weighted };
+
+  // The paper's defaults by configuration: 8c1 / 8c2 0.9, 32c1 0.65,
+  // 32c2 0.95, 32c4 0.999 ("Ec k": E experts, k active).
+  double beta = 0.9;
+  Weighting weighting = Weighting::mean;
+
+  static constexpr const char* kName = "default_ema";
+  static constexpr bool kComputesAllExperts = false;
+
+  void validate(const LayerConfig&) const {
+    detail::require(std::isfinite(beta) && beta >= 0 && beta < 1,
+                    "moe::estimator::DefaultEMA: beta=", beta, ", expected 0 <= beta < 1");
+  }
+
+  void add_state(TensorLayout& layout, const LayerConfig& cfg) const {
+    layout.add("estimator.ema", {cfg.experts, cfg.d_model});
+  }
+
+  // The EMA step, per expert over its rows in row (token) order.
+  template <class B>
+  void update_state(const B& be, Mode mode, const EstimatorBatch<typename B::Scalar>& batch,
+                    TensorBuffer<double>& state) const {
+    if (mode != Mode::train) return;
+    double* ema = state["estimator.ema"].data();
+    const auto* out = batch.expert_out;
+    const auto* gates = batch.gates;
+    const Index* offsets = batch.expert_offsets;
+    const Index* row_token = batch.row_token;
+    const Index d = batch.d_model, E = batch.experts;
+    const double b = beta;
+    const bool weighted = weighting == Weighting::score_weighted;
+    be.parallel_for(
+        E,
+        [=](Index e) {
+          const Index r0 = offsets[e], r1 = offsets[e + 1];
+          double total = 0;
+          for (Index r = r0; r < r1; ++r)
+            total += weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
+          if (r1 == r0 || total <= 0) return;  // S_i empty: keep Ehat_i [choice]
+          double* ema_e = ema + e * d;
+          for (Index j = 0; j < d; ++j) {
+            double sum = 0;
+            for (Index r = r0; r < r1; ++r) {
+              const double w = weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
+              sum += w * static_cast<double>(out[r * d + j]);
+            }
+            ema_e[j] = math::ema_update(ema_e[j], b, sum / total);
+          }
+        },
+        offsets[E] * d);
+  }
+
+  // y_t += sum_{i not in A_t} G_ti Ehat_i.
+  template <class B>
+  void add_unselected_outputs(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
+                              const TensorBuffer<double>& state, typename B::Scalar* y) const {
+    using S = typename B::Scalar;
+    const double* ema = state["estimator.ema"].data();
+    const S* gates = batch.gates;
+    const Index* offsets = batch.token_offsets;
+    const int* pair_expert = batch.pair_expert;
+    const Index d = batch.d_model, E = batch.experts;
+    be.parallel_for(
+        batch.tokens,
+        [=](Index t) {
+          for (Index e = 0; e < E; ++e) {
+            if (selected(offsets, pair_expert, t, e)) continue;
+            const S g = gates[t * E + e];
+            if (g == S(0)) continue;
+            for (Index j = 0; j < d; ++j) y[t * d + j] += g * static_cast<S>(ema[e * d + j]);
+          }
+        },
+        batch.tokens * E * d);
+  }
+
+  // dL/dG_ti = <g_t, Ehat_i> for i not in A_t.
+  template <class B>
+  void add_unselected_gate_gradients(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
+                                     const TensorBuffer<double>& state,
+                                     const typename B::Scalar* dy,
+                                     typename B::Scalar* dgates) const {
+    using S = typename B::Scalar;
+    const double* ema = state["estimator.ema"].data();
+    const Index* offsets = batch.token_offsets;
+    const int* pair_expert = batch.pair_expert;
+    const Index d = batch.d_model, E = batch.experts;
+    be.parallel_for(
+        batch.tokens,
+        [=](Index t) {
+          for (Index e = 0; e < E; ++e) {
+            if (selected(offsets, pair_expert, t, e)) continue;
+            S dot = 0;
+            for (Index j = 0; j < d; ++j) dot += dy[t * d + j] * static_cast<S>(ema[e * d + j]);
+            dgates[t * E + e] = dot;
+          }
+        },
+        batch.tokens * E * d);
+  }
+
+ private:
+  MOE_HOST_DEVICE static bool selected(const Index* offsets, const int* pair_expert, Index t,
+                                       Index e) {
+    for (Index p = offsets[t]; p < offsets[t + 1]; ++p)
+      if (pair_expert[p] == e) return true;
+    return false;
+  }
+};
+
+static_assert(EstimatorPolicy<DefaultEMA, archetype::Backend>);
+
+}  // namespace moe::estimator

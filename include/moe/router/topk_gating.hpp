@@ -1,0 +1,130 @@
+#pragma once
+// The top-k gating every top-k router shares (ALGORITHMS.md 3.1), from logits
+// on: p = softmax(z), A = top-k of z (ties: lower index), gates G by the chosen
+// normalisation, the Switch load-balancing loss and the z-loss; and back from
+// dL/dG to dL/dz. TopK computes its logits as W_r x (+ b_r), AdaptiveCluster
+// as cluster-weighted cosine scores; both hand them to TopKGating.
+
+#include "moe/core/concepts.hpp"
+#include "moe/math/topk_gates.hpp"
+
+namespace moe::router {
+
+struct TopKGating {
+  int k = 2;
+  math::GateNormalization normalization = math::GateNormalization::full_softmax;
+  double aux_coef = 0.0;
+  double z_coef = 0.0;
+
+  // Filled by the router's logits and by forward; backward reads the options
+  // stored here, not the router's current ones (k may change in between).
+  template <class B>
+  struct Cache {
+    int k = 0;
+    math::GateNormalization normalization = math::GateNormalization::full_softmax;
+    double z_coef = 0;
+    typename B::template Buffer<typename B::Scalar> logits;    // (T, E)
+    typename B::template Buffer<typename B::Scalar> probs;     // (T, E) softmax over all E
+    typename B::template Buffer<typename B::Scalar> lse;       // (T) logsumexp(z_t)
+    typename B::template Buffer<typename B::Scalar> aux_grad;  // (E) dAux/dp_te, same for all t
+    typename B::template Buffer<typename B::Scalar> aux_term;  // (E) expert e's share of aux
+  };
+
+  template <class B>
+  static void resize_logits(Cache<B>& cache, Index T, Index E) {
+    cache.logits.resize(static_cast<std::size_t>(T * E));
+  }
+
+  // cache.logits (T, E) -> sel (gates, pairs, aux loss).
+  template <class B>
+  void forward(const B& be, Index T, Index E,
+               Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
+    using S = typename B::Scalar;
+    const int kk = k, EE = static_cast<int>(E);
+    cache.k = k;
+    cache.normalization = normalization;
+    cache.z_coef = z_coef;
+    cache.probs.resize(static_cast<std::size_t>(T * E));
+    cache.lse.resize(static_cast<std::size_t>(T));
+    cache.aux_grad.resize(static_cast<std::size_t>(E));
+    cache.aux_term.resize(static_cast<std::size_t>(E));
+    sel.gates.resize(static_cast<std::size_t>(T * E));
+    sel.token_offsets.resize(static_cast<std::size_t>(T + 1));
+    sel.pair_expert.resize(static_cast<std::size_t>(T * k));
+
+    const S* z = cache.logits.data();
+    S* p = cache.probs.data();
+    S* g = sel.gates.data();
+    S* lse = cache.lse.data();
+    int* chosen = sel.pair_expert.data();
+    Index* offsets = sel.token_offsets.data();
+    const auto norm = normalization;
+    // Selection is the top-k of z rather than of p [choice]: the same set
+    // except where float underflow makes distinct logits' p tie, where z
+    // still ranks them (SMoE-Dropout also selects on logits).
+    be.parallel_for(
+        T,
+        [=](Index t) {
+          lse[t] = math::topk_gates_forward(z + t * E, EE, kk, norm, p + t * E, chosen + t * kk,
+                                            g + t * E);
+          offsets[t] = t * kk;
+          if (t == 0) offsets[T] = T * kk;
+        },
+        T * E * (8 + kk));
+
+    // Switch load balancing: c_e counts selections (no gradient), so the
+    // gradient w.r.t. p_te is the constant aux_grad_e = alpha E c_e / (k T^2).
+    // Each expert's term is reduced in token order, then the E terms in
+    // expert order: deterministic for any thread count.
+    S* aux_grad = cache.aux_grad.data();
+    S* aux_term = cache.aux_term.data();
+    const S scale =
+        static_cast<S>(aux_coef * static_cast<double>(E) /
+                       (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
+    be.parallel_for(
+        E,
+        [=](Index e) {
+          Index count = 0;
+          for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
+          S column = 0;
+          for (Index t = 0; t < T; ++t) column += p[t * E + e];
+          aux_grad[e] = scale * static_cast<S>(count);
+          aux_term[e] = aux_grad[e] * column;
+        },
+        T * kk * E);
+    double aux = 0;
+    for (Index e = 0; e < E; ++e) aux += static_cast<double>(aux_term[e]);
+    if (z_coef > 0) {
+      double zl = 0;
+      for (Index t = 0; t < T; ++t) zl += static_cast<double>(lse[t]) * static_cast<double>(lse[t]);
+      aux += z_coef * zl / static_cast<double>(T);
+    }
+    sel.aux_loss = aux;
+  }
+
+  // dL/dG (every entry) -> dL/dz (T, E), the aux and z-loss gradients included.
+  template <class B>
+  static void backward(const B& be, const Selection<typename B::Scalar, B::template Buffer>& sel,
+                       const Cache<B>& cache, const typename B::Scalar* dgates,
+                       typename B::Scalar* dlogits) {
+    using S = typename B::Scalar;
+    const Index T = sel.tokens, E = sel.experts;
+    const int kk = cache.k, EE = static_cast<int>(E);
+    const S* p = cache.probs.data();
+    const S* g = sel.gates.data();
+    const S* lse = cache.lse.data();
+    const S* aux_grad = cache.aux_grad.data();
+    const int* chosen = sel.pair_expert.data();
+    const auto norm = cache.normalization;
+    const S zc_scale = static_cast<S>(2.0 * cache.z_coef / static_cast<double>(T));
+    be.parallel_for(
+        T,
+        [=](Index t) {
+          math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm,
+                                    dgates + t * E, aux_grad, zc_scale * lse[t], dlogits + t * E);
+        },
+        T * E * 8);
+  }
+};
+
+}  // namespace moe::router
