@@ -273,3 +273,16 @@ TEST_CASE("orthogonal init with gain 0.32, chaining layers, and bad assignments"
   CHECK_THROWS_WITH_AS(second.forward(h, y, c2, Mode::train, {.previous_assignment = bad}),
                        doctest::Contains("previous_assignment[0]=4"), Error);
 }
+
+TEST_CASE("an embedding below the 1e-4 norm floor: its gradient matches finite differences") {
+  using L = Layer<Router, estimator::Sparse, cpu::Backend<double>, act::GELU>;
+  L layer({.d_model = 4, .d_ff = 3, .experts = 3}, Router{.k = 2, .init_gain = 3.0}, {}, 9);
+  auto e = layer.parameters().matrix("router.embedding");
+  for (Index q = 0; q < 4; ++q) e(1, q) *= 1e-5;  // |e_1| ~ 3e-5 < 1e-4: ehat_1 = e_1 / 1e-4
+  const auto x = random_matrix<double>(6, 4, 1), r = random_matrix<double>(6, 4, 2);
+  for (const auto& report : check_gradients(layer, x, r, Mode::eval, 1e-7)) {
+    CAPTURE(report.block);
+    CAPTURE(report.relative());
+    CHECK(report.passes());
+  }
+}

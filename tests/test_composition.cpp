@@ -175,7 +175,7 @@ TEST_CASE("each paper's alias builds with its defaults") {
                                  estimator::DefaultEMA{}, 1);
   ReMoELayer<B> remoe({.d_model = 8, .d_ff = 16, .experts = 8},
                       router::ReluL1{.controller = std::make_shared<router::LambdaController>(
-                                         router::LambdaController::for_experts(1, 8))},
+                                         router::LambdaController::for_experts(2, 8))},
                       {}, 1);
   ACMoELayer<B> acmoe({.d_model = 8, .d_ff = 16, .experts = 16, .expert_bias = true}, {}, {}, 1);
   SMoEDropoutLayer<B> smoe_dropout(

@@ -252,3 +252,22 @@ TEST_CASE_TEMPLATE("DenseExact: Sparse's forward, the dense mixture's router gra
   CHECK_THROWS_AS(Oracle({.d_model = 6, .d_ff = 4, .experts = E, .capacity_factor = 1.0}, two),
                   Error);
 }
+
+TEST_CASE("DefaultEMA's backward uses the EMA of its own forward, with micro-batches in flight") {
+  L<estimator::DefaultEMA, act::GELU> layer({.d_model = 5, .d_ff = 4, .experts = 4},
+                                            router::TopK{.k = 1}, {.beta = 0.5}, 3);
+  const auto xa = random_matrix<double>(8, 5, 1), xb = random_matrix<double>(8, 5, 2);
+  const auto dy = random_matrix<double>(8, 5, 3);
+  auto alone = layer;  // forward(a), backward(a)
+  Mat<double> y(8, 5), dx_alone(8, 5), dx(8, 5);
+  decltype(layer)::Cache ca, cb, c_alone;
+  alone.forward(xa, y, c_alone, Mode::train);
+  auto g_alone = alone.make_gradients();
+  alone.backward(xa, c_alone, dy, dx_alone, g_alone);
+  layer.forward(xa, y, ca, Mode::train);  // forward(a), forward(b) moves the EMA, backward(a)
+  layer.forward(xb, y, cb, Mode::train);
+  auto g = layer.make_gradients();
+  layer.backward(xa, ca, dy, dx, g);
+  CHECK(dx == dx_alone);
+  CHECK(std::equal(g.flat().begin(), g.flat().end(), g_alone.flat().begin()));
+}

@@ -58,7 +58,7 @@ TEST_CASE("ReluL1: gates, variable experts per token, the L1 value on a hand-com
   //   t2: z = [.5, .5, -1]  G = [.5, .5, 0]   A = {0, 1} (tie: lower index first)
   // n = [2, 1, 1], sum_t G = [1.5, .5, 2]:
   // L1 = 0.1 * 3 / (1 * 9) * (2 * 1.5 + 1 * .5 + 1 * 2) = 0.55 / 3.
-  auto ctl = controller(0.1);
+  auto ctl = controller(0.1, 2.0 / 3.0);
   L<act::GELU> layer({.d_model = 3, .d_ff = 2, .experts = 3},
                      router::ReluL1{.controller = ctl, .k = 1}, {}, 1);
   auto w = layer.parameters().matrix("router.weight");
@@ -105,11 +105,12 @@ TEST_CASE("LambdaController: the lambda trajectory over a scripted sparsity sequ
   }
   CHECK(c.lambda() == doctest::Approx(1e-8 / 1.2 * std::pow(1.2, 10)).epsilon(1e-12));
   CHECK(router::LambdaController::for_experts(2, 8).target_sparsity() == 0.75);
-  CHECK_THROWS_AS(router::LambdaController::for_experts(8, 8), Error);
+  CHECK(router::LambdaController::for_experts(8, 8).target_sparsity() == 0);
+  CHECK_THROWS_AS(router::LambdaController::for_experts(9, 8), Error);
 }
 
 TEST_CASE("ReluL1 layers share one lambda; it is part of each layer's state") {
-  auto ctl = controller(1e-3, 0.9);
+  auto ctl = controller(1e-3, 0.75);
   const router::ReluL1 relu{.controller = ctl, .k = 1, .init_std = 0.5};
   L<act::ReLU> a({.d_model = 4, .d_ff = 3, .experts = 4}, relu, {}, 1);
   L<act::ReLU> b({.d_model = 4, .d_ff = 3, .experts = 4}, relu, {}, 2);
@@ -121,7 +122,7 @@ TEST_CASE("ReluL1 layers share one lambda; it is part of each layer's state") {
   b.forward(x, y, cb, Mode::train);
   const double sparsity = (ca.stats().zero_gate_fraction + cb.stats().zero_gate_fraction) / 2;
   CHECK(ctl->pending_sparsity() == doctest::Approx(sparsity));
-  REQUIRE(sparsity < 0.9);  // dense at init: lambda must grow, once
+  REQUIRE(sparsity < 0.75);  // dense at init: lambda must grow, once
   a.end_step(0);
   b.end_step(0);
   CHECK(ctl->lambda() == doctest::Approx(1.2e-3));
@@ -146,4 +147,27 @@ TEST_CASE("ReluL1 bad input") {
                        doctest::Contains("k=5"), Error);
   CHECK_THROWS_WITH_AS(router::LambdaController({.target_sparsity = 1.0}),
                        doctest::Contains("target_sparsity=1"), Error);
+}
+
+TEST_CASE("ReluL1's k must match its controller's target, and a restore replays cleanly") {
+  using Layer = L<act::ReLU>;
+  CHECK_THROWS_WITH_AS(
+      Layer({.d_model = 4, .d_ff = 3, .experts = 8},
+            router::ReluL1{.controller = std::make_shared<router::LambdaController>(
+                               router::LambdaController::for_experts(1, 8)),
+                           .k = 2}),
+      doctest::Contains("expected 1 - k/E = 0.75"), Error);
+  // Roll back one step and replay it: lambda must follow the same path.
+  router::LambdaController c({.target_sparsity = 0.75, .initial_lambda = 1e-3});
+  c.record(0.5);
+  c.end_step(1);
+  const double after_one = c.lambda();
+  c.record(0.5);
+  c.end_step(2);
+  const double after_two = c.lambda();
+  c.record(0.9);            // a forward of step 3 that the rollback discards
+  c.set_lambda(after_one);  // restore the checkpoint taken after step 1
+  c.record(0.5);
+  c.end_step(2);  // replayed: must update again, from the restored lambda
+  CHECK(c.lambda() == doctest::Approx(after_two).epsilon(1e-15));
 }

@@ -109,6 +109,16 @@ TEST_CASE("RandomFrozen: the SMoE-Dropout preset, the curriculum, and its state"
     layer.forward(x, y, cache, Mode::eval);
     CHECK(cache.stats().selected_pairs == 20 * k);
   }
+  // set_k is for inference: training still follows the schedule (k = 8 after
+  // 6 steps here, so make it visible by rolling back to step 1, k = 3).
+  layer.router().set_k(1);
+  auto rollback = layer.state();
+  rollback["router.step"][0] = 1;
+  layer.load_state(rollback);
+  layer.forward(x, y, cache, Mode::train);
+  CHECK(cache.stats().selected_pairs == 20 * 3);
+  layer.forward(x, y, cache, Mode::eval);
+  CHECK(cache.stats().selected_pairs == 20 * 1);
   layer.router().set_k(9);
   CHECK_THROWS_WITH_AS(layer.forward(x, y, cache, Mode::eval), doctest::Contains("k=9"), Error);
 }

@@ -74,6 +74,9 @@ class Layer {
     std::uint64_t dropout_key_ = 0;
     double dropout_ = 0;  // the rate this forward used (0 in eval)
     RoutingStats stats_;
+    // The state this forward used (after its EMA update): the backward of this
+    // cache must see it even if other forwards or load_state() ran since.
+    TensorBuffer<double> state_;
   };
 
   // Caches remember which layer filled them; copies get a new identity.
@@ -274,6 +277,7 @@ class Layer {
     const auto batch = batch_of(cache);
     estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
     estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
+    cache.state_ = state_;  // reuses the cache's storage once sized
 
     auto& stats = cache.stats_;
     stats.tokens_per_expert = dispatch.rows_per_expert;
@@ -370,8 +374,8 @@ class Layer {
           },
           2 * rows * d);
     }
-    estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), std::as_const(state_),
-                                             dy.data(), ws.d_gates.data());
+    estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), cache.state_, dy.data(),
+                                             ws.d_gates.data());
 
     // Expert backward: GEMM2, activation, GEMM1, in reverse.
     const auto& offsets = dispatch.expert_offsets;

@@ -4,8 +4,11 @@
 // Each expert keeps a default output Ehat_i (buffer "estimator.ema" (E, d),
 // zero init, no gradient). In a training forward, before use:
 //   Ehat_i <- beta Ehat_i + (1 - beta) m_i,   m_i = mean_{t in S_i} E_i(x_t)
-// (ScoreWeighted: m_i = sum p_ti E_i(x_t) / sum p_ti), skipped when S_i is
-// empty; no update in eval. The forward and the router gradient become dense:
+// (ScoreWeighted: m_i = sum p_ti E_i(x_t) / sum p_ti, with the router's gates
+// G_ti as p_ti: equal for TopK's plain softmax, the gates where DefaultEMA
+// matters), skipped when S_i is empty; no update in eval. A pair dropped by
+// a capacity limit is in A_t, so it gets neither an output nor Ehat_i. The forward and the router
+// gradient become dense:
 //   y_t += sum_{i not in A_t} G_ti Ehat_i,  dL/dG_ti = <g_t, Ehat_i> for i not in A_t.
 // Only meaningful with dense gates (TopK with the plain softmax): with ReLU
 // or softmax-over-selected gates G_ti = 0 off A_t and it equals Sparse.

@@ -59,7 +59,7 @@ struct Constant {
 // The quotient is rounded exactly, in integers, so the .5 cases are exact.
 struct Linear {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 1;
+  std::uint64_t total_steps = 0;  // required: the curriculum's length
   static constexpr const char* kName = "Linear";
   int k_at(std::uint64_t t) const {
     const std::uint64_t span = static_cast<std::uint64_t>(k_max - k_min);
@@ -78,7 +78,7 @@ struct Linear {
 // k_min + (k_max - k_min) (1 - cos(pi t / T)) / 2, rounded half to even.
 struct Cosine {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 1;
+  std::uint64_t total_steps = 0;  // required: the curriculum's length
   static constexpr const char* kName = "Cosine";
   int k_at(std::uint64_t t) const {
     const double p = detail::progress(t, total_steps);
@@ -93,7 +93,7 @@ struct Cosine {
 // k_min (k_max / k_min)^(t / T), rounded half to even: slow start, fast end.
 struct Exponential {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 1;
+  std::uint64_t total_steps = 0;  // required: the curriculum's length
   static constexpr const char* kName = "Exponential";
   int k_at(std::uint64_t t) const {
     const double p = detail::progress(t, total_steps);
@@ -109,7 +109,7 @@ struct Exponential {
 // k_min (first stage) to k_max (last stage).
 struct Step {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 1;
+  std::uint64_t total_steps = 0;  // required: the curriculum's length
   int stages = 4;
   static constexpr const char* kName = "Step";
   int k_at(std::uint64_t t) const {

@@ -35,8 +35,8 @@ class LambdaController {
 
   // The controller for k active experts out of E: S* = 1 - k/E.
   static LambdaController for_experts(int k, int experts, double initial_lambda = 1e-8) {
-    detail::require(k >= 1 && k < experts, "moe::router::LambdaController: k=", k,
-                    ", expected 1 <= k < experts=", experts);
+    detail::require(k >= 1 && k <= experts, "moe::router::LambdaController: k=", k,
+                    ", expected 1 <= k <= experts=", experts);
     return LambdaController(
         {.target_sparsity = 1.0 - static_cast<double>(k) / static_cast<double>(experts),
          .initial_lambda = initial_lambda});
@@ -71,12 +71,17 @@ class LambdaController {
     forwards_ = 0;
   }
 
-  // Restoring a checkpoint (the layers' state carries lambda).
+  // Restoring a checkpoint taken between steps (the layers' state carries
+  // lambda): sparsity recorded since, and the marker of the last step, are
+  // dropped, so replaying a step updates lambda again.
   void set_lambda(double lambda) {
     detail::require(std::isfinite(lambda) && lambda > 0,
                     "moe::router::LambdaController: lambda=", lambda,
                     ", expected a finite value > 0");
     lambda_ = lambda;
+    sparsity_sum_ = 0;
+    forwards_ = 0;
+    has_stepped_ = false;
   }
 
  private:

@@ -44,6 +44,11 @@ struct ReluL1 {
                     ", expected 1 <= k <= experts=", cfg.experts);
     detail::require(std::isfinite(init_std) && init_std > 0,
                     "moe::router::ReluL1: init_std=", init_std, ", expected a finite value > 0");
+    const double target = 1.0 - static_cast<double>(k) / static_cast<double>(cfg.experts);
+    detail::require(std::abs(controller->target_sparsity() - target) < 1e-12,
+                    "moe::router::ReluL1: controller target_sparsity=",
+                    controller->target_sparsity(), ", expected 1 - k/E = ", target, " for k=", k,
+                    " and experts=", cfg.experts, " (LambdaController::for_experts(k, E))");
   }
 
   void add_parameters(TensorLayout& layout, const LayerConfig& cfg) const {

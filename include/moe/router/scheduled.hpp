@@ -35,14 +35,18 @@ class Scheduled {
   int k() const { return router_.k; }
   std::uint64_t steps_done() const { return steps_done_; }
 
-  // Inference at any k in 1..E (checked at the next forward). Training keeps
-  // the schedule's k: the next end_step sets it again.
-  void set_k(int k) { router_.k = k; }
+  // Self-slimming: eval forwards use k (any value in 1..E, checked at the next
+  // forward); training forwards always use the schedule's k. set_k(0) clears.
+  void set_k(int k) { inference_k_ = k; }
+  int inference_k() const { return inference_k_ > 0 ? inference_k_ : router_.k; }
 
   Index nominal_k() const { return router_.nominal_k(); }
   void validate(const LayerConfig& cfg) const {
     schedule_.validate(cfg.experts);
     router_.validate(cfg);
+    detail::require(inference_k_ >= 0 && inference_k_ <= cfg.experts,
+                    "moe::router::Scheduled: set_k(k=", inference_k_,
+                    "), expected 1 <= k <= experts=", cfg.experts, " (or 0 to clear)");
   }
   void add_parameters(TensorLayout& layout, const LayerConfig& cfg) const {
     router_.add_parameters(layout, cfg);
@@ -60,7 +64,13 @@ class Scheduled {
   void forward(const B& be, Mode mode, ConstMatrixView<typename B::Scalar> x,
                const TensorBuffer<typename B::Scalar>& params, const ForwardContext& context,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
-    router_.forward(be, mode, x, params, context, sel, cache);
+    if (mode == Mode::eval && inference_k_ > 0) {
+      Router slim = router_;
+      slim.k = inference_k_;
+      slim.forward(be, mode, x, params, context, sel, cache);
+    } else {
+      router_.forward(be, mode, x, params, context, sel, cache);
+    }
   }
 
   template <class B>
@@ -92,6 +102,7 @@ class Scheduled {
   Router router_;
   Schedule schedule_;
   std::uint64_t steps_done_ = 0;
+  int inference_k_ = 0;  // 0: eval uses the schedule's k too
 };
 
 // SMoE-Dropout's frozen random router with k fixed at k.
