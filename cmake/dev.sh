@@ -45,10 +45,13 @@ configure() {  # configure <build dir> <cmake args...>
 
 case "$mode" in
   examples)
-    need_packages "${base_packages[@]}"
+    # gnuplot draws the plots; without it the run still writes the CSVs.
+    need_packages "${base_packages[@]}" gnuplot-nox
     configure "$root/build" -DMOE_BUILD_EXAMPLES=ON
-    cmake --build "$root/build" -j"$jobs" --target moe-fit-teacher
-    "$root/build/examples/moe-fit-teacher"
+    cmake --build "$root/build" -j"$jobs" --target moe-train-lm moe-fit-teacher
+    shift
+    # Every recipe, compared; extra arguments go to moe-train-lm (e.g. --quick).
+    "$root/build/examples/moe-train-lm" --recipes all --out "$root/build/train_lm" "$@"
     ;;
   tests)
     need_packages "${base_packages[@]}" doctest-dev

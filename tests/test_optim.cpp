@@ -60,3 +60,31 @@ TEST_CASE("optimizers leave non-trainable tensors (a frozen router) untouched") 
   const auto w1_after = layer.parameters()["experts.w1"];
   CHECK_FALSE(std::equal(w1_before.begin(), w1_before.end(), w1_after.begin()));
 }
+
+TEST_CASE("AdamW: restoring steps and moments continues bitwise identically") {
+  auto p = buffer({1.0, -2.0, 0.5});
+  auto g = p.zeros_like();
+  optim::AdamW straight({.lr = 0.05, .weight_decay = 0.1});
+  auto set_grad = [&](int step) {
+    for (std::size_t i = 0; i < 3; ++i) g.flat()[i] = std::sin(1.0 + step + 2.0 * i);
+  };
+  for (int s = 0; s < 3; ++s) set_grad(s), straight.step(p, g);
+  auto q = p;  // the checkpoint: parameters, steps and moments after 3 steps
+  optim::AdamW resumed({.lr = 0.05, .weight_decay = 0.1});
+  resumed.restore(straight.steps(), straight.first_moment(), straight.second_moment());
+  for (int s = 3; s < 6; ++s) {
+    set_grad(s);
+    straight.step(p, g);
+    resumed.step(q, g);
+  }
+  CHECK(std::equal(p.flat().begin(), p.flat().end(), q.flat().begin()));
+  CHECK(resumed.steps() == 6);
+
+  // Bad state: mismatched moments, a negative second moment, another buffer.
+  const std::vector<double> two(2, 0.0), three(3, 0.0), negative{0.0, -1.0, 0.0};
+  CHECK_THROWS_WITH_AS(resumed.restore(1, two, three), doctest::Contains("m.size()=2"), Error);
+  CHECK_THROWS_WITH_AS(resumed.restore(1, three, negative), doctest::Contains("-1"), Error);
+  auto other = buffer({1.0, 2.0});
+  CHECK_THROWS_WITH_AS(resumed.step(other, other.zeros_like()),
+                       doctest::Contains("one AdamW per parameter buffer"), Error);
+}

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "moe/core/error.hpp"
@@ -42,8 +43,13 @@ class AdamW {
                     grads.size(), " vs ", params.size(), ")");
     auto p = params.flat();
     auto g = grads.flat();
-    m_.resize(p.size(), 0.0);
-    v_.resize(p.size(), 0.0);
+    if (m_.empty()) {
+      m_.assign(p.size(), 0.0);
+      v_.assign(p.size(), 0.0);
+    }
+    detail::require(m_.size() == p.size(), "moe::optim::AdamW::step: params of size ", p.size(),
+                    ", expected the size this optimizer has moments for (", m_.size(),
+                    "): one AdamW per parameter buffer");
     ++steps_;
     const auto [lr, beta1, beta2, eps, weight_decay] = options_;
     const double c1 = 1.0 - std::pow(beta1, static_cast<double>(steps_));
@@ -64,6 +70,22 @@ class AdamW {
   }
 
   std::uint64_t steps() const { return steps_; }
+
+  // The moments (empty before the first step), for checkpoints.
+  std::span<const double> first_moment() const { return m_; }
+  std::span<const double> second_moment() const { return v_; }
+
+  // Restores a checkpoint's state: the step count and both moments.
+  void restore(std::uint64_t steps, std::span<const double> m, std::span<const double> v) {
+    detail::require(m.size() == v.size(), "moe::optim::AdamW::restore: m.size()=", m.size(),
+                    ", expected v.size()=", v.size());
+    for (double x : v)
+      detail::require(x >= 0 && std::isfinite(x), "moe::optim::AdamW::restore: a second moment ", x,
+                      ", expected finite values >= 0");
+    steps_ = steps;
+    m_.assign(m.begin(), m.end());
+    v_.assign(v.begin(), v.end());
+  }
 
  private:
   AdamWOptions options_;

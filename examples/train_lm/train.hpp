@@ -1,0 +1,294 @@
+#pragma once
+// One recipe's training run: batches, AdamW with a warm-up + cosine learning
+// rate, global gradient-norm clipping, validation, metrics, and checkpoints
+// from which a run resumes bitwise identically.
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <moe/io/checkpoint.hpp>
+#include <moe/io/safetensors.hpp>
+#include <moe/optim/adamw.hpp>
+#include <numbers>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "model.hpp"
+#include "recipes.hpp"
+#include "text.hpp"
+
+namespace train_lm {
+
+struct TrainOptions {
+  std::uint64_t steps = 3000;
+  int batch = 256;  // tokens per step
+  double lr = 3e-3;
+  double min_lr_ratio = 0.1;  // the cosine ends at lr * min_lr_ratio
+  std::uint64_t warmup = 100;
+  double weight_decay = 0.1;
+  double clip = 1.0;  // global gradient norm; 0: off
+  std::uint64_t seed = 1;
+  std::uint64_t eval_every = 250;
+  std::uint64_t log_every = 50;
+};
+
+// Warm-up from lr/warmup to lr, then cosine to lr * min_lr_ratio at the end.
+inline double learning_rate(const TrainOptions& o, std::uint64_t step) {
+  if (step < o.warmup) return o.lr * static_cast<double>(step + 1) / static_cast<double>(o.warmup);
+  const double span = static_cast<double>(o.steps > o.warmup ? o.steps - o.warmup : 1);
+  const double p = std::min(1.0, static_cast<double>(step - o.warmup) / span);
+  const double cosine = 0.5 * (1 + std::cos(std::numbers::pi * p));
+  return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine);
+}
+
+struct MetricsRow {
+  std::string recipe;
+  std::uint64_t step = 0, tokens = 0;
+  double train_loss = 0, val_loss = NAN, sparsity = 0, lambda = NAN;
+  int k = -1;
+  double max_load_over_mean = 0, tokens_per_s = 0;
+};
+
+// Routing statistics of the last forward, averaged over the blocks.
+struct RoutingSummary {
+  double sparsity = 0;                    // zero-gate fraction
+  double max_load_over_mean = 0;          // max_e tokens_e / mean_e tokens_e
+  std::vector<double> experts_per_token;  // per block
+};
+
+template <class T>
+RoutingSummary summarize_routing(Model<T>& model, Eigen::Index tokens) {
+  RoutingSummary s;
+  const auto L = model.layers();
+  for (std::size_t l = 0; l < L; ++l) {
+    const auto& st = model.block(l).stats();
+    s.sparsity += st.zero_gate_fraction / static_cast<double>(L);
+    double max = 0, sum = 0;
+    for (auto n : st.tokens_per_expert) {
+      max = std::max(max, static_cast<double>(n));
+      sum += static_cast<double>(n);
+    }
+    const double mean = sum / static_cast<double>(st.tokens_per_expert.size());
+    s.max_load_over_mean += (mean > 0 ? max / mean : 0) / static_cast<double>(L);
+    s.experts_per_token.push_back(static_cast<double>(st.selected_pairs) /
+                                  static_cast<double>(tokens));
+  }
+  return s;
+}
+
+class Run {
+ public:
+  using T = float;
+
+  Run(std::string recipe, const Corpus& corpus, ModelShape shape, RecipeOptions recipe_options,
+      TrainOptions options)
+      : recipe_(std::move(recipe)),
+        corpus_(corpus),
+        recipe_options_(prepare(recipe_options, options)),
+        options_(options),
+        model_(shape, make_blocks<T>(recipe_, recipe_options_, options.seed), options.seed) {
+    moe::detail::require(options.batch >= 1, "moe-train-lm: --batch=", options.batch,
+                         ", expected >= 1");
+    moe::detail::require(options.steps >= 1, "moe-train-lm: --steps=", options.steps,
+                         ", expected >= 1");
+    for (auto& g : model_.groups())
+      optimizers_.emplace_back(moe::optim::AdamWOptions{
+          .lr = options.lr, .weight_decay = g.decay ? options.weight_decay : 0.0});
+    batch_.context = shape.context;
+    positions_.resize(static_cast<std::size_t>(options.batch));
+  }
+
+  const std::string& recipe() const { return recipe_; }
+  std::uint64_t step() const { return step_; }
+  bool done() const { return step_ >= options_.steps; }
+  Model<T>& model() { return model_; }
+  const TrainOptions& options() const { return options_; }
+
+  // One optimiser step; returns the batch's training loss.
+  double train_step() {
+    sample_positions(options_.seed, step_, batch_.context, corpus_.train.size(), positions_);
+    fill_batch(corpus_.train, positions_, batch_);
+    model_.zero_grad();
+    const double loss = model_.forward(batch_, moe::Mode::train);
+    last_routing_ = summarize_routing(model_, batch_.rows());
+    model_.backward(batch_);
+    clip_gradients();
+    const double lr = learning_rate(options_, step_);
+    auto groups = model_.groups();
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      optimizers_[i].options().lr = lr;
+      optimizers_[i].step(*groups[i].params, *groups[i].grads);
+    }
+    ++step_;
+    model_.end_step(step_);
+    return loss;
+  }
+
+  const RoutingSummary& last_routing() const { return last_routing_; }
+  double last_grad_norm() const { return grad_norm_; }
+
+  // Mean cross-entropy (nats per character) over the whole validation split.
+  double evaluate(int chunk = 2048) {
+    const auto& text = corpus_.valid;
+    const std::size_t n = static_cast<std::size_t>(batch_.context);
+    double sum = 0;
+    std::size_t count = 0;
+    Batch b;
+    b.context = batch_.context;
+    std::vector<std::size_t> pos;
+    for (std::size_t start = n; start < text.size(); start += static_cast<std::size_t>(chunk)) {
+      pos.clear();
+      for (std::size_t t = start;
+           t < std::min(text.size(), start + static_cast<std::size_t>(chunk)); ++t)
+        pos.push_back(t);
+      fill_batch(text, pos, b);
+      sum += model_.forward(b, moe::Mode::eval) * static_cast<double>(pos.size());
+      count += pos.size();
+    }
+    return sum / static_cast<double>(count);
+  }
+
+  // Eval forwards at k experts (SMoE-Dropout's self-slimming); 0 clears.
+  void set_inference_k(int k) {
+    for (std::size_t l = 0; l < model_.layers(); ++l) model_.block(l).set_inference_k(k);
+  }
+
+  // Everything a bitwise-identical resume needs: parameters, layer state
+  // (EMA, lambda, schedule step, dropout counter), AdamW moments and steps,
+  // the step; the configuration as metadata, checked on load.
+  void save(const std::filesystem::path& path) const {
+    moe::io::SafetensorsWriter w;
+    for (const auto& [key, value] : identity()) w.set_metadata(key, value);
+    w.set_metadata("step", std::to_string(step_));
+    auto& model = const_cast<Model<T>&>(model_);  // groups() hands out mutable pointers
+    auto groups = model.groups();
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      const std::string prefix = "optim." + groups[i].name + ".";
+      const auto& opt = optimizers_[i];
+      const std::uint64_t steps = opt.steps();
+      w.add<std::uint64_t>(prefix + "steps", std::span<const std::uint64_t>(&steps, 1), {1});
+      const auto size = static_cast<std::int64_t>(opt.first_moment().size());
+      w.add<double>(prefix + "m", opt.first_moment(), {size});
+      w.add<double>(prefix + "v", opt.second_moment(), {size});
+    }
+    moe::io::add_buffer(w, "model.", model.decay_parameters());
+    moe::io::add_buffer(w, "model.", model.no_decay_parameters());
+    for (std::size_t l = 0; l < model.layers(); ++l)
+      model.block(l).save(w, Model<T>::block_name(l) + ".");
+    const std::uint64_t step = step_;
+    w.add<std::uint64_t>("train.step", std::span<const std::uint64_t>(&step, 1), {1});
+    w.write(path);
+  }
+
+  void load(const std::filesystem::path& path) {
+    const auto file = moe::io::Safetensors::read(path);
+    for (const auto& [key, value] : identity()) {
+      const auto it = file.metadata().find(key);
+      const std::string found = it == file.metadata().end() ? "(missing)" : it->second;
+      moe::detail::require(found == value, "moe-train-lm: --resume ", path.string(), ": ", key, "=",
+                           found, ", expected ", value, " (the run's own settings)");
+    }
+    const std::int64_t one[] = {1};
+    const auto step = file.get<std::uint64_t>("train.step", one)[0];
+    moe::detail::require(step <= options_.steps, "moe-train-lm: --resume ", path.string(),
+                         ": step ", step, " is past --steps=", options_.steps);
+    // Everything is read and checked by the library before any of it is used;
+    // the model is then loaded block by block (each load checks first).
+    auto groups = model_.groups();
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      const std::string prefix = "optim." + groups[i].name + ".";
+      const auto steps = file.get<std::uint64_t>(prefix + "steps", one)[0];
+      const auto& info = file.info(prefix + "m");
+      const std::int64_t size[] = {info.shape.empty() ? 0 : info.shape[0]};
+      const auto m = file.get<double>(prefix + "m", size);
+      const auto v = file.get<double>(prefix + "v", size);
+      optimizers_[i].restore(steps, m, v);
+    }
+    moe::io::load_buffer(file, "model.", model_.decay_parameters());
+    moe::io::load_buffer(file, "model.", model_.no_decay_parameters());
+    for (std::size_t l = 0; l < model_.layers(); ++l)
+      model_.block(l).load(file, Model<T>::block_name(l) + ".");
+    step_ = step;
+  }
+
+ private:
+  static RecipeOptions prepare(RecipeOptions r, const TrainOptions& o) {
+    r.total_steps = o.steps;
+    return r;
+  }
+
+  // What must match between a checkpoint and the run resuming it.
+  std::vector<std::pair<std::string, std::string>> identity() const {
+    std::string alphabet;
+    for (char32_t cp : corpus_.alphabet) alphabet += encode_utf8(cp);
+    const auto& s = model_.shape();
+    const auto& r = recipe_options_;
+    const auto& o = options_;
+    auto str = [](auto v) {
+      std::ostringstream os;
+      os.precision(17);
+      os << v;
+      return os.str();
+    };
+    return {{"format", "moe-train-lm"},
+            {"recipe", recipe_},
+            {"alphabet", alphabet},
+            {"context", str(s.context)},
+            {"d_model", str(s.d_model)},
+            {"d_ff", str(r.d_ff)},
+            {"experts", str(r.experts)},
+            {"k", str(r.k)},
+            {"layers", str(r.layers)},
+            {"aux_coef", str(r.aux_coef)},
+            {"ema_beta", str(r.ema_beta)},
+            {"smoe_k_min", str(r.smoe_k_min)},
+            {"steps", str(o.steps)},
+            {"batch", str(o.batch)},
+            {"lr", str(o.lr)},
+            {"min_lr_ratio", str(o.min_lr_ratio)},
+            {"warmup", str(o.warmup)},
+            {"weight_decay", str(o.weight_decay)},
+            {"clip", str(o.clip)},
+            {"seed", str(o.seed)}};
+  }
+
+  static void fill_batch(const std::vector<int>& text, const std::vector<std::size_t>& positions,
+                         Batch& b) {
+    const auto n = static_cast<std::size_t>(b.context);
+    b.targets.resize(positions.size());
+    b.history.resize(positions.size() * n);
+    for (std::size_t r = 0; r < positions.size(); ++r) {
+      const std::size_t t = positions[r];
+      b.targets[r] = text[t];
+      for (std::size_t j = 0; j < n; ++j) b.history[r * n + j] = text[t - 1 - j];
+    }
+  }
+
+  // Scales every gradient by min(1, clip / ||g||) over all parameters.
+  void clip_gradients() {
+    double sum = 0;
+    for (auto& g : model_.groups())
+      for (T v : g.grads->flat()) sum += static_cast<double>(v) * static_cast<double>(v);
+    grad_norm_ = std::sqrt(sum);
+    if (options_.clip <= 0 || grad_norm_ <= options_.clip) return;
+    const auto scale = static_cast<T>(options_.clip / grad_norm_);
+    for (auto& g : model_.groups())
+      for (T& v : g.grads->flat()) v *= scale;
+  }
+
+  std::string recipe_;
+  const Corpus& corpus_;
+  RecipeOptions recipe_options_;
+  TrainOptions options_;
+  Model<T> model_;
+  std::vector<moe::optim::AdamW> optimizers_;
+  Batch batch_;
+  std::vector<std::size_t> positions_;
+  RoutingSummary last_routing_;
+  double grad_norm_ = 0;
+  std::uint64_t step_ = 0;
+};
+
+}  // namespace train_lm
