@@ -36,6 +36,8 @@ need_packages() {
 }
 
 base_packages=(cmake make g++ libeigen3-dev)
+# moe::io (safetensors checkpoints) and its tests need nlohmann-json.
+test_packages=(doctest-dev nlohmann-json3-dev)
 
 configure() {  # configure <build dir> <cmake args...>
   local dir=$1
@@ -45,19 +47,19 @@ configure() {  # configure <build dir> <cmake args...>
 
 case "$mode" in
   examples)
-    need_packages "${base_packages[@]}"
+    need_packages "${base_packages[@]}" nlohmann-json3-dev
     configure "$root/build" -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build" -j"$jobs" --target moe-fit-teacher
     "$root/build/examples/moe-fit-teacher"
     ;;
   tests)
-    need_packages "${base_packages[@]}" doctest-dev
+    need_packages "${base_packages[@]}" "${test_packages[@]}"
     configure "$root/build" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build" -j"$jobs"
     ctest --test-dir "$root/build" --output-on-failure -j"$jobs"
     ;;
   sanitize)
-    need_packages "${base_packages[@]}" doctest-dev
+    need_packages "${base_packages[@]}" "${test_packages[@]}"
     configure "$root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DMOE_SANITIZE=address,undefined -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build-sanitize" -j"$jobs"
