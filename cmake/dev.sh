@@ -36,6 +36,8 @@ need_packages() {
 }
 
 base_packages=(cmake make g++ libeigen3-dev)
+# moe::io (safetensors checkpoints) and its tests need nlohmann-json.
+test_packages=(doctest-dev nlohmann-json3-dev)
 
 configure() {  # configure <build dir> <cmake args...>
   local dir=$1
@@ -46,7 +48,7 @@ configure() {  # configure <build dir> <cmake args...>
 case "$mode" in
   examples)
     # gnuplot draws the plots; without it the run still writes the CSVs.
-    need_packages "${base_packages[@]}" gnuplot-nox
+    need_packages "${base_packages[@]}" nlohmann-json3-dev gnuplot-nox
     configure "$root/build" -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build" -j"$jobs" --target moe-train-lm moe-fit-teacher
     shift
@@ -54,13 +56,13 @@ case "$mode" in
     "$root/build/examples/moe-train-lm" --recipes all --out "$root/build/train_lm" "$@"
     ;;
   tests)
-    need_packages "${base_packages[@]}" doctest-dev
+    need_packages "${base_packages[@]}" "${test_packages[@]}"
     configure "$root/build" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build" -j"$jobs"
     ctest --test-dir "$root/build" --output-on-failure -j"$jobs"
     ;;
   sanitize)
-    need_packages "${base_packages[@]}" doctest-dev
+    need_packages "${base_packages[@]}" "${test_packages[@]}"
     configure "$root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DMOE_SANITIZE=address,undefined -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build-sanitize" -j"$jobs"

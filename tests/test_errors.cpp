@@ -158,3 +158,44 @@ TEST_CASE("tensor buffers name what is missing") {
   layout.add("a", {2, 3});
   check_error([&] { layout.add("a", {1}); }, {"duplicate tensor name 'a'"});
 }
+
+TEST_CASE("load_state checks a state before changing anything") {
+  L layer(kConfig, router::TopK{.k = 2}, {}, 3);
+  const std::vector<double> before(layer.state().flat().begin(), layer.state().flat().end());
+  auto unchanged = [&] {
+    CHECK(std::equal(before.begin(), before.end(), layer.state().flat().begin()));
+  };
+  // Each value would be cast back to an integer: anything but a whole number
+  // in range is undefined behaviour there.
+  const std::pair<const char*, double> bad[] = {{"layer.train_forwards", -1},
+                                                {"layer.train_forwards", 0.5},
+                                                {"layer.train_forwards", std::nan("")},
+                                                {"layer.train_forwards", 0x1p53},
+                                                {"layer.dropout_seed", -1},
+                                                {"layer.dropout_seed", 0x1p32}};
+  for (const auto& entry : bad) {
+    auto state = layer.state();
+    state[entry.first][0] = entry.second;
+    CAPTURE(entry.first);
+    CAPTURE(entry.second);
+    check_error([&] { layer.load_state(state); },
+                {entry.first, "expected a whole number in [0, 2^"});
+    unchanged();
+  }
+  auto good = layer.state();
+  good["layer.dropout_seed"][1] = 0x1p32 - 1;
+  CHECK_NOTHROW(layer.load_state(good));
+
+  // A router state the router refuses: neither the layer nor the shared
+  // controller changes.
+  using R = Layer<router::ReluL1, estimator::DefaultEMA, cpu::Backend<double>, act::ReLU>;
+  auto controller = std::make_shared<router::LambdaController>(
+      router::LambdaController::Options{.target_sparsity = 0.5, .initial_lambda = 0.25});
+  R relu({.d_model = 4, .d_ff = 6, .experts = 4}, router::ReluL1{.controller = controller}, {}, 1);
+  auto state = relu.state();
+  state["router.lambda"][0] = 0;
+  state["estimator.ema"][0] = 42;
+  check_error([&] { relu.load_state(state); }, {"lambda=0", "expected a finite value > 0"});
+  CHECK(relu.state()["estimator.ema"][0] == 0);
+  CHECK(controller->lambda() == 0.25);
+}

@@ -464,14 +464,19 @@ class Layer {
   TensorBuffer<double>& state() { return state_; }
 
   // Replaces the state (e.g. from a checkpoint) and hands policies their part
-  // back (the shared lambda, the schedule's k).
+  // back (the shared lambda, the schedule's k). Strong guarantee: everything
+  // is checked, and the policies take their part, before the state changes,
+  // so on an error the layer is unchanged (policies validate before they
+  // change anything).
   void load_state(const TensorBuffer<double>& state) {
-    detail::require(state.same_layout(state_), "moe::Layer::load_state: a state of size ",
-                    state.size(), " with another layout, expected this layer's (size ",
-                    state_.size(), ")");
+    constexpr const char* where = "moe::Layer::load_state";
+    detail::require(state.same_layout(state_), where, ": a state of size ", state.size(),
+                    " with another layout, expected this layer's (size ", state_.size(), ")");
+    detail::require_whole(state["layer.train_forwards"][0], 53, where, "layer.train_forwards");
+    detail::require_whole(state["layer.dropout_seed"][0], 32, where, "layer.dropout_seed[0]");
+    detail::require_whole(state["layer.dropout_seed"][1], 32, where, "layer.dropout_seed[1]");
+    if constexpr (requires { router_.restore(state); }) router_.restore(state);
     std::copy(state.flat().begin(), state.flat().end(), state_.flat().begin());
-    if constexpr (requires { router_.restore(std::as_const(state_)); })
-      router_.restore(std::as_const(state_));
   }
 
   // A zero gradient buffer with the parameters' layout.

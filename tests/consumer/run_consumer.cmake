@@ -3,13 +3,14 @@
 #   cmake -DMODE=find_package|add_subdirectory -DMOE_SOURCE_DIR=<moe source tree>
 #         -DWORK_DIR=<scratch dir> [-DCXX_COMPILER=...] [-DGENERATOR=...]
 #         [-DMAKE_PROGRAM=...] [-DBUILD_TYPE=Debug] [-DEIGEN3_DIR=...]
-#         -P run_consumer.cmake
+#         [-DNLOHMANN_JSON_DIR=...] [-DEXPECT_IO=ON|OFF] -P run_consumer.cmake
 #
 # find_package:     configure, build and install moe (no tests, no examples)
 #                   into WORK_DIR/prefix, then configure, build and run
 #                   consumer/find_package against that prefix.
 # add_subdirectory: configure, build and run consumer/add_subdirectory, which
 #                   adds MOE_SOURCE_DIR as a subproject.
+# EXPECT_IO=ON: the consumers must also find moe::io (nlohmann_json) and use it.
 cmake_minimum_required(VERSION 3.20)
 
 foreach(var MODE MOE_SOURCE_DIR WORK_DIR)
@@ -37,6 +38,15 @@ if(CXX_COMPILER)
 endif()
 if(EIGEN3_DIR)
   list(APPEND common_args -DEigen3_DIR=${EIGEN3_DIR})
+endif()
+if(NLOHMANN_JSON_DIR)
+  list(APPEND common_args -Dnlohmann_json_DIR=${NLOHMANN_JSON_DIR})
+endif()
+# Only for the consumer projects: whether they use moe::io too.
+if(EXPECT_IO)
+  set(consumer_args -DMOE_CONSUMER_IO=ON)
+else()
+  set(consumer_args -DMOE_CONSUMER_IO=OFF)
 endif()
 
 set(consumer_source_dir ${CMAKE_CURRENT_LIST_DIR}/${MODE})
@@ -92,7 +102,7 @@ if(MODE STREQUAL "find_package")
 
   # Only the fresh prefix may provide moe: no package registry.
   run_step("configure the find_package consumer" ${CMAKE_COMMAND} -S ${consumer_source_dir}
-    -B ${consumer_build} ${common_args} -DCMAKE_PREFIX_PATH=${prefix}
+    -B ${consumer_build} ${common_args} ${consumer_args} -DCMAKE_PREFIX_PATH=${prefix}
     -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
   file(STRINGS ${consumer_build}/CMakeCache.txt moe_dir_line REGEX "^moe_DIR:")
   string(REGEX REPLACE "^moe_DIR:[A-Z]+=" "" moe_dir "${moe_dir_line}")
@@ -108,7 +118,7 @@ if(MODE STREQUAL "find_package")
 else()
   set(consumer_build ${WORK_DIR}/consumer-build)
   run_step("configure the add_subdirectory consumer" ${CMAKE_COMMAND} -S ${consumer_source_dir}
-    -B ${consumer_build} ${common_args} -DMOE_SOURCE_DIR=${MOE_SOURCE_DIR})
+    -B ${consumer_build} ${common_args} ${consumer_args} -DMOE_SOURCE_DIR=${MOE_SOURCE_DIR})
   run_step("build the add_subdirectory consumer" ${CMAKE_COMMAND} --build ${consumer_build}
     --config ${BUILD_TYPE})
   run_consumer(${consumer_build})

@@ -3,6 +3,7 @@
 // argument, its value and what was expected, e.g.
 //   "moe::Layer::forward: x.cols()=511, expected d_model=512".
 
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -29,6 +30,14 @@ std::string concat(Parts&&... parts) {
 template <class... Parts>
 void require(bool ok, Parts&&... parts) {
   if (!ok) throw Error(concat(std::forward<Parts>(parts)...));
+}
+
+// Counters and seeds kept in double state buffers (exact below 2^53) must be
+// whole numbers in [0, 2^bits) before they are cast back to integers: the
+// cast of anything else is undefined behaviour.
+inline void require_whole(double value, int bits, const char* where, const char* name) {
+  require(value >= 0 && value < std::ldexp(1.0, bits) && value == std::floor(value), where, ": ",
+          name, "=", value, ", expected a whole number in [0, 2^", bits, ")");
 }
 
 }  // namespace detail

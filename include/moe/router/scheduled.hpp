@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "moe/core/concepts.hpp"
+#include "moe/core/error.hpp"
 #include "moe/router/k_schedule.hpp"
 #include "moe/router/topk.hpp"
 
@@ -92,7 +93,10 @@ class Scheduled {
     if constexpr (requires { router_.save_state(state); }) router_.save_state(state);
     state["router.step"][0] = static_cast<double>(steps_done_);
   }
+  // Checks before changing anything, so a failed load_state changes nothing.
   void restore(const TensorBuffer<double>& state) {
+    detail::require_whole(state["router.step"][0], 53, "moe::router::Scheduled::restore",
+                          "router.step");
     if constexpr (requires { router_.restore(state); }) router_.restore(state);
     steps_done_ = static_cast<std::uint64_t>(state["router.step"][0]);
     router_.k = schedule_.k_at(steps_done_);

@@ -1,9 +1,14 @@
 // Consumer smoke test: a program using an installed moe via find_package.
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
 #include "moe/moe.hpp"
+#ifdef MOE_CONSUMER_IO
+#include "moe/io/checkpoint.hpp"
+#include "moe/io/safetensors.hpp"
+#endif
 
 int main() {
   using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -20,9 +25,21 @@ int main() {
   auto grads = layer.make_gradients();
   layer.backward(x, cache, dy, dx, grads);
 
-  const bool ok = y.allFinite() && dx.allFinite() && std::isfinite(cache.stats().aux_loss);
+  bool ok = y.allFinite() && dx.allFinite() && std::isfinite(cache.stats().aux_loss);
+#ifdef MOE_CONSUMER_IO
+  // The layer through an in-memory safetensors file into a differently seeded one.
+  moe::io::SafetensorsWriter writer;
+  moe::io::add_layer(writer, layer);
+  const auto bytes = writer.serialize();
+  L copy({.d_model = 8, .d_ff = 16, .experts = 4}, moe::router::TopK{.k = 2}, {}, 99);
+  moe::io::load_layer(moe::io::Safetensors::parse(bytes), copy);
+  const auto a = layer.parameters().flat(), b = copy.parameters().flat();
+  ok = ok && std::equal(a.begin(), a.end(), b.begin(), b.end());
+  std::printf("moe consumer: io round trip of %zu bytes -> %s\n", bytes.size(),
+              ok ? "ok" : "MISMATCH");
+#endif
   std::printf("moe consumer: y(0,0)=%g dx(0,0)=%g aux=%g -> %s\n", static_cast<double>(y(0, 0)),
               static_cast<double>(dx(0, 0)), static_cast<double>(cache.stats().aux_loss),
-              ok ? "ok" : "NOT FINITE");
+              ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }
