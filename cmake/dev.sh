@@ -4,6 +4,8 @@
 #   bash cmake/dev.sh tests      build and run the whole test suite (ctest)
 #   bash cmake/dev.sh sanitize   the test suite under -fsanitize=address,undefined
 #   bash cmake/dev.sh bench      build and run the benchmarks
+#   bash cmake/dev.sh fuzz       libFuzzer on the safetensors reader for MOE_FUZZ_SECONDS
+#                                (60) seconds; skipped when clang++ or libFuzzer is missing
 # Missing Debian packages are installed when run as root; otherwise the exact
 # apt-get line is printed and the script stops.
 set -euo pipefail
@@ -80,8 +82,42 @@ case "$mode" in
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS="$jobs" \
       "$root/build-bench/bench/moe_bench" --benchmark_counters_tabular=true
     ;;
+  fuzz)
+    need_packages "${base_packages[@]}" "${test_packages[@]}"
+    cxx=${MOE_FUZZ_CXX:-clang++}
+    if ! command -v "$cxx" >/dev/null; then
+      echo "moe: fuzz skipped: $cxx not found (install clang to fuzz)"
+      exit 0
+    fi
+    probe_dir=$(mktemp -d)
+    trap 'rm -rf "$probe_dir"' EXIT
+    echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' \
+      >"$probe_dir/probe.cpp"
+    if ! "$cxx" -fsanitize=fuzzer,address,undefined "$probe_dir/probe.cpp" -o "$probe_dir/probe" \
+      >/dev/null 2>&1; then
+      echo "moe: fuzz skipped: $cxx cannot link -fsanitize=fuzzer,address,undefined (no libFuzzer)"
+      exit 0
+    fi
+    build="$root/build-fuzz"
+    configure "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=OFF -DMOE_BUILD_FUZZERS=ON
+    cmake --build "$build" -j"$jobs" --target fuzz_safetensors fuzz_safetensors_driver
+    # The corpus grows across runs in the build tree; the seeds are regenerated each time.
+    "$build/tests/fuzz/fuzz_safetensors_driver" --write-seeds "$build/fuzz-corpus"
+    seconds=${MOE_FUZZ_SECONDS:-60}
+    echo "moe: fuzzing the safetensors reader for $seconds s (log: $build/fuzz.log)"
+    if ! "$build/tests/fuzz/fuzz_safetensors" -max_total_time="$seconds" -timeout=10 \
+      -rss_limit_mb=2048 -print_final_stats=1 -dict="$root/tests/fuzz/safetensors.dict" \
+      -artifact_prefix="$build/" "$build/fuzz-corpus" >"$build/fuzz.log" 2>&1; then
+      tail -n 60 "$build/fuzz.log" >&2
+      echo "moe: fuzzing found a crash; the input is in $build/ (crash-*, timeout-*, oom-*)" >&2
+      exit 1
+    fi
+    grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb)|Done [0-9]+ runs" \
+      "$build/fuzz.log" || true
+    ;;
   *)
-    echo "usage: bash cmake/dev.sh examples|tests|sanitize|bench" >&2
+    echo "usage: bash cmake/dev.sh examples|tests|sanitize|bench|fuzz" >&2
     exit 2
     ;;
 esac

@@ -426,6 +426,8 @@ class Safetensors {
  private:
   using Json = nlohmann::json;
 
+  Safetensors() = default;  // only parse() and read() make one: always validated
+
   static Safetensors parse_owned(std::vector<std::byte> bytes, std::string where) {
     Safetensors file;
     file.where_ = std::move(where);
