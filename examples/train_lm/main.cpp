@@ -42,7 +42,7 @@ constexpr const char* kUsage =
     R"(moe-train-lm: train small character-level MoE language models, one per recipe
 
   --recipes LIST       comma-separated from dense,topk,default-moe,remoe,acmoe,smoe-dropout, or all [all]
-  --data FILE          UTF-8 text to train on [the licence texts in /usr/share/common-licenses]
+  --data FILE          UTF-8 text to train on [Debian's fortunes, see examples/README.md]
   --valid-fraction F   last fraction of the text used for validation [0.1]
   --out DIR            write DIR/metrics.csv, DIR/summary.csv and plots (SVG, with gnuplot)
   --quick              a small run (under a minute for all recipes): the CI smoke test
@@ -64,6 +64,7 @@ constexpr const char* kUsage =
   --smoe-k-min N       smoe-dropout's first k; it rises linearly to --experts [2]
   --eval-every N       validation every N steps [250]
   --log-every N        a metrics row every N steps [50]
+  --eval-chars N       validation characters scored, the same ones each time; 0 for all [32768]
   --checkpoint-dir DIR save DIR/<recipe>.safetensors at the end (and every --checkpoint-every N steps)
   --resume FILE        continue a single recipe from a checkpoint (same settings), bitwise identically
   --stop-after N       stop at step N (with --checkpoint-dir: to resume later)
@@ -240,9 +241,9 @@ int run_main(int argc, char** argv) {
   std::string source;
   std::string bytes;
   if (cli.data.empty()) {
-    std::vector<std::string> files;
-    bytes = read_default_corpus(&files);
-    source = std::string(kDefaultCorpusDir) + " (" + std::to_string(files.size()) + " files)";
+    auto corpus = read_default_corpus();
+    bytes = std::move(corpus.text);
+    source = std::move(corpus.source);
   } else {
     bytes = read_file(cli.data);
     source = cli.data;

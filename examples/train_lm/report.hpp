@@ -152,16 +152,18 @@ inline void write_plots(const std::filesystem::path& dir, const std::vector<std:
     }
     return s + "\n";
   };
+  // From the first evaluation after step 0: the initial ln(V) would flatten the curves.
   gp << "set output 'val_loss.svg'\nset title 'validation loss vs training tokens'\n"
      << "set xlabel 'tokens'\nset ylabel 'validation loss (nats/char)'\n"
-     << per_recipe("5", "3");
+     << "set xrange [1:*]\n"
+     << per_recipe("5", "3") << "set xrange [*:*]\n";
   gp << "set output 'expert_load.svg'\nset title 'expert load: max / mean tokens per expert'\n"
      << "set xlabel 'step'\nset ylabel 'max load / mean load'\n"
      << per_recipe("9", "2");
   if (std::find(recipes.begin(), recipes.end(), "remoe") != recipes.end()) {
     gp << "set output 'remoe_sparsity.svg'\nset title 'ReMoE: sparsity and lambda'\n"
        << "set xlabel 'step'\nset ylabel 'sparsity (zero gates)'\nset y2label 'lambda'\n"
-       << "set logscale y2\nset y2tics\nset ytics nomirror\n"
+       << "set logscale y2\nset y2tics\nset format y2 '%.0e'\nset ytics nomirror\n"
        << "plot 'metrics.csv' using (strcol(1) eq 'remoe' ? $2 : 1/0):6 with lines lw 2 "
           "title 'sparsity', \\\n     'metrics.csv' using (strcol(1) eq 'remoe' ? $2 : 1/0):7 "
           "axes x1y2 with lines title 'lambda'\n"

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -84,30 +85,85 @@ inline std::string read_file(const std::filesystem::path& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-// The default corpus: the licence texts every Debian system carries in
-// /usr/share/common-licenses (package base-files, which is Essential, so a
-// fresh machine has them). Real English prose, about 260 KB. Regular files
-// only (the directory also holds symlinks to them), in name order.
-inline constexpr const char* kDefaultCorpusDir = "/usr/share/common-licenses";
+// The default corpus: English quotations, verse and prose from Debian's
+// `fortunes` package (installed by `bash cmake/dev.sh examples`), a curated
+// list of its files (about 1.4 MB). Overstrikes (c BACKSPACE c, old-style
+// bold/underline) are removed and the "%" separators become blank lines.
+// Without the package, the licence texts every Debian system carries
+// (/usr/share/common-licenses, package base-files) stand in: only 240 KB,
+// and repetitive, so a model soon memorises them.
+inline constexpr const char* kFortunesDir = "/usr/share/games/fortunes";
+inline constexpr const char* kLicencesDir = "/usr/share/common-licenses";
+inline constexpr const char* kFortuneFiles[] = {
+    "computers",     "education",   "food",       "fortunes", "goedel",     "humorists",
+    "kids",          "law",         "literature", "love",     "magic",      "medicine",
+    "miscellaneous", "paradoxum",   "people",     "pets",     "platitudes", "riddles",
+    "science",       "songs-poems", "sports",     "tao",      "wisdom",     "work"};
 
-inline std::string read_default_corpus(std::vector<std::string>* files = nullptr) {
+inline std::string clean_fortunes(const std::string& raw) {
+  std::string out;
+  out.reserve(raw.size());
+  std::size_t line_start = 0;
+  for (std::size_t i = 0; i < raw.size(); ++i) {
+    const char c = raw[i];
+    if (c == '\b') {  // c BACKSPACE c: keep one c
+      if (!out.empty() && out.size() > line_start) out.pop_back();
+      continue;
+    }
+    if (c == '\n') {
+      // A line holding only "%" separates two fortunes.
+      if (out.size() == line_start + 1 && out.back() == '%')
+        out.back() = '\n';
+      else
+        out += c;
+      line_start = out.size();
+      continue;
+    }
+    if (c == '\r' || (static_cast<unsigned char>(c) < 0x20 && c != '\t')) continue;
+    out += c;
+  }
+  return out;
+}
+
+struct DefaultCorpus {
+  std::string text;
+  std::string source;
+};
+
+inline DefaultCorpus read_default_corpus() {
   namespace fs = std::filesystem;
+  DefaultCorpus c;
+  std::size_t found = 0;
+  for (const char* name : kFortuneFiles) {
+    const fs::path p = fs::path(kFortunesDir) / name;
+    if (!fs::is_regular_file(p)) continue;
+    c.text += clean_fortunes(read_file(p));
+    c.text += '\n';
+    ++found;
+  }
+  if (found == std::size(kFortuneFiles)) {
+    c.source =
+        std::string(kFortunesDir) + " (" + std::to_string(found) + " files of Debian's fortunes)";
+    return c;
+  }
+  c.text.clear();
   std::vector<fs::path> paths;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(kDefaultCorpusDir, ec))
+  for (const auto& entry : fs::directory_iterator(kLicencesDir, ec))
     if (entry.is_regular_file() && !entry.is_symlink()) paths.push_back(entry.path());
   if (ec || paths.empty())
-    throw moe::Error(moe::detail::concat("moe-train-lm: the default corpus ", kDefaultCorpusDir,
-                                         " is missing or empty (package base-files); pass "
-                                         "--data PATH with any UTF-8 text file"));
+    throw moe::Error(moe::detail::concat("moe-train-lm: no default corpus: neither ", kFortunesDir,
+                                         " (apt-get install fortunes) nor ", kLicencesDir,
+                                         " exists; pass --data PATH with any UTF-8 text file"));
   std::sort(paths.begin(), paths.end());
-  std::string text;
-  for (const auto& p : paths) {
-    text += read_file(p);
-    text += '\n';
-    if (files != nullptr) files->push_back(p.filename().string());
-  }
-  return text;
+  for (const auto& p : paths) c.text += read_file(p) + '\n';
+  c.source = std::string(kLicencesDir) + " (" + std::to_string(paths.size()) +
+             " licence texts; install Debian's fortunes for the default corpus)";
+  std::fprintf(stderr,
+               "moe-train-lm: %s/ not found (apt-get install fortunes): training on the licence "
+               "texts instead, which a model soon memorises\n",
+               kFortunesDir);
+  return c;
 }
 
 // The characters of the text, in code point order, and the text as ids.
