@@ -30,7 +30,7 @@ using Bytes = std::vector<std::byte>;
 
 Bytes bytes_of(std::string_view s) {
   Bytes b(s.size());
-  std::memcpy(b.data(), s.data(), s.size());
+  if (!s.empty()) std::memcpy(b.data(), s.data(), s.size());  // data() may be null when empty
   return b;
 }
 
