@@ -30,7 +30,7 @@ using Bytes = std::vector<std::byte>;
 
 Bytes bytes_of(std::string_view s) {
   Bytes b(s.size());
-  std::memcpy(b.data(), s.data(), s.size());
+  if (!s.empty()) std::memcpy(b.data(), s.data(), s.size());  // data() may be null when empty
   return b;
 }
 
@@ -338,6 +338,11 @@ TEST_CASE("bad tensor entries") {
                            R"("data_offsets":[0,4]}})",
                            four),
                  {"overflows"});
+  // "-0" is zero (nlohmann parses it as a signed integer).
+  CHECK(
+      Safetensors::parse(make_file(R"({"t": {"dtype":"F32","shape":[-0],"data_offsets":[-0,0]}})"))
+          .info("t")
+          .elements() == 0);
   // A zero dimension makes the product zero, whatever the others are.
   CHECK(Safetensors::parse(make_file(R"({"t": {"dtype":"F32","shape":[4294967296,4294967296,0],)"
                                      R"("data_offsets":[0,0]}})"))

@@ -487,12 +487,16 @@ class Safetensors {
     }
   }
 
-  // A non-negative JSON integer (nlohmann parses those as unsigned).
+  // A non-negative JSON integer. nlohmann parses those as unsigned, except
+  // "-0", which is a signed zero (and zero all the same).
   std::uint64_t non_negative(const Json& v, const std::string& name, const std::string& field,
                              std::uint64_t max) const {
-    detail::require(v.is_number_unsigned() && v.get<std::uint64_t>() <= max, where_, ": tensor '",
-                    name, "': ", field, "=", v.dump(), ", expected an integer in [0, ", max, "]");
-    return v.get<std::uint64_t>();
+    const bool is_zero =
+        v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() == 0;
+    detail::require(is_zero || (v.is_number_unsigned() && v.get<std::uint64_t>() <= max), where_,
+                    ": tensor '", name, "': ", field, "=", v.dump(),
+                    ", expected an integer in [0, ", max, "]");
+    return is_zero ? 0 : v.get<std::uint64_t>();
   }
 
   TensorInfo parse_entry(const std::string& name, const Json& entry,
