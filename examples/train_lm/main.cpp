@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -50,7 +51,7 @@ constexpr const char* kUsage =
   --batch N            tokens per step [256]
   --lr X               peak learning rate (AdamW, warm-up then cosine) [0.003]
   --warmup N           warm-up steps [100]
-  --weight-decay X     AdamW weight decay of matrices [0.1]
+  --weight-decay X     AdamW weight decay (not on norm gains, head bias) [0.1]
   --clip X             global gradient-norm clip, 0 for none [1]
   --seed N             seed of initialisation and batches [1]
   --context N          characters the model sees [12]
@@ -81,9 +82,12 @@ I parse_integer(const std::string& flag, const std::string& text) {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != text.size() || v < 0)
+  if (used != text.size() || v < 0 ||
+      static_cast<unsigned long long>(v) >
+          static_cast<unsigned long long>(std::numeric_limits<I>::max()))
     throw moe::Error(moe::detail::concat("moe-train-lm: ", flag, "=", text,
-                                         ", expected a non-negative integer"));
+                                         ", expected an integer in [0, ",
+                                         std::numeric_limits<I>::max(), "]"));
   return static_cast<I>(v);
 }
 
@@ -114,6 +118,7 @@ Cli parse(int argc, char** argv) {
       c.shape.d_model = 64;
       c.recipe.d_ff = 64;
       c.shape.context = 8;
+      c.train.eval_chars = 4096;
     }
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -174,6 +179,8 @@ Cli parse(int argc, char** argv) {
       c.recipe.smoe_k_min = parse_integer<int>(flag, v);
     else if (flag == "--eval-every")
       c.train.eval_every = parse_integer<std::uint64_t>(flag, v);
+    else if (flag == "--eval-chars")
+      c.train.eval_chars = parse_integer<std::size_t>(flag, v);
     else if (flag == "--log-every")
       c.train.log_every = parse_integer<std::uint64_t>(flag, v);
     else if (flag == "--checkpoint-dir")
@@ -190,6 +197,25 @@ Cli parse(int argc, char** argv) {
       throw moe::Error(moe::detail::concat("moe-train-lm: unknown option ", flag, " (see --help)"));
   }
   c.recipe.d_model = c.shape.d_model;
+  const auto& ro = c.recipe;
+  moe::detail::require(ro.experts >= 1, "moe-train-lm: --experts=", ro.experts, ", expected >= 1");
+  moe::detail::require(ro.k >= 1 && ro.k <= ro.experts, "moe-train-lm: --k=", ro.k,
+                       ", expected 1 <= k <= --experts=", ro.experts);
+  moe::detail::require(ro.d_ff >= 1 && static_cast<long long>(ro.k) * ro.d_ff <= (1 << 30),
+                       "moe-train-lm: --d-ff=", ro.d_ff, ", expected >= 1 and k * d_ff <= 2^30");
+  moe::detail::require(ro.smoe_k_min >= 1 && ro.smoe_k_min <= ro.experts,
+                       "moe-train-lm: --smoe-k-min=", ro.smoe_k_min,
+                       ", expected 1 <= value <= --experts=", ro.experts);
+  moe::detail::require(c.train.weight_decay >= 0,
+                       "moe-train-lm: --weight-decay=", c.train.weight_decay, ", expected >= 0");
+  moe::detail::require(c.train.clip >= 0, "moe-train-lm: --clip=", c.train.clip,
+                       ", expected >= 0 (0: no clipping)");
+  moe::detail::require(c.train.lr > 0, "moe-train-lm: --lr=", c.train.lr, ", expected > 0");
+  moe::detail::require(!c.recipes.empty(), "moe-train-lm: --recipes is empty");
+  for (std::size_t i = 0; i < c.recipes.size(); ++i)
+    for (std::size_t j = 0; j < i; ++j)
+      moe::detail::require(c.recipes[i] != c.recipes[j], "moe-train-lm: --recipes names '",
+                           c.recipes[i], "' twice");
   moe::detail::require(c.recipe.layers >= 1, "moe-train-lm: --layers=", c.recipe.layers,
                        ", expected >= 1");
   moe::detail::require(c.train.eval_every >= 1 && c.train.log_every >= 1,
@@ -274,6 +300,12 @@ int run_main(int argc, char** argv) {
     Run run(recipe, corpus, shape, cli.recipe, cli.train);
     if (!cli.resume.empty()) {
       run.load(cli.resume);
+      moe::detail::require(
+          run.step() < cli.train.steps && (cli.stop_after == 0 || cli.stop_after > run.step()),
+          "moe-train-lm: --resume ", cli.resume, " is at step ", run.step(),
+          ", nothing left to train with --steps=", cli.train.steps,
+          cli.stop_after > 0 ? " and --stop-after=" : "",
+          cli.stop_after > 0 ? std::to_string(cli.stop_after) : std::string());
       std::printf("%s: resumed at step %llu from %s\n", recipe.c_str(),
                   static_cast<unsigned long long>(run.step()), cli.resume.c_str());
     }
@@ -290,12 +322,16 @@ int run_main(int argc, char** argv) {
     if (run.step() == 0) {
       last_val = run.evaluate();
       metrics.push_back({.recipe = recipe,
-                         .train_loss = NAN,
                          .val_loss = last_val,
                          .lambda = run.model().block(0).lambda(),
                          .k = run.model().block(0).k()});
     }
+    const auto loop_start = std::chrono::steady_clock::now();
+    const std::uint64_t first_step = run.step();
     while (run.step() < end) {
+      // k and lambda of the step about to run, beside its statistics.
+      const int k = run.model().block(0).k();
+      const double lambda = run.model().block(0).lambda();
       const auto t0 = std::chrono::steady_clock::now();
       const double loss = run.train_step();
       train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -304,19 +340,19 @@ int run_main(int argc, char** argv) {
       ++window;
       const std::uint64_t step = run.step();
       const double tokens_per_s = static_cast<double>(trained_tokens) / train_seconds;
-      if (step % cli.train.log_every == 0 || step == end) {
-        const bool eval = step % cli.train.eval_every == 0 || step == end;
+      const bool eval = step % cli.train.eval_every == 0 || step == end;
+      if (eval || step % cli.train.log_every == 0) {
         if (eval) last_val = run.evaluate();
         last_train_loss = window_loss / window;
-        const auto& routing = run.last_routing();
+        const auto routing = run.take_routing_window();
         metrics.push_back({.recipe = recipe,
                            .step = step,
                            .tokens = step * tokens_per_step,
                            .train_loss = last_train_loss,
                            .val_loss = eval ? last_val : NAN,
                            .sparsity = routing.sparsity,
-                           .lambda = run.model().block(0).lambda(),
-                           .k = run.model().block(0).k(),
+                           .lambda = lambda,
+                           .k = k,
                            .max_load_over_mean = routing.max_load_over_mean,
                            .tokens_per_s = tokens_per_s});
         window_loss = 0;
@@ -328,8 +364,11 @@ int run_main(int argc, char** argv) {
       }
       if (cli.checkpoint_every > 0 && step % cli.checkpoint_every == 0 && step != end)
         run.save(checkpoint_path());
-      const double steps_timed = static_cast<double>(trained_tokens / tokens_per_step);
-      const double eta = train_seconds / steps_timed * static_cast<double>(end - step);
+      // Wall time per step so far, evaluations and checkpoints included.
+      const double wall =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
+      const double eta =
+          wall / static_cast<double>(step - first_step) * static_cast<double>(end - step);
       bar.update(step, loss, last_val, tokens_per_s, eta, step == end);
     }
     bar.finish();
@@ -339,9 +378,9 @@ int run_main(int argc, char** argv) {
                   static_cast<unsigned long long>(run.step()));
     }
 
-    // The summary: the last logged training window, the last full validation
-    // pass, and routing statistics of the last training batch.
-    const auto routing = run.last_routing();
+    // The summary: the last logged window of training steps (loss and
+    // routing statistics) and the last validation pass.
+    const auto routing = run.last_routing_window();
     SummaryRow row{
         .recipe = recipe,
         .train_loss = last_train_loss,

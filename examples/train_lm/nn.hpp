@@ -102,13 +102,14 @@ struct SoftmaxCrossEntropyHead {
       auto row = probs.row(t);
       for (Eigen::Index v = 0; v < row.size(); ++v) row(v) += bias[static_cast<std::size_t>(v)];
       const T max = row.maxCoeff();
+      const double z_target = static_cast<double>(row(targets[static_cast<std::size_t>(t)]) - max);
       double sum = 0;
       for (Eigen::Index v = 0; v < row.size(); ++v) {
         row(v) = static_cast<T>(std::exp(static_cast<double>(row(v) - max)));
         sum += static_cast<double>(row(v));
       }
-      const double p_target = static_cast<double>(row(targets[static_cast<std::size_t>(t)])) / sum;
-      loss -= std::log(p_target);
+      // log-sum-exp from the logit, not log(p): p may underflow in float.
+      loss += std::log(sum) - z_target;
       row /= static_cast<T>(sum);
     }
     return loss / static_cast<double>(probs.rows());

@@ -19,7 +19,7 @@
 namespace train_lm {
 
 inline std::string format_duration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "--:--";
+  if (!std::isfinite(seconds) || seconds < 0 || seconds > 1e7) return "--:--";
   const auto s = static_cast<long>(seconds + 0.5);
   char buf[32];
   if (s >= 3600)
@@ -80,9 +80,9 @@ class ProgressBar {
 struct SummaryRow {
   std::string recipe;
   int inference_k = -1;  // smoe-dropout's rows per k; -1: the training k
-  double train_loss = NAN, val_loss = NAN, tokens_per_s = 0;
-  double active_parameters = 0, total_parameters = 0;
-  double sparsity = 0, max_load_over_mean = 0, wall_s = 0;
+  double train_loss = NAN, val_loss = NAN, tokens_per_s = NAN;
+  double active_parameters = NAN, total_parameters = NAN;
+  double sparsity = NAN, max_load_over_mean = NAN, wall_s = NAN;
   double val_bpc() const { return val_loss / std::log(2.0); }
 };
 
@@ -122,12 +122,12 @@ inline void write_summary_csv(const std::filesystem::path& path,
 }
 
 inline void print_table(const std::vector<SummaryRow>& rows) {
-  std::printf("\n%-16s %10s %9s %8s %9s %10s %9s %9s\n", "recipe", "train loss", "val loss",
+  std::printf("\n%-16s %10s %9s %8s %9s %10s %9s %13s\n", "recipe", "train loss", "val loss",
               "val bpc", "tok/s", "active par", "sparsity", "load max/mean");
   for (const auto& r : rows) {
     std::string name = r.recipe;
     if (r.inference_k >= 0) name += " k=" + std::to_string(r.inference_k);
-    std::printf("%-16s %10s %9.4f %8.4f %9s %10.0f %9.3f %9s\n", name.c_str(),
+    std::printf("%-16s %10s %9.4f %8.4f %9s %10.0f %9.3f %13s\n", name.c_str(),
                 std::isfinite(r.train_loss) ? csv_number(r.train_loss).c_str() : "", r.val_loss,
                 r.val_bpc(),
                 r.tokens_per_s > 0 ? csv_number(std::round(r.tokens_per_s)).c_str() : "",

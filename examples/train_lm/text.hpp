@@ -160,9 +160,9 @@ inline DefaultCorpus read_default_corpus() {
   c.source = std::string(kLicencesDir) + " (" + std::to_string(paths.size()) +
              " licence texts; install Debian's fortunes for the default corpus)";
   std::fprintf(stderr,
-               "moe-train-lm: %s/ not found (apt-get install fortunes): training on the licence "
-               "texts instead, which a model soon memorises\n",
-               kFortunesDir);
+               "moe-train-lm: %zu of the %zu default files in %s/ found (apt-get install "
+               "fortunes): training on the licence texts instead, which a model soon memorises\n",
+               found, std::size(kFortuneFiles), kFortunesDir);
   return c;
 }
 
@@ -171,6 +171,8 @@ struct Corpus {
   std::vector<char32_t> alphabet;  // id -> code point
   std::vector<int> train, valid;   // ids
   std::string source;              // for messages and the summary
+  double valid_fraction = 0;
+  std::uint64_t fingerprint = 0;  // of the ids: a resumed run must see the same data
 
   int vocab_size() const { return static_cast<int>(alphabet.size()); }
 };
@@ -201,6 +203,9 @@ inline Corpus make_corpus(const std::string& bytes, const std::string& source,
   c.valid.reserve(n_valid);
   for (std::size_t i = 0; i < n; ++i)
     (i < n - n_valid ? c.train : c.valid).push_back(ids[chars[i]]);
+  c.valid_fraction = valid_fraction;
+  c.fingerprint = moe::math::mix64(n_valid);
+  for (char32_t cp : chars) c.fingerprint = moe::math::mix64(c.fingerprint ^ cp);
   return c;
 }
 
@@ -209,8 +214,11 @@ inline Corpus make_corpus(const std::string& bytes, const std::string& source,
 inline void sample_positions(std::uint64_t seed, std::uint64_t step, int context,
                              std::size_t text_size, std::vector<std::size_t>& positions) {
   const std::size_t range = text_size - static_cast<std::size_t>(context);
+  // A stream of its own: the initialisation draws from (seed, 1..) too.
+  constexpr std::uint64_t kBatchStream = 0x6261746368ull;  // "batch"
+  const std::uint64_t step_key = moe::math::hash3(seed, kBatchStream, step);
   for (std::size_t r = 0; r < positions.size(); ++r) {
-    const auto h = moe::math::hash3(seed, step, r);
+    const auto h = moe::math::hash3(step_key, 0, r);
     positions[r] = static_cast<std::size_t>(context) + static_cast<std::size_t>(h % range);
   }
 }

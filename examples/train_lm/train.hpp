@@ -47,37 +47,65 @@ inline double learning_rate(const TrainOptions& o, std::uint64_t step) {
 struct MetricsRow {
   std::string recipe;
   std::uint64_t step = 0, tokens = 0;
-  double train_loss = 0, val_loss = NAN, sparsity = 0, lambda = NAN;
+  double train_loss = NAN, val_loss = NAN, sparsity = NAN, lambda = NAN;
   int k = -1;
-  double max_load_over_mean = 0, tokens_per_s = 0;
+  double max_load_over_mean = NAN, tokens_per_s = NAN;
 };
 
-// Routing statistics of the last forward, averaged over the blocks.
+// Routing statistics of a window of training steps, averaged over the blocks.
 struct RoutingSummary {
-  double sparsity = 0;                    // zero-gate fraction
-  double max_load_over_mean = 0;          // max_e tokens_e / mean_e tokens_e
+  double sparsity = NAN;                  // zero-gate fraction
+  double max_load_over_mean = NAN;        // max_e n_e / mean_e n_e, n_e summed over the window
   std::vector<double> experts_per_token;  // per block
 };
 
-template <class T>
-RoutingSummary summarize_routing(Model<T>& model, Eigen::Index tokens) {
-  RoutingSummary s;
-  const auto L = model.layers();
-  for (std::size_t l = 0; l < L; ++l) {
-    const auto& st = model.block(l).stats();
-    s.sparsity += st.zero_gate_fraction / static_cast<double>(L);
-    double max = 0, sum = 0;
-    for (auto n : st.tokens_per_expert) {
-      max = std::max(max, static_cast<double>(n));
-      sum += static_cast<double>(n);
+// Sums each block's routing counts over the steps of a logging window: one
+// batch of 64 pairs per expert is too few for a load statistic.
+class RoutingWindow {
+ public:
+  template <class T>
+  void add(Model<T>& model, Eigen::Index tokens) {
+    const auto L = model.layers();
+    load_.resize(L);
+    selected_.resize(L, 0.0);
+    zero_fraction_.resize(L, 0.0);
+    for (std::size_t l = 0; l < L; ++l) {
+      const auto& st = model.block(l).stats();
+      load_[l].resize(st.tokens_per_expert.size(), 0.0);
+      for (std::size_t e = 0; e < st.tokens_per_expert.size(); ++e)
+        load_[l][e] += static_cast<double>(st.tokens_per_expert[e]);
+      selected_[l] += static_cast<double>(st.selected_pairs);
+      zero_fraction_[l] += st.zero_gate_fraction;
     }
-    const double mean = sum / static_cast<double>(st.tokens_per_expert.size());
-    s.max_load_over_mean += (mean > 0 ? max / mean : 0) / static_cast<double>(L);
-    s.experts_per_token.push_back(static_cast<double>(st.selected_pairs) /
-                                  static_cast<double>(tokens));
+    tokens_ += static_cast<double>(tokens);
+    steps_ += 1;
   }
-  return s;
-}
+
+  // The window's summary; starts a new window.
+  RoutingSummary take() {
+    RoutingSummary s;
+    if (steps_ == 0) return s;
+    const auto L = static_cast<double>(load_.size());
+    s.sparsity = 0;
+    s.max_load_over_mean = 0;
+    for (std::size_t l = 0; l < load_.size(); ++l) {
+      double max = 0, sum = 0;
+      for (double n : load_[l]) max = std::max(max, n), sum += n;
+      const double mean = sum / static_cast<double>(load_[l].size());
+      s.max_load_over_mean += (mean > 0 ? max / mean : 0) / L;
+      s.sparsity += zero_fraction_[l] / steps_ / L;
+      s.experts_per_token.push_back(selected_[l] / tokens_);
+    }
+    *this = RoutingWindow();
+    return s;
+  }
+
+ private:
+  std::vector<std::vector<double>> load_;
+  std::vector<double> selected_, zero_fraction_;
+  double tokens_ = 0;
+  int steps_ = 0;
+};
 
 class Run {
  public:
@@ -113,7 +141,7 @@ class Run {
     fill_batch(corpus_.train, positions_, batch_);
     model_.zero_grad();
     const double loss = model_.forward(batch_, moe::Mode::train);
-    last_routing_ = summarize_routing(model_, batch_.rows());
+    routing_window_.add(model_, batch_.rows());
     model_.backward(batch_);
     clip_gradients();
     const double lr = learning_rate(options_, step_);
@@ -127,7 +155,12 @@ class Run {
     return loss;
   }
 
-  const RoutingSummary& last_routing() const { return last_routing_; }
+  // Routing statistics of the training steps since the last call.
+  RoutingSummary take_routing_window() {
+    last_routing_window_ = routing_window_.take();
+    return last_routing_window_;
+  }
+  const RoutingSummary& last_routing_window() const { return last_routing_window_; }
   double last_grad_norm() const { return grad_norm_; }
 
   // Mean cross-entropy (nats per character) over the first eval_chars
@@ -204,8 +237,8 @@ class Run {
     const auto step = file.get<std::uint64_t>("train.step", one)[0];
     moe::detail::require(step <= options_.steps, "moe-train-lm: --resume ", path.string(),
                          ": step ", step, " is past --steps=", options_.steps);
-    // Everything is read and checked by the library before any of it is used;
-    // the model is then loaded block by block (each load checks first).
+    // Each piece is checked before it is loaded, but the pieces load one after
+    // another: on an error the run is half-loaded, and the program stops.
     auto groups = model_.groups();
     for (std::size_t i = 0; i < groups.size(); ++i) {
       const std::string prefix = "optim." + groups[i].name + ".";
@@ -262,7 +295,8 @@ class Run {
             {"weight_decay", str(o.weight_decay)},
             {"clip", str(o.clip)},
             {"seed", str(o.seed)},
-            {"eval_chars", str(o.eval_chars)}};
+            {"valid_fraction", str(corpus_.valid_fraction)},
+            {"data_fingerprint", str(corpus_.fingerprint)}};
   }
 
   static void fill_batch(const std::vector<int>& text, const std::vector<std::size_t>& positions,
@@ -297,7 +331,8 @@ class Run {
   std::vector<moe::optim::AdamW> optimizers_;
   Batch batch_;
   std::vector<std::size_t> positions_;
-  RoutingSummary last_routing_;
+  RoutingWindow routing_window_;
+  RoutingSummary last_routing_window_;
   double grad_norm_ = 0;
   std::uint64_t step_ = 0;
 };
