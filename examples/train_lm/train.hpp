@@ -3,7 +3,6 @@
 // rate, global gradient-norm clipping, validation, metrics, and checkpoints
 // from which a run resumes bitwise identically.
 
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -161,7 +160,6 @@ class Run {
     return last_routing_window_;
   }
   const RoutingSummary& last_routing_window() const { return last_routing_window_; }
-  double last_grad_norm() const { return grad_norm_; }
 
   // Mean cross-entropy (nats per character) over the first eval_chars
   // predictions of the validation split (all of it when 0): the same
@@ -173,20 +171,18 @@ class Run {
             ? valid.size()
             : std::min(valid.size(),
                        options_.eval_chars + static_cast<std::size_t>(batch_.context));
-    const std::vector<int> text(valid.begin(),
-                                valid.begin() + static_cast<std::ptrdiff_t>(n_scored));
     const std::size_t n = static_cast<std::size_t>(batch_.context);
     double sum = 0;
     std::size_t count = 0;
     Batch b;
     b.context = batch_.context;
     std::vector<std::size_t> pos;
-    for (std::size_t start = n; start < text.size(); start += static_cast<std::size_t>(chunk)) {
+    for (std::size_t start = n; start < n_scored; start += static_cast<std::size_t>(chunk)) {
       pos.clear();
-      for (std::size_t t = start;
-           t < std::min(text.size(), start + static_cast<std::size_t>(chunk)); ++t)
+      for (std::size_t t = start; t < std::min(n_scored, start + static_cast<std::size_t>(chunk));
+           ++t)
         pos.push_back(t);
-      fill_batch(text, pos, b);
+      fill_batch(valid, pos, b);
       sum += model_.forward(b, moe::Mode::eval) * static_cast<double>(pos.size());
       count += pos.size();
     }
@@ -316,9 +312,9 @@ class Run {
     double sum = 0;
     for (auto& g : model_.groups())
       for (T v : g.grads->flat()) sum += static_cast<double>(v) * static_cast<double>(v);
-    grad_norm_ = std::sqrt(sum);
-    if (options_.clip <= 0 || grad_norm_ <= options_.clip) return;
-    const auto scale = static_cast<T>(options_.clip / grad_norm_);
+    const double norm = std::sqrt(sum);
+    if (options_.clip <= 0 || norm <= options_.clip) return;
+    const auto scale = static_cast<T>(options_.clip / norm);
     for (auto& g : model_.groups())
       for (T& v : g.grads->flat()) v *= scale;
   }
@@ -333,7 +329,6 @@ class Run {
   std::vector<std::size_t> positions_;
   RoutingWindow routing_window_;
   RoutingSummary last_routing_window_;
-  double grad_norm_ = 0;
   std::uint64_t step_ = 0;
 };
 
