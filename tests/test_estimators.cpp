@@ -234,7 +234,9 @@ TEST_CASE_TEMPLATE("DenseExact: Sparse's forward, the dense mixture's router gra
   oracle.forward(x, y_oracle, co, Mode::train);
   sparse.forward(x, y_sparse, cs, Mode::train);
   dense.forward(x, y_dense, cd, Mode::train);
-  CHECK(y_oracle == y_sparse);  // same pairs, same fixed order
+  // Same pairs and order; the experts' GEMMs see other row counts (the oracle
+  // computes every expert), and a BLAS may round a row differently then.
+  CHECK(y_oracle.isApprox(y_sparse, 1e-13));
   CHECK(co.stats().tokens_per_expert == cs.stats().tokens_per_expert);
   auto go = oracle.make_gradients();
   auto gd = dense.make_gradients();

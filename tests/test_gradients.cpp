@@ -37,6 +37,9 @@ const Case kCases[] = {
     {"tied scores, k=E", 5, 4, 3, 4, 0, true, false, 0, 0, 0.01, 0, Tweak::tie_selected},
     {"capacity drops pairs, k=2", 8, 5, 4, 4, 2, false, true, 0.5, 0, 0.01, 0},
     {"dropout 0.3, k=2", 6, 5, 6, 4, 2, false, true, 0, 0.3, 0.01, 0},
+    // More rows per expert than the backend's skinny kernel takes: the GEMM
+    // engine (BLAS or Eigen) computes the experts.
+    {"experts above the skinny kernel, k=2", 40, 5, 4, 4, 2, true, true, 0, 0, 0.01, 0.01},
 };
 
 template <class Layer>
@@ -62,7 +65,7 @@ void apply_tweak(Layer& layer, Tweak tweak) {
 }
 
 template <class Act>
-void check_case(const Case& c, int normalization) {
+void check_case(const Case& c, int normalization, cpu::Gemm engine) {
   router::TopK topk{.k = c.k == 0 ? static_cast<int>(c.experts) : c.k,
                     .renormalize = normalization == 1,
                     .softmax_over_selected = normalization == 2,
@@ -77,7 +80,8 @@ void check_case(const Case& c, int normalization) {
                      .dropout = c.dropout,
                      .capacity_factor = c.capacity};
   using L = Layer<router::TopK, estimator::Sparse, cpu::Backend<double>, Act>;
-  L layer(config, topk, {}, /*seed=*/1234 + static_cast<std::uint64_t>(c.tokens));
+  L layer(config, topk, {}, /*seed=*/1234 + static_cast<std::uint64_t>(c.tokens),
+          cpu::Backend<double>(0, engine));
   if (c.router_bias) {  // start from non-zero router biases so their gradient is exercised
     auto b = layer.parameters()["router.bias"];
     for (std::size_t e = 0; e < b.size(); ++e) b[e] = 0.1 * static_cast<double>(e) - 0.15;
@@ -99,6 +103,10 @@ void check_case(const Case& c, int normalization) {
   layer.forward(x, y, cache, mode);
   if (c.tweak == Tweak::dead_expert) CHECK(cache.stats().tokens_per_expert.back() == 0);
   if (c.capacity > 0) CHECK(cache.stats().dropped_pairs > 0);
+  if (c.tokens * c.k > 2 * c.experts * cpu::Backend<double>::kSkinnyRows) {
+    const auto& load = cache.stats().tokens_per_expert;
+    CHECK(*std::max_element(load.begin(), load.end()) > cpu::Backend<double>::kSkinnyRows);
+  }
 }
 
 }  // namespace
@@ -106,11 +114,17 @@ void check_case(const Case& c, int normalization) {
 TEST_CASE_TEMPLATE("backward matches central finite differences", Act, act::ReLU, act::GELU,
                    act::SwiGLU) {
   const char* names[] = {"plain softmax", "renormalize", "softmax_over_selected"};
-  for (int normalization = 0; normalization < 3; ++normalization) {
-    for (const Case& c : kCases) {
-      CAPTURE(names[normalization]);
-      CAPTURE(c.name);
-      check_case<Act>(c, normalization);
+  std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
+  if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
+  for (const cpu::Gemm engine : engines) {
+    for (int normalization = 0; normalization < 3; ++normalization) {
+      for (const Case& c : kCases) {
+        const std::string engine_name = cpu::to_string(engine);
+        CAPTURE(engine_name);
+        CAPTURE(names[normalization]);
+        CAPTURE(c.name);
+        check_case<Act>(c, normalization, engine);
+      }
     }
   }
 }

@@ -151,29 +151,38 @@ TEST_CASE_TEMPLATE("float agrees with double", Act, act::ReLU, act::GELU, act::S
   CHECK(rf.stats.aux_loss == doctest::Approx(rd.stats.aux_loss).epsilon(1e-5));
 }
 
-TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs", Act, act::GELU,
-                   act::SwiGLU) {
-  LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 8, .dropout = 0.1, .capacity_factor = 1.25};
+TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs, for each GEMM engine",
+                   Act, act::GELU, act::SwiGLU) {
+  LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 8, .dropout = 0.1, .capacity_factor = 1.05};
   router::TopK topk{.k = 2, .bias = true, .z_coef = 0.001};
   // Enough rows that every expert spans several row tiles of the backend.
-  const auto x = random_matrix<float>(700, 32, 8), dy = random_matrix<float>(700, 32, 9);
-  TopKLayer<Act, float> one(cfg, topk, {}, 5, cpu::Backend<float>(1));
-  TopKLayer<Act, float> two(cfg, topk, {}, 5, cpu::Backend<float>(2));
-  TopKLayer<Act, float> again(cfg, topk, {}, 5, cpu::Backend<float>(2));
-  auto r1 = run(one, x, dy, Mode::train);
-  auto r2 = run(two, x, dy, Mode::train);
-  auto r3 = run(again, x, dy, Mode::train);
-  const auto same = [](const auto& a, const auto& b) {
-    return a.size() == b.size() &&
-           std::memcmp(a.data(), b.data(), sizeof(a.data()[0]) * a.size()) == 0;
-  };
-  CHECK(r1.stats.dropped_pairs > 0);
-  CHECK(same(r1.y, r2.y));
-  CHECK(same(r1.dx, r2.dx));
-  CHECK(same(r1.grads.flat(), r2.grads.flat()));
-  CHECK(same(r2.y, r3.y));
-  CHECK(same(r2.dx, r3.dx));
-  CHECK(same(r2.grads.flat(), r3.grads.flat()));
+  const Index T = 2 * cpu::Backend<float>::kTileRows * 8 / 2 + 300;
+  const auto x = random_matrix<float>(T, 32, 8), dy = random_matrix<float>(T, 32, 9);
+  std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
+  if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
+  for (const cpu::Gemm engine : engines) {
+    const std::string engine_name = cpu::to_string(engine);
+    CAPTURE(engine_name);
+    TopKLayer<Act, float> one(cfg, topk, {}, 5, cpu::Backend<float>(1, engine));
+    TopKLayer<Act, float> two(cfg, topk, {}, 5, cpu::Backend<float>(2, engine));
+    TopKLayer<Act, float> again(cfg, topk, {}, 5, cpu::Backend<float>(2, engine));
+    auto r1 = run(one, x, dy, Mode::train);
+    auto r2 = run(two, x, dy, Mode::train);
+    auto r3 = run(again, x, dy, Mode::train);
+    const auto same = [](const auto& a, const auto& b) {
+      return a.size() == b.size() &&
+             std::memcmp(a.data(), b.data(), sizeof(a.data()[0]) * a.size()) == 0;
+    };
+    CHECK(r1.stats.dropped_pairs > 0);
+    const auto& load = r1.stats.tokens_per_expert;
+    CHECK(*std::max_element(load.begin(), load.end()) > cpu::Backend<float>::kTileRows);
+    CHECK(same(r1.y, r2.y));
+    CHECK(same(r1.dx, r2.dx));
+    CHECK(same(r1.grads.flat(), r2.grads.flat()));
+    CHECK(same(r2.y, r3.y));
+    CHECK(same(r2.dx, r3.dx));
+    CHECK(same(r2.grads.flat(), r3.grads.flat()));
+  }
 }
 
 TEST_CASE("capacity keeps the first ceil(c T k / E) pairs per expert in token order") {

@@ -1,17 +1,20 @@
 #pragma once
-// moe::cpu::Backend<T>: host memory, Eigen GEMMs, OpenMP loops and the
+// moe::cpu::Backend<T>: host memory, BLAS or Eigen GEMMs, OpenMP loops and the
 // counting-sort dispatch. Everything the layer and the routers do to data goes
 // through these few primitives, so the CUDA backend provides the same ones.
 //
-// Determinism: parallel loops only ever split independent work items whose
-// boundaries do not depend on the thread count, and each GEMM runs on one
-// thread, so results are bitwise identical for any number of threads.
+// Determinism: work is split into tiles whose boundaries depend on the shapes
+// and the routing only, never on the thread count, and every tile is one
+// product on one thread (BLAS and Eigen kept serial inside it). Results are
+// therefore bitwise identical for any number of threads.
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <vector>
 
+#include "moe/backend/cpu/blas.hpp"
 #include "moe/core/concepts.hpp"
 #include "moe/core/error.hpp"
 #include "moe/core/routing.hpp"
@@ -31,7 +34,10 @@ class Backend {
   static constexpr const char* kName = "cpu";
 
   // threads = 0: OpenMP's default (OMP_NUM_THREADS or all cores).
-  explicit Backend(int threads = 0) : threads_(threads) {
+  // gemm: the engine of the large products (see Gemm); Gemm::blas needs a
+  // build with a CBLAS (MOE_HAVE_CBLAS).
+  explicit Backend(int threads = 0, Gemm gemm = Gemm::automatic)
+      : threads_(threads), gemm_(resolve(gemm)) {
     detail::require(threads >= 0, "moe::cpu::Backend: threads=", threads, ", expected >= 0");
   }
 
@@ -42,6 +48,9 @@ class Backend {
     return 1;
 #endif
   }
+
+  // The engine that runs this backend's products of T (never automatic).
+  Gemm gemm_engine() const { return blas::kHasGemm<T> ? gemm_ : Gemm::eigen; }
 
   // f(i) for every i in [0, n), in parallel when the loop does at least
   // kMinParallelWork units of `work` in total (roughly flops; opening a
@@ -57,49 +66,33 @@ class Backend {
 
   static constexpr Index kMinParallelWork = 1 << 15;
 
-  // Row-major C(m, n) = alpha * op(A) * op(B) + beta * C on one thread, with
-  // op(A) of shape (m, k) and op(B) of shape (k, n). lda/ldb/ldc are row strides.
+  // Row-major C(m, n) = alpha * op(A) * op(B) + beta * C on the calling
+  // thread, with op(A) of shape (m, k) and op(B) of shape (k, n). lda/ldb/ldc
+  // are row strides. At most kSkinnyRows rows (decode batches, small
+  // experts) take a kernel that reads B once; larger products go to the
+  // engine (BLAS or Eigen).
   template <class S>
   void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
             const S* b, Index ldb, S beta, S* c, Index ldc) const {
-    using Mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    using Stride = Eigen::OuterStride<>;
-    Eigen::Map<Mat, 0, Stride> C(c, m, n, Stride(ldc));
     if (m == 0 || n == 0) return;
-    SerialEigen serial;  // Eigen's own threading would change the summation order
-    if (beta == S(0)) {
-      C.setZero();
-    } else if (beta != S(1)) {
-      C *= beta;
+    if (k == 0) {
+      scale(m, n, beta, c, ldc);
+      return;
     }
-    if (k == 0) return;
-    const Eigen::Map<const Mat, 0, Stride> A(a, trans_a ? k : m, trans_a ? m : k, Stride(lda));
-    const Eigen::Map<const Mat, 0, Stride> B(b, trans_b ? n : k, trans_b ? k : n, Stride(ldb));
-    if (!trans_a && !trans_b) C.noalias() += alpha * (A * B);
-    if (!trans_a && trans_b) C.noalias() += alpha * (A * B.transpose());
-    if (trans_a && !trans_b) C.noalias() += alpha * (A.transpose() * B);
-    if (trans_a && trans_b) C.noalias() += alpha * (A.transpose() * B.transpose());
+    if (!trans_a && m <= kSkinnyRows) {
+      skinny_gemm(trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    } else if (uses_blas<S>()) {
+      detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
+                      "moe::cpu::Backend::gemm: a size or stride above INT_MAX (m=", m, ", n=", n,
+                      ", k=", k, "), expected what a CBLAS can index");
+      blas::SerialScope serial;
+      blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    } else {
+      eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
   }
 
-  // Eigen threads a large product unless the calling thread's OpenMP team is
-  // larger than one or its nthreads ICV is 1, and it sizes its blocking (so the
-  // order of the sums) by the thread count. Setting this thread's ICV to 1 for
-  // the duration of one GEMM keeps every product on Eigen's serial path; the
-  // ICV is per thread, so nothing else is affected. (A process-wide
-  // Eigen::setNbThreads(n > 1) overrides it: leave it unset for determinism.)
-  struct SerialEigen {
-#if defined(_OPENMP)
-    int saved = omp_get_max_threads();
-    SerialEigen() {
-      if (saved != 1) omp_set_num_threads(1);
-    }
-    ~SerialEigen() {
-      if (saved != 1) omp_set_num_threads(saved);
-    }
-    SerialEigen(const SerialEigen&) = delete;
-    SerialEigen& operator=(const SerialEigen&) = delete;
-#endif
-  };
+  static constexpr Index kSkinnyRows = 8;
 
   // The same product with the rows of C split into fixed tiles of kRowTile run
   // in parallel: tile boundaries do not depend on the thread count.
@@ -107,6 +100,7 @@ class Backend {
   void gemm_rows(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
                  const S* b, Index ldb, S beta, S* c, Index ldc) const {
     const Index tiles = (m + kRowTile - 1) / kRowTile;
+    blas::SerialScope serial;  // one scope for the whole loop, not one per tile
     parallel_for(
         tiles,
         [&](Index tile) {
@@ -123,45 +117,50 @@ class Backend {
   // For every expert e owning rows [offsets[e], offsets[e+1]):
   //   C_e (n_e, n) = A_e (n_e, k) * op(B_e) + beta * C_e,  B_e = b + e * b_stride,
   // op(B_e) of shape (k, n): B_e stored (k, n), or (n, k) when trans_b.
-  // Work items are (expert, row tile), fixed for a given routing.
+  // Work items are (expert, row tile, column tile) tiles of C, fixed for a
+  // given routing (see plan_tiles).
   template <class S>
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
-    const Index E = static_cast<Index>(offsets.size()) - 1;
-    std::vector<Index>& tiles = tile_scratch_;
-    tiles.clear();
-    for (Index e = 0; e < E; ++e)
-      for (Index r = offsets[e]; r < offsets[e + 1]; r += kRowTile) {
-        tiles.push_back(e);
-        tiles.push_back(r);
-      }
-    const Index count = static_cast<Index>(tiles.size()) / 2;
+    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/true);
+    blas::SerialScope serial;
     parallel_for(
-        count,
+        static_cast<Index>(tiles.size()),
         [&](Index i) {
-          const Index e = tiles[2 * i], r0 = tiles[2 * i + 1];
-          const Index rows = std::min(kRowTile, offsets[e + 1] - r0);
-          gemm(false, trans_b, rows, n, k, S(1), a + r0 * k, k, b + e * b_stride, trans_b ? k : n,
-               beta, c + r0 * n, n);
+          const Tile& t = tiles[static_cast<std::size_t>(i)];
+          const S* bt = b + t.expert * b_stride + (trans_b ? t.col * k : t.col);
+          gemm(false, trans_b, t.rows, t.cols, k, S(1), a + t.row * k, k, bt, trans_b ? k : n, beta,
+               c + t.row * n + t.col, n);
         },
         offsets.back() * n * k);
   }
 
   // For every expert e: W_e (k, n) += A_e^T (k, n_e) * B_e (n_e, n), with
-  // W_e = w + e * w_stride: the weight gradient, one GEMM per expert.
+  // W_e = w + e * w_stride: the weight gradient. Tiles split the columns of
+  // W_e, never the rows of A_e (the sum), so each element's order is fixed.
   template <class S>
   void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a, const S* b,
                        S* w, Index w_stride) const {
-    const Index E = static_cast<Index>(offsets.size()) - 1;
+    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/false);
+    blas::SerialScope serial;
     parallel_for(
-        E,
-        [&](Index e) {
-          const Index r0 = offsets[e], rows = offsets[e + 1] - offsets[e];
-          gemm(true, false, k, n, rows, S(1), a + r0 * k, k, b + r0 * n, n, S(1), w + e * w_stride,
-               n);
+        static_cast<Index>(tiles.size()),
+        [&](Index i) {
+          const Tile& t = tiles[static_cast<std::size_t>(i)];
+          gemm(true, false, k, t.cols, t.rows, S(1), a + t.row * k, k, b + t.row * n + t.col, n,
+               S(1), w + t.expert * w_stride + t.col, n);
         },
         offsets.back() * n * k);
   }
+
+  // Tiling: rows of an expert in near-equal tiles of at most kTileRows (big
+  // enough that a BLAS amortises packing B, small enough to balance the
+  // threads), then, while there are fewer than kMinTiles tiles (decode
+  // batches, one busy expert), columns in near-equal tiles that are a
+  // multiple of kColumnAlign wide so that both threads stream weights.
+  static constexpr Index kTileRows = 512;
+  static constexpr Index kMinTiles = 16;
+  static constexpr Index kColumnAlign = 64;
 
   // offsets[0] = 0, offsets[i + 1] = offsets[i] + counts[i] (an exclusive scan
   // with the total appended); returns the total, which the caller needs on the
@@ -225,8 +224,134 @@ class Backend {
   }
 
  private:
+  struct Tile {
+    Index expert, row, rows, col, cols;
+  };
+
+  static Gemm resolve(Gemm gemm) {
+    detail::require(gemm != Gemm::blas || blas::kAvailable,
+                    "moe::cpu::Backend: gemm=blas, expected automatic or eigen (this build has no "
+                    "CBLAS: configure with MOE_USE_BLAS=ON and a BLAS installed, e.g. Debian's "
+                    "libopenblas-dev)");
+    return gemm == Gemm::automatic ? (blas::kAvailable ? Gemm::blas : Gemm::eigen) : gemm;
+  }
+
+  template <class S>
+  bool uses_blas() const {
+    return blas::kHasGemm<S> && gemm_ == Gemm::blas;
+  }
+
+  // Work items for a grouped product; reuses its storage (no allocation once
+  // the largest routing has been seen).
+  const std::vector<Tile>& plan_tiles(const std::vector<Index>& offsets, Index n,
+                                      bool split_rows) const {
+    auto& tiles = tile_scratch_;
+    tiles.clear();
+    const Index E = static_cast<Index>(offsets.size()) - 1;
+    Index row_tiles = 0;
+    for (Index e = 0; e < E; ++e) {
+      const Index rows = offsets[e + 1] - offsets[e];
+      if (rows > 0) row_tiles += split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
+    }
+    if (row_tiles == 0) return tiles;
+    const Index max_col_tiles = std::max<Index>(1, n / kColumnAlign);
+    const Index col_tiles = std::min(max_col_tiles, (kMinTiles + row_tiles - 1) / row_tiles);
+    const Index col_width = (n / col_tiles + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    tiles.reserve(static_cast<std::size_t>(row_tiles * col_tiles));
+    for (Index e = 0; e < E; ++e) {
+      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
+      if (rows == 0) continue;
+      const Index parts = split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
+      for (Index p = 0; p < parts; ++p) {
+        const Index r0 = begin + rows * p / parts, r1 = begin + rows * (p + 1) / parts;
+        for (Index c0 = 0; c0 < n; c0 += col_width)
+          tiles.push_back({e, r0, r1 - r0, c0, std::min(col_width, n - c0)});
+      }
+    }
+    return tiles;
+  }
+
+  // C = beta C (the product of an empty sum).
+  template <class S>
+  static void scale(Index m, Index n, S beta, S* c, Index ldc) {
+    for (Index i = 0; i < m; ++i)
+      for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == S(0) ? S(0) : beta * c[i * ldc + j];
+  }
+
+  // Few rows: stream B once, each element of B used for every row of A while
+  // it is in registers or L1. Eigen vectorises the row operations.
+  template <class S>
+  static void skinny_gemm(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
+                          const S* b, Index ldb, S beta, S* c, Index ldc) {
+    using Row = Eigen::Matrix<S, 1, Eigen::Dynamic>;
+    using RowMap = Eigen::Map<Row>;
+    using ConstRowMap = Eigen::Map<const Row>;
+    scale(m, n, beta, c, ldc);
+    if (!trans_b) {
+      // C_i += alpha a_ip B_p for p in order, over column blocks that stay in L1.
+      for (Index j0 = 0; j0 < n; j0 += kSkinnyColumns) {
+        const Index cols = std::min(kSkinnyColumns, n - j0);
+        for (Index p = 0; p < k; ++p) {
+          const ConstRowMap bp(b + p * ldb + j0, cols);
+          for (Index i = 0; i < m; ++i)
+            RowMap(c + i * ldc + j0, cols) += (alpha * a[i * lda + p]) * bp;
+        }
+      }
+    } else {
+      // C_ij += alpha <A_i, B_j>: B's rows are read once, A's stay cached.
+      for (Index j = 0; j < n; ++j) {
+        const ConstRowMap bj(b + j * ldb, k);
+        for (Index i = 0; i < m; ++i) c[i * ldc + j] += alpha * ConstRowMap(a + i * lda, k).dot(bj);
+      }
+    }
+  }
+
+  static constexpr Index kSkinnyColumns = 512;
+
+  // Eigen's GEMM on this thread. Eigen threads a large product unless the
+  // calling thread's OpenMP team is larger than one or its nthreads ICV is 1,
+  // and it sizes its blocking (so the order of the sums) by the thread count.
+  // Setting this thread's ICV to 1 for the product keeps it on Eigen's serial
+  // path; the ICV is per thread. (A process-wide Eigen::setNbThreads(n > 1)
+  // overrides it: leave it unset for determinism.)
+  template <class S>
+  static void eigen_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const S* a,
+                         Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) {
+    using Mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    using Stride = Eigen::OuterStride<>;
+    Eigen::Map<Mat, 0, Stride> C(c, m, n, Stride(ldc));
+    SerialOpenMP serial;
+    if (beta == S(0)) {
+      C.setZero();
+    } else if (beta != S(1)) {
+      C *= beta;
+    }
+    const Eigen::Map<const Mat, 0, Stride> A(a, trans_a ? k : m, trans_a ? m : k, Stride(lda));
+    const Eigen::Map<const Mat, 0, Stride> B(b, trans_b ? n : k, trans_b ? k : n, Stride(ldb));
+    if (!trans_a && !trans_b) C.noalias() += alpha * (A * B);
+    if (!trans_a && trans_b) C.noalias() += alpha * (A * B.transpose());
+    if (trans_a && !trans_b) C.noalias() += alpha * (A.transpose() * B);
+    if (trans_a && trans_b) C.noalias() += alpha * (A.transpose() * B.transpose());
+  }
+
+  // This thread's OpenMP nthreads ICV at 1 for its lifetime (see eigen_gemm).
+  struct SerialOpenMP {
+#if defined(_OPENMP)
+    int saved = omp_get_max_threads();
+    SerialOpenMP() {
+      if (saved != 1) omp_set_num_threads(1);
+    }
+    ~SerialOpenMP() {
+      if (saved != 1) omp_set_num_threads(saved);
+    }
+    SerialOpenMP(const SerialOpenMP&) = delete;
+    SerialOpenMP& operator=(const SerialOpenMP&) = delete;
+#endif
+  };
+
   int threads_ = 0;
-  mutable std::vector<Index> tile_scratch_;  // reused: no allocation per call once sized
+  Gemm gemm_ = Gemm::eigen;
+  mutable std::vector<Tile> tile_scratch_;  // reused: no allocation per call once sized
 };
 
 static_assert(BackendPolicy<Backend<float>>);

@@ -1,0 +1,201 @@
+// The CPU backend's products against a naive triple loop in long double, for
+// both GEMM engines (Eigen, and the BLAS when the build has one): every
+// transpose combination, beta in {0, 1, other}, strided operands, the skinny
+// kernel (m <= kSkinnyRows), empty products, and the grouped products with
+// empty experts, row tiles and column tiles.
+
+#include <cstring>
+
+#include "support.hpp"
+
+using namespace moe;
+using namespace moe::test;
+
+namespace {
+
+std::vector<cpu::Gemm> engines() {
+  std::vector<cpu::Gemm> out{cpu::Gemm::eigen};
+  if (cpu::blas::kAvailable) out.push_back(cpu::Gemm::blas);
+  return out;
+}
+
+template <class S>
+std::vector<S> random_vector(Index n, std::uint64_t seed) {
+  std::vector<S> v(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) v[i] = static_cast<S>(2.0 * math::uniform01(seed, 3, i) - 1.0);
+  return v;
+}
+
+// C = alpha op(A) op(B) + beta C, row-major with strides, in long double.
+template <class S>
+void reference_gemm(bool ta, bool tb, Index m, Index n, Index k, S alpha, const S* a, Index lda,
+                    const S* b, Index ldb, S beta, S* c, Index ldc) {
+  for (Index i = 0; i < m; ++i)
+    for (Index j = 0; j < n; ++j) {
+      long double sum = 0;
+      for (Index p = 0; p < k; ++p)
+        sum += static_cast<long double>(ta ? a[p * lda + i] : a[i * lda + p]) *
+               static_cast<long double>(tb ? b[j * ldb + p] : b[p * ldb + j]);
+      const long double old = beta == S(0) ? 0.0L : static_cast<long double>(beta) * c[i * ldc + j];
+      c[i * ldc + j] = static_cast<S>(static_cast<long double>(alpha) * sum + old);
+    }
+}
+
+template <class S>
+double tolerance() {
+  return std::is_same_v<S, float> ? 2e-5 : 1e-13;
+}
+
+// max |x - y| / (1 + max |y|)
+template <class S>
+double relative_error(const std::vector<S>& x, const std::vector<S>& y) {
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(x[i]) - static_cast<double>(y[i])));
+    scale = std::max(scale, std::abs(static_cast<double>(y[i])));
+  }
+  return diff / (1.0 + scale);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("gemm matches a naive product for every engine, transpose, beta and stride", S,
+                   float, double) {
+  struct Shape {
+    Index m, n, k;
+  };
+  // Skinny (m <= 8), just above it, and a product with several Eigen/BLAS blocks.
+  const Shape shapes[] = {{1, 7, 5}, {3, 1, 9}, {8, 70, 33}, {9, 70, 33}, {40, 130, 300}};
+  for (const cpu::Gemm engine : engines()) {
+    const cpu::Backend<S> be(1, engine);
+    CHECK(be.gemm_engine() == engine);
+    for (const auto& [m, n, k] : shapes)
+      for (int ta = 0; ta < 2; ++ta)
+        for (int tb = 0; tb < 2; ++tb)
+          for (const S beta : {S(0), S(1), S(-0.5)}) {
+            const std::string engine_name = cpu::to_string(engine);
+            CAPTURE(engine_name);
+            CAPTURE(m);
+            CAPTURE(n);
+            CAPTURE(k);
+            CAPTURE(ta);
+            CAPTURE(tb);
+            CAPTURE(beta);
+            // Row strides larger than the rows, so that strides are honoured.
+            const Index lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 5;
+            const auto a = random_vector<S>((ta ? k : m) * lda, 1);
+            const auto b = random_vector<S>((tb ? n : k) * ldb, 2);
+            auto c = random_vector<S>(m * ldc, 3);
+            if (beta == S(0)) std::fill(c.begin(), c.end(), std::numeric_limits<S>::quiet_NaN());
+            auto expected = c;
+            be.gemm(ta, tb, m, n, k, S(0.75), a.data(), lda, b.data(), ldb, beta, c.data(), ldc);
+            reference_gemm<S>(ta, tb, m, n, k, S(0.75), a.data(), lda, b.data(), ldb, beta,
+                              expected.data(), ldc);
+            // Padding columns are never touched: compare whole rows including it.
+            for (Index i = 0; i < m; ++i)
+              for (Index j = n; j < ldc; ++j)
+                CHECK(std::memcmp(&c[i * ldc + j], &expected[i * ldc + j], sizeof(S)) == 0);
+            for (Index i = 0; i < m; ++i)
+              for (Index j = n; j < ldc; ++j) c[i * ldc + j] = expected[i * ldc + j] = 0;
+            CHECK(relative_error(c, expected) < tolerance<S>());
+          }
+  }
+}
+
+TEST_CASE("gemm: an empty sum scales C by beta, empty outputs touch nothing") {
+  for (const cpu::Gemm engine : engines()) {
+    const cpu::Backend<float> be(1, engine);
+    std::vector<float> c{1, 2, 3, 4}, a{9}, b{9};
+    be.gemm(false, false, 2, 2, 0, 1.0f, a.data(), 1, b.data(), 2, 0.5f, c.data(), 2);
+    CHECK(c == std::vector<float>{0.5f, 1, 1.5f, 2});
+    be.gemm(false, false, 2, 2, 0, 1.0f, a.data(), 1, b.data(), 2, 0.0f, c.data(), 2);
+    CHECK(c == std::vector<float>{0, 0, 0, 0});
+    c = {7, 7, 7, 7};
+    be.gemm(false, false, 0, 2, 3, 1.0f, a.data(), 3, b.data(), 2, 0.0f, c.data(), 2);
+    be.gemm(false, false, 2, 0, 3, 1.0f, a.data(), 3, b.data(), 2, 0.0f, c.data(), 2);
+    CHECK(c == std::vector<float>{7, 7, 7, 7});
+  }
+}
+
+TEST_CASE_TEMPLATE("grouped products match per-expert naive products", S, float, double) {
+  // Rows per expert: empty experts, skinny ones, one split into row tiles
+  // (> kTileRows), and decode-like batches that are split by columns.
+  const std::vector<std::vector<Index>> loads = {
+      {0, 3, 0, 1200, 8, 9, 0}, {1, 0, 0, 0}, {2, 1}, {0, 0, 0}, {600}};
+  for (const cpu::Gemm engine : engines())
+    for (const int threads : {1, 2})
+      for (const auto& load : loads)
+        for (const Index n : {Index{3}, Index{200}})
+          for (int tb = 0; tb < 2; ++tb) {
+            const std::string engine_name = cpu::to_string(engine);
+            CAPTURE(engine_name);
+            CAPTURE(threads);
+            CAPTURE(n);
+            CAPTURE(tb);
+            const cpu::Backend<S> be(threads, engine);
+            const Index E = static_cast<Index>(load.size()), k = 37;
+            std::vector<Index> offsets(static_cast<std::size_t>(E + 1), 0);
+            for (Index e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + load[e];
+            const Index rows = offsets[E];
+            CAPTURE(rows);
+            const auto a = random_vector<S>(rows * k, 4);
+            const auto b = random_vector<S>(E * k * n, 5);
+            auto c = random_vector<S>(rows * n, 6);
+            auto expected = c;
+            be.grouped_gemm(offsets, tb, n, k, a.data(), b.data(), k * n, S(0.5), c.data());
+            for (Index e = 0; e < E; ++e)
+              reference_gemm<S>(false, tb, load[e], n, k, S(1), a.data() + offsets[e] * k, k,
+                                b.data() + e * k * n, tb ? k : n, S(0.5),
+                                expected.data() + offsets[e] * n, n);
+            CHECK(relative_error(c, expected) < tolerance<S>());
+
+            // Weight gradient: W_e (k, n) += A_e^T B_e.
+            const auto g = random_vector<S>(rows * n, 7);
+            auto w = random_vector<S>(E * k * n, 8);
+            auto w_expected = w;
+            be.grouped_gemm_tn(offsets, k, n, a.data(), g.data(), w.data(), k * n);
+            for (Index e = 0; e < E; ++e)
+              reference_gemm<S>(true, false, k, n, load[e], S(1), a.data() + offsets[e] * k, k,
+                                g.data() + offsets[e] * n, n, S(1), w_expected.data() + e * k * n,
+                                n);
+            CHECK(relative_error(w, w_expected) < tolerance<S>());
+          }
+}
+
+TEST_CASE("grouped products are bitwise identical for 1 and 2 threads") {
+  const std::vector<Index> offsets{0, 700, 700, 1900, 1905};
+  const Index n = 300, k = 64, E = 4;
+  const auto a = random_vector<float>(offsets.back() * k, 1);
+  const auto b = random_vector<float>(E * k * n, 2);
+  for (const cpu::Gemm engine : engines()) {
+    const std::string engine_name = cpu::to_string(engine);
+    CAPTURE(engine_name);
+    std::vector<float> c1(static_cast<std::size_t>(offsets.back() * n)), c2 = c1;
+    std::vector<float> w1(static_cast<std::size_t>(E * k * n), 0.0f), w2 = w1;
+    cpu::Backend<float>(1, engine).grouped_gemm(offsets, false, n, k, a.data(), b.data(), k * n,
+                                                0.0f, c1.data());
+    cpu::Backend<float>(2, engine).grouped_gemm(offsets, false, n, k, a.data(), b.data(), k * n,
+                                                0.0f, c2.data());
+    cpu::Backend<float>(1, engine).grouped_gemm_tn(offsets, k, n, a.data(), c1.data(), w1.data(),
+                                                   k * n);
+    cpu::Backend<float>(2, engine).grouped_gemm_tn(offsets, k, n, a.data(), c2.data(), w2.data(),
+                                                   k * n);
+    CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(w1.data(), w2.data(), w1.size() * sizeof(float)) == 0);
+  }
+}
+
+TEST_CASE("the GEMM engine is chosen as asked, and blas without a BLAS is an error") {
+  CHECK(cpu::Backend<float>(1, cpu::Gemm::eigen).gemm_engine() == cpu::Gemm::eigen);
+  const auto automatic = cpu::Backend<float>(1).gemm_engine();
+  CHECK(automatic == (cpu::blas::kAvailable ? cpu::Gemm::blas : cpu::Gemm::eigen));
+  if (cpu::blas::kAvailable) {
+    CHECK(cpu::Backend<double>(1, cpu::Gemm::blas).gemm_engine() == cpu::Gemm::blas);
+    CHECK(cpu::blas_info() != "none");
+  } else {
+    CHECK_THROWS_WITH_AS(cpu::Backend<float>(1, cpu::Gemm::blas), doctest::Contains("gemm=blas"),
+                         Error);
+    CHECK(cpu::blas_info() == "none");
+  }
+  MESSAGE("BLAS: " << cpu::blas_info());
+}
