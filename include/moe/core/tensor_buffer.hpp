@@ -7,6 +7,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -42,13 +43,15 @@ class TensorLayout {
     specs_.push_back(std::move(spec));
   }
 
-  const TensorSpec* find(const std::string& name) const {
+  // Lookups take a string_view: a name never becomes a std::string (which
+  // would allocate for names beyond the small-string buffer on every step).
+  const TensorSpec* find(std::string_view name) const {
     auto it = std::find_if(specs_.begin(), specs_.end(),
                            [&](const TensorSpec& s) { return s.name == name; });
     return it == specs_.end() ? nullptr : &*it;
   }
 
-  const TensorSpec& at(const std::string& name) const {
+  const TensorSpec& at(std::string_view name) const {
     const TensorSpec* spec = find(name);
     if (spec == nullptr) {
       std::string known;
@@ -59,7 +62,7 @@ class TensorLayout {
     return *spec;
   }
 
-  bool contains(const std::string& name) const { return find(name) != nullptr; }
+  bool contains(std::string_view name) const { return find(name) != nullptr; }
   const std::vector<TensorSpec>& specs() const { return specs_; }
   Index total_size() const { return total_; }
 
@@ -92,22 +95,18 @@ class TensorBuffer {
   bool same_layout(const TensorBuffer& other) const {
     return layout_ == other.layout_ || *layout_ == *other.layout_;
   }
-  bool contains(const std::string& name) const { return layout_->contains(name); }
+  bool contains(std::string_view name) const { return layout_->contains(name); }
 
   std::span<T> flat() { return data_; }
   std::span<const T> flat() const { return data_; }
   Index size() const { return static_cast<Index>(data_.size()); }
 
-  std::span<T> operator[](const std::string& name) { return span_of(layout_->at(name)); }
-  std::span<const T> operator[](const std::string& name) const {
-    return span_of(layout_->at(name));
-  }
+  std::span<T> operator[](std::string_view name) { return span_of(layout_->at(name)); }
+  std::span<const T> operator[](std::string_view name) const { return span_of(layout_->at(name)); }
 
   // The tensor as a matrix: last dimension as columns, the rest as rows.
-  MatrixView<T> matrix(const std::string& name) {
-    return matrix_of(layout_->at(name), data_.data());
-  }
-  MatrixView<const T> matrix(const std::string& name) const {
+  MatrixView<T> matrix(std::string_view name) { return matrix_of(layout_->at(name), data_.data()); }
+  MatrixView<const T> matrix(std::string_view name) const {
     return matrix_of(layout_->at(name), data_.data());
   }
 

@@ -58,8 +58,13 @@ class Backend {
   template <class F>
   void parallel_for(Index n, F&& f, Index work = kMinParallelWork) const {
 #if defined(_OPENMP)
-    const bool parallel = n > 1 && work >= kMinParallelWork && threads() > 1;
-#pragma omp parallel for schedule(guided) num_threads(threads()) if (parallel)
+    // A serial loop never enters a parallel region: libgomp allocates a
+    // fresh team for every one-thread region.
+    if (n > 1 && work >= kMinParallelWork && threads() > 1) {
+#pragma omp parallel for schedule(guided) num_threads(threads())
+      for (Index i = 0; i < n; ++i) f(i);
+      return;
+    }
 #endif
     for (Index i = 0; i < n; ++i) f(i);
   }
@@ -81,15 +86,19 @@ class Backend {
     }
     if (!trans_a && m <= kSkinnyRows) {
       skinny_gemm(trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    } else if (uses_blas<S>()) {
-      detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
-                      "moe::cpu::Backend::gemm: a size or stride above INT_MAX (m=", m, ", n=", n,
-                      ", k=", k, "), expected what a CBLAS can index");
-      blas::SerialScope serial;
-      blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    } else {
-      eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
     }
+    if constexpr (blas::kHasGemm<S>) {  // compiled only where the BLAS has this type
+      if (gemm_ == Gemm::blas) {
+        detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
+                        "moe::cpu::Backend::gemm: a size or stride above INT_MAX (m=", m, ", n=", n,
+                        ", k=", k, "), expected what a CBLAS can index");
+        blas::SerialScope serial;
+        blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+      }
+    }
+    eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
   static constexpr Index kSkinnyRows = 8;
@@ -208,14 +217,19 @@ class Backend {
       for (Index r = out.expert_offsets[e]; r < out.expert_offsets[e + 1]; ++r)
         out.row_expert[r] = static_cast<int>(e);
     out.pair_row.resize(static_cast<std::size_t>(P));
-    std::vector<Index> next(out.expert_offsets.begin(), out.expert_offsets.end() - 1);
+    // Each expert's next free row: rows_per_expert is reused as the cursor
+    // (no allocation) and holds the counts again once every pair is placed.
+    Index* filled = out.rows_per_expert.data();
+    std::fill(filled, filled + E, Index{0});
     out.dropped = 0;
     for (Index p = 0; p < P; ++p) {
       const int e = sel.pair_expert[p];
-      if (next[e] < out.expert_offsets[e + 1]) {
-        out.pair_row[p] = next[e];
-        out.row_token[next[e]] = out.pair_token[p];
-        out.row_pair[next[e]++] = p;
+      const Index row = out.expert_offsets[e] + filled[e];
+      if (row < out.expert_offsets[e + 1]) {
+        out.pair_row[p] = row;
+        out.row_token[row] = out.pair_token[p];
+        out.row_pair[row] = p;
+        ++filled[e];
       } else {
         out.pair_row[p] = -1;
         ++out.dropped;
@@ -234,11 +248,6 @@ class Backend {
                     "CBLAS: configure with MOE_USE_BLAS=ON and a BLAS installed, e.g. Debian's "
                     "libopenblas-dev)");
     return gemm == Gemm::automatic ? (blas::kAvailable ? Gemm::blas : Gemm::eigen) : gemm;
-  }
-
-  template <class S>
-  bool uses_blas() const {
-    return blas::kHasGemm<S> && gemm_ == Gemm::blas;
   }
 
   // Work items for a grouped product; reuses its storage (no allocation once
