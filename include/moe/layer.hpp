@@ -67,10 +67,13 @@ class Layer {
     Buffer<int> top1_;  // (T) each token's first-ranked selected expert, -1 if none
     typename Router::template Cache<Backend> router_;
     Dispatch<Backend::template Buffer> dispatch_;
-    Buffer<Scalar> x_rows_;    // (rows, d)       inputs gathered by expert
-    Buffer<Scalar> pre_;       // (rows, w d_ff)  GEMM1 output (+ b1), w = kInputWidth
-    Buffer<Scalar> hidden_;    // (rows, d_ff)    activation, after dropout
-    Buffer<Scalar> out_rows_;  // (rows, d)       expert outputs E_i(x_t)
+    Buffer<Scalar> x_rows_;  // (rows, d)       inputs gathered by expert
+    // (rows, w d_ff) GEMM1 output (+ b1), w = kInputWidth; after a training
+    // forward, the activation's derivative (partials) times the dropout factor.
+    Buffer<Scalar> pre_;
+    bool derivatives_ = false;  // pre_ holds derivatives (see forward)
+    Buffer<Scalar> hidden_;     // (rows, d_ff)    activation, after dropout
+    Buffer<Scalar> out_rows_;   // (rows, d)       expert outputs E_i(x_t)
     std::uint64_t dropout_key_ = 0;
     double dropout_ = 0;  // the rate this forward used (0 in eval)
     RoutingStats stats_;
@@ -201,6 +204,11 @@ class Layer {
     cache.dropout_key_ =
         math::hash3(dropout_seed(), kDropoutSeedStream, static_cast<std::uint64_t>(train_forwards));
     if (mode == Mode::train) train_forwards += 1;
+    // One pass over each hidden row: + b1, the activation, dropout. A training
+    // forward also overwrites pre with the activation's derivative (partials
+    // for a gated one) times the dropout factor, so that the backward is one
+    // multiplication: no transcendental and no mask recomputed there.
+    cache.derivatives_ = mode == Mode::train;
     {
       Scalar* pre = cache.pre_.data();
       Scalar* hidden = cache.hidden_.data();
@@ -210,6 +218,7 @@ class Layer {
       const double rate = cache.dropout_;
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
+      const bool derivatives = cache.derivatives_;
       backend_.parallel_for(
           rows,
           [=](Index r) {
@@ -218,6 +227,23 @@ class Layer {
             if (b1 != nullptr) {
               const Scalar* be = b1 + row_expert[r] * h;
               for (Index j = 0; j < h; ++j) pr[j] += be[j];
+            }
+            if (derivatives) {
+              for (Index j = 0; j < h; ++j) {
+                const Scalar m =
+                    rate > 0 ? (keeps(key, row_pair[r], j, rate) ? keep_scale : 0) : Scalar(1);
+                if constexpr (Activation::kGated) {
+                  Scalar d_gate, d_up;
+                  hr[j] = m * value_and_partials(pr[j], pr[h + j], d_gate, d_up);
+                  pr[j] = m * d_gate;
+                  pr[h + j] = m * d_up;
+                } else {
+                  Scalar derivative;
+                  hr[j] = m * value_and_derivative(pr[j], derivative);
+                  pr[j] = m * derivative;
+                }
+              }
+              return;
             }
             for (Index j = 0; j < h; ++j) {
               if constexpr (Activation::kGated) {
@@ -395,12 +421,20 @@ class Layer {
       const double rate = cache.dropout_;
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
+      const bool derivatives = cache.derivatives_;
       backend_.parallel_for(
           rows,
           [=](Index r) {
             const Scalar* pr = pre + r * wide;
             const Scalar* dhr = d_hidden + r * h;
             Scalar* dpr = d_pre + r * wide;
+            if (derivatives) {  // pre holds the forward's derivatives (dropout included)
+              for (Index j = 0; j < h; ++j) {
+                dpr[j] = dhr[j] * pr[j];
+                if constexpr (Activation::kGated) dpr[h + j] = dhr[j] * pr[h + j];
+              }
+              return;
+            }
             for (Index j = 0; j < h; ++j) {
               Scalar dh = dhr[j];
               if (rate > 0) dh *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
@@ -414,7 +448,7 @@ class Layer {
               }
             }
           },
-          rows * wide * 8);
+          rows * wide * 2);
     }
     backend_.grouped_gemm_tn(offsets, d, wide, cache.x_rows_.data(), ws.d_pre.data(),
                              grads["experts.w1"].data(), d * wide);  // dW1 += X^T dPre
@@ -510,6 +544,26 @@ class Layer {
   struct Workspace {
     Buffer<Scalar> d_out, d_hidden, d_pre, d_x_rows, d_gates, d_logits;
   };
+
+  // The activation's value and derivative (partials) in one call, from the
+  // policy's fused function where it has one.
+  MOE_HOST_DEVICE static Scalar value_and_derivative(Scalar u, Scalar& derivative) {
+    if constexpr (requires { Activation::value_and_derivative(u, derivative); }) {
+      return Activation::value_and_derivative(u, derivative);
+    } else {
+      derivative = Activation::derivative(u);
+      return Activation::value(u);
+    }
+  }
+  MOE_HOST_DEVICE static Scalar value_and_partials(Scalar gate, Scalar up, Scalar& d_gate,
+                                                   Scalar& d_up) {
+    if constexpr (requires { Activation::value_and_partials(gate, up, d_gate, d_up); }) {
+      return Activation::value_and_partials(gate, up, d_gate, d_up);
+    } else {
+      Activation::partials(gate, up, d_gate, d_up);
+      return Activation::value(gate, up);
+    }
+  }
 
   // Dropout keeps unit j of pair p with probability 1 - rate; a pure function
   // of (key, pair, j), so backward recomputes the forward's mask exactly.

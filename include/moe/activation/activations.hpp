@@ -22,6 +22,11 @@ struct ReLU {
   MOE_HOST_DEVICE static S derivative(S u) {
     return math::relu_derivative(u);
   }
+  template <class S>
+  MOE_HOST_DEVICE static S value_and_derivative(S u, S& derivative) {
+    derivative = math::relu_derivative(u);
+    return math::relu(u);
+  }
 };
 
 // E(x) = W2 gelu(W1 x + b1) + b2, exact (erf) GELU.
@@ -36,6 +41,10 @@ struct GELU {
   template <class S>
   MOE_HOST_DEVICE static S derivative(S u) {
     return math::gelu_derivative(u);
+  }
+  template <class S>
+  MOE_HOST_DEVICE static S value_and_derivative(S u, S& derivative) {
+    return math::gelu_and_derivative(u, derivative);
   }
 };
 
@@ -52,6 +61,10 @@ struct SwiGLU {
   template <class S>
   MOE_HOST_DEVICE static void partials(S gate, S up, S& d_gate, S& d_up) {
     math::swiglu_partials(gate, up, d_gate, d_up);
+  }
+  template <class S>
+  MOE_HOST_DEVICE static S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
+    return math::swiglu_and_partials(gate, up, d_gate, d_up);
   }
 };
 

@@ -28,6 +28,16 @@ MOE_HOST_DEVICE S gelu_derivative(S u) {
   return cdf + u * pdf;
 }
 
+// Both at once, sharing the erf: the forward of a training step stores the
+// derivative for the backward.
+template <class S>
+MOE_HOST_DEVICE S gelu_and_derivative(S u, S& derivative) {
+  const S cdf = S(0.5) * (S(1) + std::erf(u * S(0.70710678118654752440)));
+  const S pdf = S(0.39894228040143267794) * std::exp(S(-0.5) * u * u);
+  derivative = cdf + u * pdf;
+  return u * cdf;
+}
+
 template <class S>
 MOE_HOST_DEVICE S sigmoid(S u) {
   return S(1) / (S(1) + std::exp(-u));
@@ -44,6 +54,14 @@ MOE_HOST_DEVICE void swiglu_partials(S gate, S up, S& d_gate, S& d_up) {
   const S s = sigmoid(gate);
   d_up = gate * s;
   d_gate = up * s * (S(1) + gate * (S(1) - s));
+}
+// swiglu(gate, up) and its partials, sharing the sigmoid.
+template <class S>
+MOE_HOST_DEVICE S swiglu_and_partials(S gate, S up, S& d_gate, S& d_up) {
+  const S s = sigmoid(gate);
+  d_up = gate * s;
+  d_gate = up * s * (S(1) + gate * (S(1) - s));
+  return d_up * up;
 }
 
 }  // namespace moe::math

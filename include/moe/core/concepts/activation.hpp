@@ -5,6 +5,9 @@ namespace moe {
 
 // An expert activation: element-wise (value(u), derivative(u)) or gated
 // (value(gate, up), partials(gate, up, d_gate, d_up)), see moe/activation/.
+// Optional: value_and_derivative(u, d) / value_and_partials(g, u, dg, du),
+// which a training forward uses to compute both in one pass (the layer
+// falls back to calling value and derivative/partials).
 template <class A>
 concept ElementwiseActivation = !A::kGated && requires(double u) {
   { A::value(u) } -> std::same_as<double>;
