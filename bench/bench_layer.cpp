@@ -1,217 +1,425 @@
-// Throughput of moe::Layer (TopK router, Sparse estimator, CPU backend, float)
-// against the dense GEMMs of the same active FLOPs. See bench/README.md.
-//
-// Shape: T = 4096 tokens, d_model = 512, d_ff = 1024, E = 8 experts, dropless.
-// "Active" FLOPs count the expert GEMMs only (router, gather, activation and
-// combine are not counted but are timed):
-//   rows    = T k                      (routed pairs, nothing dropped)
-//   forward = 2 rows d (w d_ff) + 2 rows d_ff d,   w = 2 for SwiGLU, else 1
-//   fwd+bwd = 3 forward                (dH, dW2, dW1, dX: 4 GEMMs of GEMM1/2 size)
-// The dense reference is one FFN of hidden width k d_ff on the same T tokens,
-// i.e. exactly those FLOPs in single large Eigen GEMMs (Eigen's own threading).
+// Benchmarks of moe::Layer on the CPU backend (float), each row measured
+// against a yardstick timed in the same process (bench/reference.hpp):
+//   MoE/...      T = 4096 training batches against the dense GEMM of the same
+//                expert-GEMM FLOPs: ratio_vs_dense_gemm = dense time / MoE time.
+//   Decode/...   T in {1, 4, 16}, eval forwards through a stack of layers whose
+//                weights do not fit in the cache, against the copy bandwidth.
+//   Memory/copy  the copy bandwidth itself.
+// Names: MoE/E<E>k<k>/d_ff<d_ff>/<activation>/<fwd|fwd+bwd>/<router>/<estimator>,
+// Decode/T<T>/E8k2/d_ff1024/GELU/eval/TopK/Sparse. bench/README.md explains
+// how FLOPs and bytes are counted. `--quick` (smoke tests only) runs every row
+// once with one reference repetition.
 
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
 #include <string>
-#include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "moe/moe.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "reference.hpp"
 
 namespace {
 
-using moe::Index;
-using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
+using bench::Index;
+using bench::RowMat;
+using Backend = moe::cpu::Backend<float>;
+using moe::cpu::Gemm;
 
-constexpr Index kTokens = 4096, kModel = 512, kHidden = 1024, kExperts = 8;
-constexpr int kItersForward = 8, kItersBackward = 5;  // fixed: ~1 min in total on 2 cores
-constexpr int kDenseReps = 5;  // timed repetitions of the dense reference (median)
+constexpr Index kTokens = 4096, kModel = 512;
 
-RowMat random_matrix(Index rows, Index cols, unsigned seed) {
-  std::srand(seed);
-  return RowMat::Random(rows, cols);  // U(-1, 1)
-}
+// Fixed iteration counts: the whole suite stays within a few minutes on 2
+// cores (bench/README.md has the estimate).
+constexpr int kItersForward = 10, kItersForwardBackward = 6;
+constexpr int kItersDecode = 50, kItersCopy = 20;
+constexpr int kReferenceReps = 5;  // timed repetitions of a yardstick (median)
+bool g_quick = false;              // --quick: 1 iteration, 1 repetition
 
-// Expert GEMM FLOPs of one forward (dropless: every token goes to k experts).
-double forward_flops(int k, Index width) {
-  const double rows = static_cast<double>(kTokens) * k;
-  return 2.0 * rows * kModel * static_cast<double>(width * kHidden) +
-         2.0 * rows * static_cast<double>(kHidden) * kModel;
-}
+int iterations(int n) { return g_quick ? 1 : n; }
+int reference_reps() { return g_quick ? 1 : kReferenceReps; }
 
-double active_flops(int k, Index width, bool backward) {
-  return (backward ? 3.0 : 1.0) * forward_flops(k, width);
-}
+// ---------------------------------------------------------------------------
+// What a row is: shape, pass, names.
 
-// One dense FFN with hidden width H = k d_ff (GEMM1 width w H) on T tokens:
-// the same GEMM FLOPs as the MoE's experts, in six large GEMMs. No activation:
-// hidden and d_pre are fixed random inputs, this measures GEMMs only.
-struct DenseReference {
-  RowMat x, w1, pre, hidden, w2, y;  // forward
-  RowMat dy, d_hidden, d_pre, dw1, dw2, dx;  // backward
+struct Shape {
+  Index experts;
+  int k;
+  Index d_ff;
 
-  DenseReference(int k, Index width) {
-    const Index H = k * kHidden, W = width * H;
-    x = random_matrix(kTokens, kModel, 1);
-    w1 = random_matrix(kModel, W, 2) / std::sqrt(float(kModel));
-    pre.resize(kTokens, W);
-    hidden = random_matrix(kTokens, H, 3);
-    w2 = random_matrix(H, kModel, 4) / std::sqrt(float(H));
-    y.resize(kTokens, kModel);
-    dy = random_matrix(kTokens, kModel, 5);
-    d_hidden.resize(kTokens, H);
-    d_pre = random_matrix(kTokens, W, 6);
-    dw1 = RowMat::Zero(kModel, W);
-    dw2 = RowMat::Zero(H, kModel);
-    dx.resize(kTokens, kModel);
-  }
-
-  void run(bool backward) {
-    pre.noalias() = x * w1;                        // GEMM1
-    y.noalias() = hidden * w2;                     // GEMM2
-    if (backward) {
-      d_hidden.noalias() = dy * w2.transpose();    // dH  = dY W2^T
-      dw2.noalias() += hidden.transpose() * dy;    // dW2 += H^T dY
-      dw1.noalias() += x.transpose() * d_pre;      // dW1 += X^T dPre
-      dx.noalias() = d_pre * w1.transpose();       // dX  = dPre W1^T
-    }
-    benchmark::DoNotOptimize(pre.data());
-    benchmark::DoNotOptimize(y.data());
-    benchmark::DoNotOptimize(dx.data());
-    benchmark::DoNotOptimize(dw1.data());
-    benchmark::ClobberMemory();
-  }
-
-  // Median wall time of one run() over kDenseReps, after one warm-up.
-  double median_seconds(bool backward) {
-    run(backward);
-    std::vector<double> t;
-    for (int r = 0; r < kDenseReps; ++r) {
-      const auto t0 = Clock::now();
-      run(backward);
-      t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-    }
-    std::nth_element(t.begin(), t.begin() + kDenseReps / 2, t.end());
-    return t[kDenseReps / 2];
+  moe::LayerConfig config() const { return {.d_model = kModel, .d_ff = d_ff, .experts = experts}; }
+  // "E8k2/d_ff1024", by appends: GCC 12 warns (-Wrestrict, a false positive)
+  // on "E" + std::to_string(...).
+  std::string name() const {
+    std::string s = "E";
+    s += std::to_string(experts);
+    s += "k";
+    s += std::to_string(k);
+    s += "/d_ff";
+    s += std::to_string(d_ff);
+    return s;
   }
 };
 
-void set_counters(benchmark::State& state, double flops_per_iter) {
-  const auto it = static_cast<double>(state.iterations());  // kIsRate divides by real time
-  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * it / 1e9,
-                                                 benchmark::Counter::kIsRate);
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kTokens) * it,
-                                                  benchmark::Counter::kIsRate);
+enum class Pass { forward, forward_backward };
+
+const char* pass_name(Pass pass) { return pass == Pass::forward ? "fwd" : "fwd+bwd"; }
+
+template <class Act>
+const char* act_name() {
+  if constexpr (std::is_same_v<Act, moe::act::GELU>) {
+    return "GELU";
+  } else if constexpr (std::is_same_v<Act, moe::act::SwiGLU>) {
+    return "SwiGLU";
+  } else {
+    static_assert(std::is_same_v<Act, moe::act::ReLU>, "name the activation here");
+    return "ReLU";
+  }
 }
 
-// MoE forward (Mode::train) or forward + backward; range(0) = k.
-template <class Act, bool kBackward>
-void BM_MoE(benchmark::State& state) {
-  using Layer =
-      moe::Layer<moe::router::TopK, moe::estimator::Sparse, moe::cpu::Backend<float>, Act>;
-  const int k = static_cast<int>(state.range(0));
-  const moe::LayerConfig config{.d_model = kModel, .d_ff = kHidden, .experts = kExperts};
-  Layer layer(config, moe::router::TopK{.k = k}, {}, /*seed=*/42);
-  const RowMat x = random_matrix(kTokens, kModel, 11);
-  const RowMat dy = random_matrix(kTokens, kModel, 12);
-  RowMat y(kTokens, kModel), dx(kTokens, kModel);
+// ---------------------------------------------------------------------------
+// Counting.
+
+// Expert-GEMM FLOPs of one row (one token through one expert) in a forward:
+// GEMM1 d x (w d_ff), w = 2 for SwiGLU's [W1 | W3], and GEMM2 d_ff x d, at 2
+// FLOPs per multiply-add. The backward runs two GEMMs of the same size per
+// forward GEMM, so forward+backward is 3x. Router, gather, activation and
+// combine are timed but not counted.
+double flops_per_row(const moe::LayerConfig& c, Index w) {
+  return 2.0 * static_cast<double>(c.d_model * w * c.d_ff) +
+         2.0 * static_cast<double>(c.d_ff * c.d_model);
+}
+
+// Bytes of one expert's weights (and biases, if any), float.
+double expert_bytes(const moe::LayerConfig& c, Index w) {
+  const Index biases = c.expert_bias ? c.d_ff + c.d_model : 0;
+  return 4.0 * static_cast<double>(c.d_model * w * c.d_ff + c.d_ff * c.d_model + biases);
+}
+
+double routed_rows(const moe::RoutingStats& stats) {
+  double rows = 0;
+  for (Index n : stats.tokens_per_expert) rows += static_cast<double>(n);
+  return rows;
+}
+
+// The busiest expert's routed rows over the mean.
+double max_load(const moe::RoutingStats& stats) {
+  const auto& load = stats.tokens_per_expert;
+  const double mean = routed_rows(stats) / static_cast<double>(load.size());
+  return mean > 0 ? static_cast<double>(*std::max_element(load.begin(), load.end())) / mean : 0;
+}
+
+// Rows the experts computed: the routed pairs, or T E for an estimator that
+// computes every expert (DenseExact, the oracle; its stats report the routed
+// load only). Its backward runs the grouped GEMMs over the same rows.
+template <class Layer>
+double computed_rows(const Layer& layer, const typename Layer::Cache& cache) {
+  using Estimator = std::remove_cvref_t<decltype(layer.estimator())>;
+  if constexpr (Estimator::kComputesAllExperts) {
+    return static_cast<double>(cache.tokens() * layer.config().experts);
+  } else {
+    return routed_rows(cache.stats());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// MoE rows: one layer, T = 4096, Mode::train, against the dense reference.
+
+// ACMoE clusters by the previous MoE layer's top-1 experts: give it a fixed
+// random assignment, as every layer but the first gets. Others get none.
+template <class Router>
+std::vector<int> previous_assignment(Index experts) {
+  std::vector<int> assignment;
+  if constexpr (std::is_same_v<Router, moe::router::AdaptiveCluster>) {
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> pick(0, static_cast<int>(experts) - 1);
+    for (Index t = 0; t < kTokens; ++t) assignment.push_back(pick(rng));
+  }
+  return assignment;
+}
+
+template <class Layer>
+void bench_moe(benchmark::State& state, Layer& layer, Pass pass,
+               const moe::ForwardContext& context) {
+  const moe::LayerConfig& c = layer.config();
+  const bool backward = pass == Pass::forward_backward;
+  RowMat x(kTokens, kModel), dy(kTokens, kModel), y(kTokens, kModel), dx(kTokens, kModel);
+  bench::fill_random(x, 11);
+  bench::fill_random(dy, 12);
   auto grads = layer.make_gradients();  // accumulates across iterations, never re-zeroed
   typename Layer::Cache cache;
-
   auto step = [&] {
-    layer.forward(x, y, cache, moe::Mode::train);
-    if constexpr (kBackward) layer.backward(x, cache, dy, dx, grads);
+    layer.forward(x, y, cache, moe::Mode::train, context);
+    if (backward) layer.backward(x, cache, dy, dx, grads);
     benchmark::DoNotOptimize(y.data());
     benchmark::DoNotOptimize(dx.data());
     benchmark::ClobberMemory();
   };
-  step();  // warm-up: sizes the cache, the workspace and the backend scratch
+  step();  // warm-up: sizes the cache and workspaces; the routing it reports
+           // stays the same (no optimiser step), so the FLOPs count holds
 
-  // The dense reference of the same active FLOPs, timed in this same process
-  // right before the MoE loop.
-  double dense_s = 0;
+  const double rows = computed_rows(layer, cache);
+  const double flops = (backward ? 3.0 : 1.0) * rows * flops_per_row(c, Layer::kInputWidth);
+
+  // The dense GEMMs of the same FLOPs, right before the MoE loop, so that both
+  // see the same machine state. Its hidden width is rounded to whole units
+  // (ReluL1's rows per token are not whole): the ratio compares FLOP rates.
+  const auto hidden = static_cast<Index>(
+      std::llround(rows / static_cast<double>(kTokens) * static_cast<double>(c.d_ff)));
+  double dense_gflops = 0;
   {
-    DenseReference dense(k, Layer::kInputWidth);
-    dense_s = dense.median_seconds(kBackward);
+    bench::DenseReference dense(kTokens, c.d_model, hidden, Layer::kInputWidth, backward);
+    dense_gflops = dense.flops() / dense.median_seconds(reference_reps()) / 1e9;
   }
 
   const auto t0 = Clock::now();
   for (auto _ : state) step();
-  const double moe_s = std::chrono::duration<double>(Clock::now() - t0).count() /
-                       static_cast<double>(state.iterations());
+  const double moe_s = bench::seconds_since(t0) / static_cast<double>(state.iterations());
 
-  set_counters(state, active_flops(k, Layer::kInputWidth, kBackward));
-  state.counters["ratio_vs_dense_gemm"] = dense_s / moe_s;
-  const auto& load = cache.stats().tokens_per_expert;
-  const double mean_load = static_cast<double>(kTokens) * k / kExperts;
-  state.counters["max_load"] =
-      static_cast<double>(*std::max_element(load.begin(), load.end())) / mean_load;
+  const double gflops = flops / moe_s / 1e9;
+  state.counters["ratio_vs_dense_gemm"] = gflops / dense_gflops;  // = dense time / MoE time
+  state.counters["GFLOP/s"] = gflops;
+  state.counters["dense_GFLOP/s"] = dense_gflops;
+  state.counters["tokens/s"] = static_cast<double>(kTokens) / moe_s;
+  state.counters["experts/token"] = rows / static_cast<double>(kTokens);
+  state.counters["max_load"] = max_load(cache.stats());
 }
 
-// The dense GEMMs alone (same FLOPs as BM_MoE with the same Act, k).
-template <class Act, bool kBackward>
-void BM_DenseGemm(benchmark::State& state) {
-  const int k = static_cast<int>(state.range(0));
-  const Index width = Act::kGated ? 2 : 1;
-  DenseReference dense(k, width);
-  dense.run(kBackward);  // warm-up
-  for (auto _ : state) dense.run(kBackward);
-  set_counters(state, active_flops(k, width, kBackward));
+struct RowOptions {
+  int iterations = 0;  // 0: by pass
+  Gemm gemm = Gemm::automatic;
+  const char* suffix = "";  // appended to the name
+};
+
+template <class Act, class Router, class Estimator>
+void add_moe(const Shape& shape, Pass pass, const std::string& router_name, Router router,
+             const std::string& estimator_name, Estimator estimator, RowOptions options = {}) {
+  const std::string name = "MoE/" + shape.name() + "/" + act_name<Act>() + "/" + pass_name(pass) +
+                           "/" + router_name + "/" + estimator_name + options.suffix;
+  const int iters = options.iterations > 0  ? options.iterations
+                    : pass == Pass::forward ? kItersForward
+                                            : kItersForwardBackward;
+  benchmark::RegisterBenchmark(
+      name.c_str(),
+      [=](benchmark::State& state) {
+        using Layer = moe::Layer<Router, Estimator, Backend, Act>;
+        Layer layer(shape.config(), router, estimator, /*seed=*/42, Backend(0, options.gemm));
+        const std::vector<int> assignment = previous_assignment<Router>(shape.experts);
+        bench_moe(state, layer, pass, {.previous_assignment = assignment});
+      })
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(iterations(iters));
 }
 
-using BenchFn = void (*)(benchmark::State&);
+// The forward row, then the forward+backward row.
+template <class Act, class Router, class Estimator>
+void add_moe_passes(const Shape& shape, const std::string& router_name, Router router,
+                    const std::string& estimator_name, Estimator estimator,
+                    RowOptions options = {}) {
+  for (Pass pass : {Pass::forward, Pass::forward_backward})
+    add_moe<Act>(shape, pass, router_name, router, estimator_name, estimator, options);
+}
 
-// MoE and its dense reference side by side, for k = 1 and 2.
-template <class Act, bool kBackward>
-void register_pair() {
-  const std::string name = std::string(Act::kName) + (kBackward ? "/fwd+bwd" : "/fwd");
-  const std::pair<const char*, BenchFn> benches[] = {
-      {"MoE/", &BM_MoE<Act, kBackward>}, {"DenseGemm/", &BM_DenseGemm<Act, kBackward>}};
-  for (int k : {1, 2}) {
-    for (const auto& [prefix, fn] : benches) {
-      benchmark::RegisterBenchmark((prefix + name).c_str(), fn)
-          ->ArgName("k")
-          ->Arg(k)
-          ->UseRealTime()
-          ->Unit(benchmark::kMillisecond)
-          ->Iterations(kBackward ? kItersBackward : kItersForward);
+// ---------------------------------------------------------------------------
+// Decode rows: T in {1, 4, 16}, Mode::eval, against the copy bandwidth.
+
+using DecodeLayer = moe::Layer<moe::router::TopK, moe::estimator::Sparse, Backend, moe::act::GELU>;
+constexpr Shape kDecodeShape{8, 2, 1024};
+// 16 layers x 32 MiB of expert weights = 512 MiB, 16x the 32 MiB L3: even
+// T = 1, which reads 2 of each layer's 8 experts, streams 128 MiB per
+// iteration, so weights come from DRAM and not from the cache.
+constexpr int kDecodeLayers = 16;
+constexpr std::size_t kCopyBytes = std::size_t{512} << 20;
+
+// Built on first use (about a second) and kept for every T.
+std::vector<std::unique_ptr<DecodeLayer>>& decode_stack() {
+  static std::vector<std::unique_ptr<DecodeLayer>> layers = [] {
+    std::vector<std::unique_ptr<DecodeLayer>> built;
+    for (int l = 0; l < kDecodeLayers; ++l)
+      built.push_back(std::make_unique<DecodeLayer>(
+          kDecodeShape.config(), moe::router::TopK{.k = kDecodeShape.k}, moe::estimator::Sparse{},
+          /*seed=*/100 + l));
+    return built;
+  }();
+  return layers;
+}
+
+bench::CopyBandwidth& copy_bandwidth() {
+  static bench::CopyBandwidth copy(kCopyBytes);
+  return copy;
+}
+
+void bench_decode(benchmark::State& state, Index tokens) {
+  auto& layers = decode_stack();
+  const std::size_t L = layers.size();
+  const moe::LayerConfig& c = layers.front()->config();
+  constexpr Index w = DecodeLayer::kInputWidth;
+  // Each layer gets its own fixed input, so its routing is fixed.
+  std::vector<RowMat> xs(L, RowMat(tokens, kModel)), ys(L, RowMat(tokens, kModel));
+  std::vector<DecodeLayer::Cache> caches(L);
+  for (std::size_t l = 0; l < L; ++l) bench::fill_random(xs[l], 1000 + l);
+  auto step = [&] {
+    for (std::size_t l = 0; l < L; ++l) {
+      layers[l]->forward(xs[l], ys[l], caches[l], moe::Mode::eval);
+      benchmark::DoNotOptimize(ys[l].data());
     }
+    benchmark::ClobberMemory();
+  };
+  step();  // warm-up: sizes the caches and gives the routing
+
+  // Weight bytes one iteration must read: each layer's distinct routed
+  // experts (the router's E x d weights, 16 KiB a layer, are not counted).
+  double experts_read = 0, rows = 0, load = 0;
+  for (const auto& cache : caches) {
+    const auto& per_expert = cache.stats().tokens_per_expert;
+    experts_read += static_cast<double>(
+        std::count_if(per_expert.begin(), per_expert.end(), [](Index n) { return n > 0; }));
+    rows += routed_rows(cache.stats());
+    load += max_load(cache.stats());
   }
+  const double bytes = experts_read * expert_bytes(c, w);
+
+  // The copy bandwidth right before the loop (it also evicts the weights).
+  const double copy_gbps = copy_bandwidth().median_gbps(reference_reps());
+
+  const auto t0 = Clock::now();
+  for (auto _ : state) step();
+  const double s = bench::seconds_since(t0) / static_cast<double>(state.iterations());
+
+  const double layers_d = static_cast<double>(L);
+  state.counters["GB/s"] = bytes / s / 1e9;
+  state.counters["fraction_of_copy_bw"] = bytes / s / 1e9 / copy_gbps;
+  state.counters["copy_GB/s"] = copy_gbps;
+  state.counters["us/layer"] = s / layers_d * 1e6;
+  state.counters["tokens/s"] = static_cast<double>(tokens) * layers_d / s;  // per layer
+  state.counters["GFLOP/s"] = rows * flops_per_row(c, w) / s / 1e9;
+  state.counters["experts_read"] = experts_read / layers_d;  // per layer
+  state.counters["max_load"] = load / layers_d;              // mean over layers
+}
+
+void add_decode(Index tokens) {
+  const std::string name =
+      "Decode/T" + std::to_string(tokens) + "/" + kDecodeShape.name() + "/GELU/eval/TopK/Sparse";
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [tokens](benchmark::State& state) { bench_decode(state, tokens); })
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->Iterations(iterations(kItersDecode));
+}
+
+void bench_copy(benchmark::State& state) {
+  auto& copy = copy_bandwidth();
+  copy.run();  // warm-up
+  const auto t0 = Clock::now();
+  for (auto _ : state) copy.run();
+  const double s = bench::seconds_since(t0) / static_cast<double>(state.iterations());
+  state.counters["GB/s"] = copy.bytes_moved() / s / 1e9;  // read + written
+}
+
+// ---------------------------------------------------------------------------
+
+void register_all() {
+  using moe::act::GELU;
+  using moe::act::SwiGLU;
+  namespace router = moe::router;
+  namespace estimator = moe::estimator;
+
+  // 1. The main shape: E = 8, d_ff = 1024, k = 1 and 2, GELU and SwiGLU.
+  for (int k : {1, 2})
+    add_moe_passes<GELU>({8, k, 1024}, "TopK", router::TopK{.k = k}, "Sparse", estimator::Sparse{});
+  for (int k : {1, 2})
+    add_moe_passes<SwiGLU>({8, k, 1024}, "TopK", router::TopK{.k = k}, "Sparse",
+                           estimator::Sparse{});
+
+  // 2. Fine-grained experts: E = 32, k = 4, d_ff = 256 and 1024.
+  for (Index d_ff : {256, 1024})
+    add_moe_passes<GELU>({32, 4, d_ff}, "TopK", router::TopK{.k = 4}, "Sparse",
+                         estimator::Sparse{});
+
+  // 3. Every router (with Sparse) and every estimator (with TopK) at E8k2
+  // GELU; TopK/Sparse is the row of section 1.
+  const Shape base{8, 2, 1024};
+  // ReMoE: k = 2 only sets lambda's sparsity target. At initialisation (lambda
+  // untrained) about half the logits are positive, so it computes about 4
+  // experts per token: experts/token shows it, and the FLOPs count it.
+  const auto controller = std::make_shared<router::LambdaController>(
+      router::LambdaController::for_experts(base.k, static_cast<int>(base.experts)));
+  add_moe_passes<GELU>(base, "ReluL1", router::ReluL1{.controller = controller, .k = base.k},
+                       "Sparse", estimator::Sparse{});
+  add_moe_passes<GELU>(base, "AdaptiveCluster", router::AdaptiveCluster{.k = base.k}, "Sparse",
+                       estimator::Sparse{});
+  // SMoE-Dropout's frozen random router, with a constant k = 2 schedule.
+  add_moe_passes<GELU>(base, "RandomFrozen",
+                       router::random_frozen(router::schedule::Constant{.k = base.k}), "Sparse",
+                       estimator::Sparse{});
+  add_moe_passes<GELU>(base, "TopK", router::TopK{.k = base.k}, "DefaultEMA",
+                       estimator::DefaultEMA{});
+  // The oracle computes all E experts for every token (4x the work of k = 2):
+  // its FLOPs count all of them (experts/token = E). Fewer iterations.
+  add_moe_passes<GELU>(base, "TopK", router::TopK{.k = base.k}, "DenseExact-oracle",
+                       estimator::DenseExact{}, {.iterations = 3});
+
+  // 4. With a BLAS, the same layer on Eigen's GEMM: what the BLAS path gains.
+  if (Backend().gemm_engine() == Gemm::blas)
+    add_moe<GELU>(base, Pass::forward_backward, "TopK", router::TopK{.k = base.k}, "Sparse",
+                  estimator::Sparse{}, {.gemm = Gemm::eigen, .suffix = "/eigen-gemm"});
+
+  // 5. The copy bandwidth, then decode batches against it.
+  benchmark::RegisterBenchmark("Memory/copy/512MiB", bench_copy)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(iterations(kItersCopy));
+  for (Index tokens : {1, 4, 16}) add_decode(tokens);
+}
+
+void add_context() {
+  benchmark::AddCustomContext("omp_max_threads", std::to_string(bench::max_threads()));
+  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
+  benchmark::AddCustomContext("blas", moe::cpu::blas_info());
+  benchmark::AddCustomContext("gemm_engine", moe::cpu::to_string(Backend().gemm_engine()));
+  benchmark::AddCustomContext("dense_reference", std::string(bench::dense_gemm_name()) + ", " +
+                                                     std::to_string(bench::max_threads()) +
+                                                     " threads");
+  const char* coretype = std::getenv("OPENBLAS_CORETYPE");
+  benchmark::AddCustomContext("OPENBLAS_CORETYPE",
+                              coretype ? std::string(coretype) + " (forces the kernel)" : "unset");
+  benchmark::AddCustomContext("shape", "T=" + std::to_string(kTokens) +
+                                           " d_model=" + std::to_string(kModel) +
+                                           ", float, dropless, Mode::train (Decode: eval)");
+  const double stack_mib = kDecodeLayers * static_cast<double>(kDecodeShape.experts) *
+                           expert_bytes(kDecodeShape.config(), DecodeLayer::kInputWidth) /
+                           (1 << 20);
+  benchmark::AddCustomContext("decode_stack", std::to_string(kDecodeLayers) + " layers, " +
+                                                  std::to_string(std::lround(stack_mib)) +
+                                                  " MiB of expert weights");
+  if (g_quick)
+    benchmark::AddCustomContext("quick", "1 iteration per row: smoke test, not a measurement");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-#if defined(_OPENMP)
-  benchmark::AddCustomContext("omp_max_threads", std::to_string(omp_get_max_threads()));
-#else
-  benchmark::AddCustomContext("omp_max_threads", "1 (built without OpenMP)");
-#endif
-  benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
-  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
-#if defined(EIGEN_VECTORIZE)
-  benchmark::AddCustomContext("eigen_vectorize", "on");
-#else
-  benchmark::AddCustomContext("eigen_vectorize", "off");
-#endif
-  benchmark::AddCustomContext("shape", "T=" + std::to_string(kTokens) + " d_model=" +
-                                           std::to_string(kModel) + " d_ff=" +
-                                           std::to_string(kHidden) + " E=" +
-                                           std::to_string(kExperts));
-  register_pair<moe::act::GELU, false>();
-  register_pair<moe::act::GELU, true>();
-  register_pair<moe::act::SwiGLU, false>();
-  register_pair<moe::act::SwiGLU, true>();
+  // --quick is ours; Google Benchmark must not see it.
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      g_quick = true;
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  add_context();
+  register_all();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -131,7 +131,7 @@ class Backend {
   template <class S>
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
-    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/true);
+    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/true, kMinTiles);
     blas::SerialScope serial;
     parallel_for(
         static_cast<Index>(tiles.size()),
@@ -150,7 +150,7 @@ class Backend {
   template <class S>
   void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a, const S* b,
                        S* w, Index w_stride) const {
-    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/false);
+    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/false, kMinWeightGradientTiles);
     blas::SerialScope serial;
     parallel_for(
         static_cast<Index>(tiles.size()),
@@ -164,11 +164,18 @@ class Backend {
 
   // Tiling: rows of an expert in near-equal tiles of at most kTileRows (big
   // enough that a BLAS amortises packing B, small enough to balance the
-  // threads), then, while there are fewer than kMinTiles tiles (decode
-  // batches, one busy expert), columns in near-equal tiles that are a
-  // multiple of kColumnAlign wide so that both threads stream weights.
+  // threads), then, while there are fewer than a minimum of tiles, columns in
+  // near-equal tiles that are a multiple of kColumnAlign wide.
+  // - kMinTiles = 2 for the products that read the weights row by row: a
+  //   column tile reads part of every 4 KiB page of a row-major weight, which
+  //   defeats the hardware prefetcher, so decode batches (a few rows per
+  //   expert) are split over experts first and halved at most.
+  // - kMinWeightGradientTiles = 16 for the weight gradients, which cannot split
+  //   rows (their sum) and are compute-bound: enough tiles to balance the
+  //   threads when E is small.
   static constexpr Index kTileRows = 512;
-  static constexpr Index kMinTiles = 16;
+  static constexpr Index kMinTiles = 2;
+  static constexpr Index kMinWeightGradientTiles = 16;
   static constexpr Index kColumnAlign = 64;
 
   // offsets[0] = 0, offsets[i + 1] = offsets[i] + counts[i] (an exclusive scan
@@ -252,8 +259,8 @@ class Backend {
 
   // Work items for a grouped product; reuses its storage (no allocation once
   // the largest routing has been seen).
-  const std::vector<Tile>& plan_tiles(const std::vector<Index>& offsets, Index n,
-                                      bool split_rows) const {
+  const std::vector<Tile>& plan_tiles(const std::vector<Index>& offsets, Index n, bool split_rows,
+                                      Index min_tiles) const {
     auto& tiles = tile_scratch_;
     tiles.clear();
     const Index E = static_cast<Index>(offsets.size()) - 1;
@@ -264,7 +271,7 @@ class Backend {
     }
     if (row_tiles == 0) return tiles;
     const Index max_col_tiles = std::max<Index>(1, n / kColumnAlign);
-    const Index col_tiles = std::min(max_col_tiles, (kMinTiles + row_tiles - 1) / row_tiles);
+    const Index col_tiles = std::min(max_col_tiles, (min_tiles + row_tiles - 1) / row_tiles);
     const Index col_width = (n / col_tiles + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
     tiles.reserve(static_cast<std::size_t>(row_tiles * col_tiles));
     for (Index e = 0; e < E; ++e) {
