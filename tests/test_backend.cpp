@@ -120,12 +120,13 @@ TEST_CASE("gemm: an empty sum scales C by beta, empty outputs touch nothing") {
 TEST_CASE_TEMPLATE("grouped products match per-expert naive products", S, float, double) {
   // Rows per expert: empty experts, skinny ones, one split into row tiles
   // (> kTileRows), and decode-like batches that are split by columns.
+  // {100}: one row tile above the skinny kernel, split by columns.
   const std::vector<std::vector<Index>> loads = {
-      {0, 3, 0, 1200, 8, 9, 0}, {1, 0, 0, 0}, {2, 1}, {0, 0, 0}, {600}};
+      {0, 3, 0, 1200, 8, 9, 0}, {1, 0, 0, 0}, {2, 1}, {0, 0, 0}, {600}, {100}};
   for (const cpu::Gemm engine : engines())
     for (const int threads : {1, 2})
       for (const auto& load : loads)
-        for (const Index n : {Index{3}, Index{200}})
+        for (const Index n : {Index{3}, Index{129}, Index{200}})
           for (int tb = 0; tb < 2; ++tb) {
             const std::string engine_name = cpu::to_string(engine);
             CAPTURE(engine_name);

@@ -155,8 +155,9 @@ TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs, for e
                    Act, act::GELU, act::SwiGLU) {
   LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 8, .dropout = 0.1, .capacity_factor = 1.05};
   router::TopK topk{.k = 2, .bias = true, .z_coef = 0.001};
-  // Enough rows that every expert spans several row tiles of the backend.
-  const Index T = 2 * cpu::Backend<float>::kTileRows * 8 / 2 + 300;
+  // Enough rows that experts span several row tiles of the backend: T k / E
+  // = T / 4 rows per expert on average, above kTileRows.
+  const Index T = 4 * cpu::Backend<float>::kTileRows + 300;
   const auto x = random_matrix<float>(T, 32, 8), dy = random_matrix<float>(T, 32, 9);
   std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
   if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);

@@ -230,8 +230,9 @@ class Layer {
             }
             if (derivatives) {
               for (Index j = 0; j < h; ++j) {
-                const Scalar m =
-                    rate > 0 ? (keeps(key, row_pair[r], j, rate) ? keep_scale : 0) : Scalar(1);
+                const Scalar m = rate > 0
+                                     ? (keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0))
+                                     : Scalar(1);
                 if constexpr (Activation::kGated) {
                   Scalar d_gate, d_up;
                   hr[j] = m * value_and_partials(pr[j], pr[h + j], d_gate, d_up);

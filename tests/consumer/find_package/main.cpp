@@ -26,6 +26,11 @@ int main() {
   layer.backward(x, cache, dy, dx, grads);
 
   bool ok = y.allFinite() && dx.allFinite() && std::isfinite(cache.stats().aux_loss);
+  // moe::moe's usage requirements carry the BLAS: the layer must run on it.
+  const bool on_blas = layer.backend().gemm_engine() == moe::cpu::Gemm::blas;
+  ok = ok && on_blas == (MOE_CONSUMER_EXPECT_BLAS != 0);
+  std::printf("moe consumer: GEMM engine %s (BLAS: %s)\n",
+              moe::cpu::to_string(layer.backend().gemm_engine()), moe::cpu::blas_info().c_str());
 #ifdef MOE_CONSUMER_IO
   // The layer through an in-memory safetensors file into a differently seeded one.
   moe::io::SafetensorsWriter writer;

@@ -90,10 +90,9 @@ class Backend {
     }
     if constexpr (blas::kHasGemm<S>) {  // compiled only where the BLAS has this type
       if (gemm_ == Gemm::blas) {
-        detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
-                        "moe::cpu::Backend::gemm: a size or stride above INT_MAX (m=", m, ", n=", n,
-                        ", k=", k, "), expected what a CBLAS can index");
+        check_blas_sizes(m, n, k, lda, ldb, ldc);
         blas::SerialScope serial;
+        SerialOpenMP serial_icv;  // an OpenMP OpenBLAS threads by this thread's ICV
         blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
       }
@@ -109,7 +108,9 @@ class Backend {
   void gemm_rows(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
                  const S* b, Index ldb, S beta, S* c, Index ldc) const {
     const Index tiles = (m + kRowTile - 1) / kRowTile;
-    blas::SerialScope serial;  // one scope for the whole loop, not one per tile
+    check_blas_sizes(std::min(m, kRowTile), n, k, lda, ldb, ldc);  // not inside the region
+    const blas::SerialScope serial(gemm_ ==
+                                   Gemm::blas);  // one scope for the whole loop, not one per tile
     parallel_for(
         tiles,
         [&](Index tile) {
@@ -132,7 +133,8 @@ class Backend {
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
     const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/true, kMinTiles);
-    blas::SerialScope serial;
+    check_blas_sizes(kTileRows, n, k, k, trans_b ? k : n, n);  // not inside the region
+    const blas::SerialScope serial(gemm_ == Gemm::blas);
     parallel_for(
         static_cast<Index>(tiles.size()),
         [&](Index i) {
@@ -151,7 +153,8 @@ class Backend {
   void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a, const S* b,
                        S* w, Index w_stride) const {
     const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/false, kMinWeightGradientTiles);
-    blas::SerialScope serial;
+    check_blas_sizes(k, n, offsets.back(), k, n, n);  // not inside the region
+    const blas::SerialScope serial(gemm_ == Gemm::blas);
     parallel_for(
         static_cast<Index>(tiles.size()),
         [&](Index i) {
@@ -249,6 +252,15 @@ class Backend {
     Index expert, row, rows, col, cols;
   };
 
+  // CBLAS takes int sizes. Checked before a parallel region: an exception
+  // must not leave an OpenMP region (that would terminate the program).
+  void check_blas_sizes(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) const {
+    if (gemm_ != Gemm::blas) return;
+    detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
+                    "moe::cpu::Backend: a GEMM size or stride above INT_MAX (m=", m, ", n=", n,
+                    ", k=", k, "), expected what a CBLAS can index");
+  }
+
   static Gemm resolve(Gemm gemm) {
     detail::require(gemm != Gemm::blas || blas::kAvailable,
                     "moe::cpu::Backend: gemm=blas, expected automatic or eigen (this build has no "
@@ -272,7 +284,11 @@ class Backend {
     if (row_tiles == 0) return tiles;
     const Index max_col_tiles = std::max<Index>(1, n / kColumnAlign);
     const Index col_tiles = std::min(max_col_tiles, (min_tiles + row_tiles - 1) / row_tiles);
-    const Index col_width = (n / col_tiles + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    // Column boundary i: n i / col_tiles rounded down to kColumnAlign (the
+    // last one is n), so tiles differ by at most kColumnAlign columns.
+    const auto boundary = [&](Index i) {
+      return i == col_tiles ? n : n * i / col_tiles / kColumnAlign * kColumnAlign;
+    };
     tiles.reserve(static_cast<std::size_t>(row_tiles * col_tiles));
     for (Index e = 0; e < E; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
@@ -280,8 +296,8 @@ class Backend {
       const Index parts = split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
       for (Index p = 0; p < parts; ++p) {
         const Index r0 = begin + rows * p / parts, r1 = begin + rows * (p + 1) / parts;
-        for (Index c0 = 0; c0 < n; c0 += col_width)
-          tiles.push_back({e, r0, r1 - r0, c0, std::min(col_width, n - c0)});
+        for (Index c = 0; c < col_tiles; ++c)
+          tiles.push_back({e, r0, r1 - r0, boundary(c), boundary(c + 1) - boundary(c)});
       }
     }
     return tiles;
@@ -290,6 +306,7 @@ class Backend {
   // C = beta C (the product of an empty sum).
   template <class S>
   static void scale(Index m, Index n, S beta, S* c, Index ldc) {
+    if (beta == S(1)) return;
     for (Index i = 0; i < m; ++i)
       for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == S(0) ? S(0) : beta * c[i * ldc + j];
   }

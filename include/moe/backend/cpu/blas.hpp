@@ -75,16 +75,28 @@ void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const 
 // For its lifetime, OpenBLAS runs every GEMM on the thread that calls it.
 // The backend splits work over its own OpenMP threads in tiles that do not
 // depend on the thread count, so a BLAS that threaded each tile again would
-// oversubscribe the cores and change nothing but the speed. OpenBLAS's
-// thread count is process-wide: another thread calling OpenBLAS meanwhile
-// also runs serially. Nested scopes are no-ops. Other BLASes are expected
-// to be serial (netlib) or set to one thread by the user.
+// oversubscribe the cores and change nothing but the speed.
+// - pthread OpenBLAS: its thread count is process-wide, so it is set to 1 for
+//   the scope and restored after it. Another thread calling OpenBLAS
+//   meanwhile also runs serially, and two scopes on two threads can
+//   interleave their restores, which costs speed, never results (OpenBLAS
+//   splits C, never the sum). Nested scopes are no-ops.
+// - OpenMP OpenBLAS: nothing to do here. It is serial inside a parallel
+//   region, and its thread count is the caller's OpenMP ICV, which Backend
+//   sets per thread around a product (setting it here would also change the
+//   ICV of the thread that opens the region).
+// - Other BLASes are expected to be serial (netlib) or set to one thread by
+//   the user.
 class SerialScope {
  public:
-  SerialScope() {
+  // active = false: a no-op (the Eigen engine needs no scope).
+  explicit SerialScope(bool active = true) {
 #if defined(MOE_HAVE_OPENBLAS)
+    if (!active || openblas_get_parallel() != 1) return;  // 1: pthreads
     saved_ = openblas_get_num_threads();
     if (saved_ != 1) openblas_set_num_threads(1);
+#else
+    (void)active;
 #endif
   }
   ~SerialScope() {
