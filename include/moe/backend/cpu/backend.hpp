@@ -316,19 +316,26 @@ class Backend {
   template <class S>
   static void skinny_gemm(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
                           const S* b, Index ldb, S beta, S* c, Index ldc) {
-    using Row = Eigen::Matrix<S, 1, Eigen::Dynamic>;
-    using RowMap = Eigen::Map<Row>;
-    using ConstRowMap = Eigen::Map<const Row>;
+    using ConstRowMap = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>;
     scale(m, n, beta, c, ldc);
     if (!trans_b) {
-      // C_i += alpha a_ip B_p for p in order, over column blocks that stay in L1.
-      for (Index j0 = 0; j0 < n; j0 += kSkinnyColumns) {
-        const Index cols = std::min(kSkinnyColumns, n - j0);
-        for (Index p = 0; p < k; ++p) {
-          const ConstRowMap bp(b + p * ldb + j0, cols);
-          for (Index i = 0; i < m; ++i)
-            RowMap(c + i * ldc + j0, cols) += (alpha * a[i * lda + p]) * bp;
-        }
+      switch (m) {  // the row count as a compile-time constant: accumulators in registers
+        case 1:
+          return skinny_rows<1>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        case 2:
+          return skinny_rows<2>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        case 3:
+          return skinny_rows<3>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        case 4:
+          return skinny_rows<4>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        case 5:
+          return skinny_rows<5>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        case 6:
+          return skinny_rows<6>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        case 7:
+          return skinny_rows<7>(n, k, alpha, a, lda, b, ldb, c, ldc);
+        default:
+          return skinny_rows<8>(n, k, alpha, a, lda, b, ldb, c, ldc);
       }
     } else {
       // C_ij += alpha <A_i, B_j>: B's rows are read once, A's stay cached.
@@ -339,7 +346,48 @@ class Backend {
     }
   }
 
-  static constexpr Index kSkinnyColumns = 512;
+  // C (M, n) += alpha A (M, k) B (k, n), M <= kSkinnyRows, in chunks of
+  // kSkinnyDepth rows of B. Inside a chunk, each block of columns keeps its
+  // M x block accumulators in SIMD registers across the chunk, so C is read
+  // and written once per chunk, not once per row of B; the chunk's rows of B
+  // are read whole, row after row (contiguous streams the prefetcher
+  // follows). Each element still sums over p in order: deterministic.
+  template <int M, class S>
+  static void skinny_rows(Index n, Index k, S alpha, const S* a, Index lda, const S* b, Index ldb,
+                          S* c, Index ldc) {
+    using Packet = typename Eigen::internal::packet_traits<S>::type;
+    constexpr Index kLanes = Eigen::internal::packet_traits<S>::size;
+    constexpr int kPackets = M <= 4 ? 4 : 2;  // per row: M * kPackets registers
+    constexpr Index kBlock = kLanes * kPackets;
+    namespace ei = Eigen::internal;
+    for (Index p0 = 0; p0 < k; p0 += kSkinnyDepth) {
+      const Index p1 = std::min(k, p0 + kSkinnyDepth);
+      Index j0 = 0;
+      for (; j0 + kBlock <= n; j0 += kBlock) {
+        Packet acc[M][kPackets];
+        for (int i = 0; i < M; ++i)
+          for (int v = 0; v < kPackets; ++v)
+            acc[i][v] = ei::ploadu<Packet>(c + i * ldc + j0 + v * kLanes);
+        for (Index p = p0; p < p1; ++p) {
+          const S* bp = b + p * ldb + j0;
+          Packet bv[kPackets];
+          for (int v = 0; v < kPackets; ++v) bv[v] = ei::ploadu<Packet>(bp + v * kLanes);
+          for (int i = 0; i < M; ++i) {
+            const Packet ai = ei::pset1<Packet>(alpha * a[i * lda + p]);
+            for (int v = 0; v < kPackets; ++v) acc[i][v] = ei::pmadd(ai, bv[v], acc[i][v]);
+          }
+        }
+        for (int i = 0; i < M; ++i)
+          for (int v = 0; v < kPackets; ++v) ei::pstoreu(c + i * ldc + j0 + v * kLanes, acc[i][v]);
+      }
+      for (; j0 < n; ++j0)  // the last columns, one at a time, in the same order
+        for (Index p = p0; p < p1; ++p)
+          for (int i = 0; i < M; ++i)
+            c[i * ldc + j0] = ei::pmadd(alpha * a[i * lda + p], b[p * ldb + j0], c[i * ldc + j0]);
+    }
+  }
+
+  static constexpr Index kSkinnyDepth = 16;
 
   // Eigen's GEMM on this thread. Eigen threads a large product unless the
   // calling thread's OpenMP team is larger than one or its nthreads ICV is 1,
