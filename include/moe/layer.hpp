@@ -229,19 +229,26 @@ class Layer {
               for (Index j = 0; j < h; ++j) pr[j] += be[j];
             }
             if (derivatives) {
+              // Value and derivative in place; the loop has no branch, so it
+              // vectorises (float's erfc and exp are plain arithmetic).
               for (Index j = 0; j < h; ++j) {
-                const Scalar m = rate > 0
-                                     ? (keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0))
-                                     : Scalar(1);
                 if constexpr (Activation::kGated) {
                   Scalar d_gate, d_up;
-                  hr[j] = m * value_and_partials(pr[j], pr[h + j], d_gate, d_up);
-                  pr[j] = m * d_gate;
-                  pr[h + j] = m * d_up;
+                  hr[j] = value_and_partials(pr[j], pr[h + j], d_gate, d_up);
+                  pr[j] = d_gate;
+                  pr[h + j] = d_up;
                 } else {
                   Scalar derivative;
-                  hr[j] = m * value_and_derivative(pr[j], derivative);
-                  pr[j] = m * derivative;
+                  hr[j] = value_and_derivative(pr[j], derivative);
+                  pr[j] = derivative;
+                }
+              }
+              if (rate > 0) {  // the dropout factor, on the value and the derivative
+                for (Index j = 0; j < h; ++j) {
+                  const Scalar m = keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
+                  hr[j] *= m;
+                  pr[j] *= m;
+                  if constexpr (Activation::kGated) pr[h + j] *= m;
                 }
               }
               return;
