@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "moe/backend/cpu/blas.hpp"
@@ -319,24 +320,12 @@ class Backend {
     using ConstRowMap = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>;
     scale(m, n, beta, c, ldc);
     if (!trans_b) {
-      switch (m) {  // the row count as a compile-time constant: accumulators in registers
-        case 1:
-          return skinny_rows<1>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        case 2:
-          return skinny_rows<2>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        case 3:
-          return skinny_rows<3>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        case 4:
-          return skinny_rows<4>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        case 5:
-          return skinny_rows<5>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        case 6:
-          return skinny_rows<6>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        case 7:
-          return skinny_rows<7>(n, k, alpha, a, lda, b, ldb, c, ldc);
-        default:
-          return skinny_rows<8>(n, k, alpha, a, lda, b, ldb, c, ldc);
-      }
+      // The row count as a compile-time constant (accumulators in registers):
+      // the one M in 1..kSkinnyRows that equals m.
+      const auto run_rows = [&]<int... M>(std::integer_sequence<int, M...>) {
+        ((m == M + 1 && (skinny_rows<M + 1>(n, k, alpha, a, lda, b, ldb, c, ldc), true)) || ...);
+      };
+      run_rows(std::make_integer_sequence<int, static_cast<int>(kSkinnyRows)>{});
     } else {
       // C_ij += alpha <A_i, B_j>: B's rows are read once, A's stay cached.
       for (Index j = 0; j < n; ++j) {
