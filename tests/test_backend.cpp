@@ -69,10 +69,12 @@ TEST_CASE_TEMPLATE("gemm matches a naive product for every engine, transpose, be
   for (const cpu::Gemm engine : engines()) {
     const cpu::Backend<S> be(1, engine);
     CHECK(be.gemm_engine() == engine);
-    for (const auto& [m, n, k] : shapes)
+    for (const Shape& shape : shapes)
       for (int ta = 0; ta < 2; ++ta)
         for (int tb = 0; tb < 2; ++tb)
           for (const S beta : {S(0), S(1), S(-0.5)}) {
+            const Index m = shape.m, n = shape.n,
+                        k = shape.k;  // (clang 14 cannot capture bindings)
             const std::string engine_name = cpu::to_string(engine);
             CAPTURE(engine_name);
             CAPTURE(m);

@@ -323,7 +323,8 @@ class Backend {
       // The row count as a compile-time constant (accumulators in registers):
       // the one M in 1..kSkinnyRows that equals m.
       const auto run_rows = [&]<int... M>(std::integer_sequence<int, M...>) {
-        ((m == M + 1 && (skinny_rows<M + 1>(n, k, alpha, a, lda, b, ldb, c, ldc), true)) || ...);
+        (void)((m == M + 1 && (skinny_rows<M + 1>(n, k, alpha, a, lda, b, ldb, c, ldc), true)) ||
+               ...);
       };
       run_rows(std::make_integer_sequence<int, static_cast<int>(kSkinnyRows)>{});
     } else {
