@@ -104,6 +104,44 @@ TEST_CASE_TEMPLATE("gemm matches a naive product for every engine, transpose, be
   }
 }
 
+// The skinny kernel for every row count, with column counts on both sides of
+// every SIMD block width (4 to 64 floats) and depths on both sides of its
+// chunk: against the naive product, and bitwise against a loop that sums
+// each element in the same order (p ascending, alpha a_ip times b_pj, fused
+// like Eigen's pmadd), which pins down its determinism.
+TEST_CASE_TEMPLATE("skinny kernel: every m <= kSkinnyRows, block and chunk edges, in order", S,
+                   float, double) {
+  const cpu::Backend<S> be(1, cpu::Gemm::eigen);
+  constexpr Index kMaxRows = cpu::Backend<S>::kSkinnyRows;
+  for (Index m = 1; m <= kMaxRows; ++m)
+    for (const Index n : {1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 131})
+      for (const Index k : {1, 15, 16, 17, 40})
+        for (const S beta : {S(0), S(1), S(-0.5)}) {
+          CAPTURE(m);
+          CAPTURE(n);
+          CAPTURE(k);
+          CAPTURE(beta);
+          const S alpha = S(0.75);
+          const auto a = random_vector<S>(m * k, 11), b = random_vector<S>(k * n, 12);
+          auto c = random_vector<S>(m * n, 13);
+          auto in_order = c, expected = c;
+          be.gemm(false, false, m, n, k, alpha, a.data(), k, b.data(), n, beta, c.data(), n);
+          reference_gemm<S>(false, false, m, n, k, alpha, a.data(), k, b.data(), n, beta,
+                            expected.data(), n);
+          CHECK(relative_error(c, expected) < tolerance<S>());
+          for (Index i = 0; i < m; ++i)
+            for (Index j = 0; j < n; ++j) {
+              S sum = beta == S(0)
+                          ? S(0)
+                          : (beta == S(1) ? in_order[i * n + j] : beta * in_order[i * n + j]);
+              for (Index p = 0; p < k; ++p)
+                sum = Eigen::internal::pmadd(alpha * a[i * k + p], b[p * n + j], sum);
+              in_order[i * n + j] = sum;
+            }
+          CHECK(std::memcmp(c.data(), in_order.data(), c.size() * sizeof(S)) == 0);
+        }
+}
+
 TEST_CASE("gemm: an empty sum scales C by beta, empty outputs touch nothing") {
   for (const cpu::Gemm engine : engines()) {
     const cpu::Backend<float> be(1, engine);

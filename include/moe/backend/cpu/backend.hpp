@@ -26,6 +26,13 @@
 
 namespace moe::cpu {
 
+// The SIMD registers of the target, as Eigen's packet code counts them.
+#if defined(EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS)
+inline constexpr int kVectorRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+#else
+inline constexpr int kVectorRegisters = 16;
+#endif
+
 template <class T>
 class Backend {
  public:
@@ -313,7 +320,7 @@ class Backend {
   }
 
   // Few rows: stream B once, each element of B used for every row of A while
-  // it is in registers or L1. Eigen vectorises the row operations.
+  // it is in registers (skinny_rows) or L1 (the dot products for trans_b).
   template <class S>
   static void skinny_gemm(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
                           const S* b, Index ldb, S beta, S* c, Index ldc) {
@@ -339,15 +346,17 @@ class Backend {
   // C (M, n) += alpha A (M, k) B (k, n), M <= kSkinnyRows, in chunks of
   // kSkinnyDepth rows of B. Inside a chunk, each block of columns keeps its
   // M x block accumulators in SIMD registers across the chunk, so C is read
-  // and written once per chunk, not once per row of B; the chunk's rows of B
-  // are read whole, row after row (contiguous streams the prefetcher
-  // follows). Each element still sums over p in order: deterministic.
+  // and written once per chunk, not once per row of B; the column blocks
+  // walk the chunk's 16 rows of B left to right (16 contiguous streams the
+  // prefetcher follows). Each element still sums over p in order.
   template <int M, class S>
   static void skinny_rows(Index n, Index k, S alpha, const S* a, Index lda, const S* b, Index ldb,
                           S* c, Index ldc) {
     using Packet = typename Eigen::internal::packet_traits<S>::type;
     constexpr Index kLanes = Eigen::internal::packet_traits<S>::size;
-    constexpr int kPackets = M <= 4 ? 4 : 2;  // per row: M * kPackets registers
+    // Packets per row so that M rows of accumulators, one row of B and the
+    // broadcast fit the vector registers (16 for SSE/AVX2, 32 for AVX-512).
+    constexpr int kPackets = std::clamp((kVectorRegisters - 1) / (M + 1), 1, 4);
     constexpr Index kBlock = kLanes * kPackets;
     namespace ei = Eigen::internal;
     for (Index p0 = 0; p0 < k; p0 += kSkinnyDepth) {
