@@ -168,7 +168,8 @@ TEST_CASE("the finite-difference check detects a wrong gradient") {
 TEST_CASE_TEMPLATE("aux and z-loss gradients alone match finite differences", Act, act::GELU,
                    act::SwiGLU) {
   for (int normalization = 0; normalization < 3; ++normalization) {
-    for (const auto& [aux, z] : {std::pair{1.0, 0.0}, std::pair{0.0, 1.0}, std::pair{0.5, 0.5}}) {
+    for (const auto& coefs : {std::pair{1.0, 0.0}, std::pair{0.0, 1.0}, std::pair{0.5, 0.5}}) {
+      const double aux = coefs.first, z = coefs.second;  // clang 14 cannot capture bindings
       CAPTURE(normalization);
       CAPTURE(aux);
       CAPTURE(z);

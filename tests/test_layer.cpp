@@ -333,8 +333,10 @@ TEST_CASE("initialisation follows the documented distributions") {
   CHECK(std::abs(router[0]) < 0.01);
   CHECK(router[1] == doctest::Approx(std::sqrt(2.0 / (5.0 * d))).epsilon(0.05));
   // U(-b, b) has standard deviation b / sqrt(3) and never exceeds b.
-  for (const auto& [name, fan_in] : {std::pair{"experts.w1", d}, std::pair{"experts.b1", d},
-                                     std::pair{"experts.w2", h}, std::pair{"experts.b2", h}}) {
+  for (const auto& tensor : {std::pair{"experts.w1", d}, std::pair{"experts.b1", d},
+                             std::pair{"experts.w2", h}, std::pair{"experts.b2", h}}) {
+    const char* name = tensor.first;  // not a binding: clang 14 cannot capture those
+    const auto fan_in = tensor.second;
     CAPTURE(name);
     const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
     const auto m = moments(p[name]);
