@@ -229,8 +229,8 @@ class Layer {
               for (Index j = 0; j < h; ++j) pr[j] += be[j];
             }
             if (derivatives) {
-              // Value and derivative in place; the loop has no branch, so it
-              // vectorises (float's erfc and exp are plain arithmetic).
+              // Value and derivative in place; the dropout factor, when there
+              // is one, in a second loop, so this one has no branch per element.
               for (Index j = 0; j < h; ++j) {
                 if constexpr (Activation::kGated) {
                   Scalar d_gate, d_up;

@@ -22,11 +22,6 @@ struct ReLU {
   MOE_HOST_DEVICE static S derivative(S u) {
     return math::relu_derivative(u);
   }
-  template <class S>
-  MOE_HOST_DEVICE static S value_and_derivative(S u, S& derivative) {
-    derivative = math::relu_derivative(u);
-    return math::relu(u);
-  }
 };
 
 // E(x) = W2 gelu(W1 x + b1) + b2, exact (erf) GELU.

@@ -117,8 +117,8 @@ class Backend {
                  const S* b, Index ldb, S beta, S* c, Index ldc) const {
     const Index tiles = (m + kRowTile - 1) / kRowTile;
     check_blas_sizes(std::min(m, kRowTile), n, k, lda, ldb, ldc);  // not inside the region
-    const blas::SerialScope serial(gemm_ ==
-                                   Gemm::blas);  // one scope for the whole loop, not one per tile
+    // One serial-BLAS scope for the whole loop, not one per tile.
+    const blas::SerialScope serial(gemm_ == Gemm::blas);
     parallel_for(
         tiles,
         [&](Index tile) {
@@ -284,11 +284,11 @@ class Backend {
     auto& tiles = tile_scratch_;
     tiles.clear();
     const Index E = static_cast<Index>(offsets.size()) - 1;
+    const auto row_parts = [&](Index rows) {  // an expert's row tiles
+      return rows == 0 ? 0 : split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
+    };
     Index row_tiles = 0;
-    for (Index e = 0; e < E; ++e) {
-      const Index rows = offsets[e + 1] - offsets[e];
-      if (rows > 0) row_tiles += split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
-    }
+    for (Index e = 0; e < E; ++e) row_tiles += row_parts(offsets[e + 1] - offsets[e]);
     if (row_tiles == 0) return tiles;
     const Index max_col_tiles = std::max<Index>(1, n / kColumnAlign);
     const Index col_tiles = std::min(max_col_tiles, (min_tiles + row_tiles - 1) / row_tiles);
@@ -300,8 +300,7 @@ class Backend {
     tiles.reserve(static_cast<std::size_t>(row_tiles * col_tiles));
     for (Index e = 0; e < E; ++e) {
       const Index begin = offsets[e], rows = offsets[e + 1] - begin;
-      if (rows == 0) continue;
-      const Index parts = split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
+      const Index parts = row_parts(rows);
       for (Index p = 0; p < parts; ++p) {
         const Index r0 = begin + rows * p / parts, r1 = begin + rows * (p + 1) / parts;
         for (Index c = 0; c < col_tiles; ++c)
