@@ -111,4 +111,12 @@ std::vector<GradientReport> check_gradients(const Layer& layer, const Mat<double
   return reports;
 }
 
+// The CPU backend's GEMM engines this build has: Eigen, and the BLAS when
+// the build found one.
+inline std::vector<cpu::Gemm> gemm_engines() {
+  std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
+  if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
+  return engines;
+}
+
 }  // namespace moe::test

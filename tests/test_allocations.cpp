@@ -121,12 +121,6 @@ void check_steady_state(const Router& router, const Estimator& estimator, cpu::G
   CHECK(allocations_in([&] { layer.forward(x, y, cache, Mode::eval); }) == 0);
 }
 
-std::vector<cpu::Gemm> engines() {
-  std::vector<cpu::Gemm> out{cpu::Gemm::eigen};
-  if (cpu::blas::kAvailable) out.push_back(cpu::Gemm::blas);
-  return out;
-}
-
 }  // namespace
 
 TEST_CASE("the counting hooks see allocations") {
@@ -142,7 +136,7 @@ TEST_CASE("the counting hooks see allocations") {
 }
 
 TEST_CASE("a steady-state training step allocates nothing, for every router and estimator") {
-  for (const cpu::Gemm engine : engines())
+  for (const cpu::Gemm engine : gemm_engines())
     for (const int threads : {1, 2}) {
       check_steady_state(router::TopK{.k = 2}, estimator::Sparse{}, engine, threads);
       check_steady_state(router::TopK{.k = 2}, estimator::DefaultEMA{}, engine, threads);

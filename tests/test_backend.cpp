@@ -13,12 +13,6 @@ using namespace moe::test;
 
 namespace {
 
-std::vector<cpu::Gemm> engines() {
-  std::vector<cpu::Gemm> out{cpu::Gemm::eigen};
-  if (cpu::blas::kAvailable) out.push_back(cpu::Gemm::blas);
-  return out;
-}
-
 template <class S>
 std::vector<S> random_vector(Index n, std::uint64_t seed) {
   std::vector<S> v(static_cast<std::size_t>(n));
@@ -66,7 +60,7 @@ TEST_CASE_TEMPLATE("gemm matches a naive product for every engine, transpose, be
   };
   // Skinny (m <= 8), just above it, and a product with several Eigen/BLAS blocks.
   const Shape shapes[] = {{1, 7, 5}, {3, 1, 9}, {8, 70, 33}, {9, 70, 33}, {40, 130, 300}};
-  for (const cpu::Gemm engine : engines()) {
+  for (const cpu::Gemm engine : gemm_engines()) {
     const cpu::Backend<S> be(1, engine);
     CHECK(be.gemm_engine() == engine);
     for (const Shape& shape : shapes)
@@ -143,7 +137,7 @@ TEST_CASE_TEMPLATE("skinny kernel: every m <= kSkinnyRows, block and chunk edges
 }
 
 TEST_CASE("gemm: an empty sum scales C by beta, empty outputs touch nothing") {
-  for (const cpu::Gemm engine : engines()) {
+  for (const cpu::Gemm engine : gemm_engines()) {
     const cpu::Backend<float> be(1, engine);
     std::vector<float> c{1, 2, 3, 4}, a{9}, b{9};
     be.gemm(false, false, 2, 2, 0, 1.0f, a.data(), 1, b.data(), 2, 0.5f, c.data(), 2);
@@ -163,7 +157,7 @@ TEST_CASE_TEMPLATE("grouped products match per-expert naive products", S, float,
   // {100}: one row tile above the skinny kernel, split by columns.
   const std::vector<std::vector<Index>> loads = {
       {0, 3, 0, 1200, 8, 9, 0}, {1, 0, 0, 0}, {2, 1}, {0, 0, 0}, {600}, {100}};
-  for (const cpu::Gemm engine : engines())
+  for (const cpu::Gemm engine : gemm_engines())
     for (const int threads : {1, 2})
       for (const auto& load : loads)
         for (const Index n : {Index{3}, Index{129}, Index{200}})
@@ -208,7 +202,7 @@ TEST_CASE("grouped products are bitwise identical for 1 and 2 threads") {
   const Index n = 300, k = 64, E = 4;
   const auto a = random_vector<float>(offsets.back() * k, 1);
   const auto b = random_vector<float>(E * k * n, 2);
-  for (const cpu::Gemm engine : engines()) {
+  for (const cpu::Gemm engine : gemm_engines()) {
     const std::string engine_name = cpu::to_string(engine);
     CAPTURE(engine_name);
     std::vector<float> c1(static_cast<std::size_t>(offsets.back() * n)), c2 = c1;

@@ -114,9 +114,7 @@ void check_case(const Case& c, int normalization, cpu::Gemm engine) {
 TEST_CASE_TEMPLATE("backward matches central finite differences", Act, act::ReLU, act::GELU,
                    act::SwiGLU) {
   const char* names[] = {"plain softmax", "renormalize", "softmax_over_selected"};
-  std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
-  if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
-  for (const cpu::Gemm engine : engines) {
+  for (const cpu::Gemm engine : gemm_engines()) {
     for (int normalization = 0; normalization < 3; ++normalization) {
       for (const Case& c : kCases) {
         const std::string engine_name = cpu::to_string(engine);

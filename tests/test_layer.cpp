@@ -151,6 +151,21 @@ TEST_CASE_TEMPLATE("float agrees with double", Act, act::ReLU, act::GELU, act::S
   CHECK(rf.stats.aux_loss == doctest::Approx(rd.stats.aux_loss).epsilon(1e-5));
 }
 
+// A training forward computes the activation with its derivative (one fused
+// call), an eval forward the value alone: without dropout both give the same
+// bits.
+TEST_CASE_TEMPLATE("training and eval forwards agree bitwise without dropout", Act, act::ReLU,
+                   act::GELU, act::SwiGLU) {
+  const auto x = random_matrix<float>(300, 16, 4);
+  TopKLayer<Act, float> layer({.d_model = 16, .d_ff = 24, .experts = 4}, router::TopK{.k = 2}, {},
+                              6);
+  Mat<float> y_train(300, 16), y_eval(300, 16);
+  typename TopKLayer<Act, float>::Cache c1, c2;
+  layer.forward(x, y_train, c1, Mode::train);
+  layer.forward(x, y_eval, c2, Mode::eval);
+  CHECK(std::memcmp(y_train.data(), y_eval.data(), sizeof(float) * y_train.size()) == 0);
+}
+
 TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs, for each GEMM engine",
                    Act, act::GELU, act::SwiGLU) {
   LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 8, .dropout = 0.1, .capacity_factor = 1.05};
@@ -159,9 +174,7 @@ TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs, for e
   // = T / 4 rows per expert on average, above kTileRows.
   const Index T = 4 * cpu::Backend<float>::kTileRows + 300;
   const auto x = random_matrix<float>(T, 32, 8), dy = random_matrix<float>(T, 32, 9);
-  std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
-  if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
-  for (const cpu::Gemm engine : engines) {
+  for (const cpu::Gemm engine : gemm_engines()) {
     const std::string engine_name = cpu::to_string(engine);
     CAPTURE(engine_name);
     TopKLayer<Act, float> one(cfg, topk, {}, 5, cpu::Backend<float>(1, engine));
