@@ -31,6 +31,73 @@
 
 namespace moe {
 
+namespace detail {
+
+// The layer's element-wise steps that are not per-token math: free functions
+// because nvcc's device lambdas cannot live in private member functions.
+
+// Each token's first selected expert (routers list the best first), or -1.
+template <class B, class S>
+void write_top1(const B& be, const Selection<S, B::template Buffer>& sel,
+                typename B::template Buffer<int>& top1) {
+  top1.resize(static_cast<std::size_t>(sel.tokens));
+  const Index* offsets = sel.token_offsets.data();
+  const int* chosen = sel.pair_expert.data();
+  int* out = top1.data();
+  be.parallel_for(
+      sel.tokens,
+      [=] MOE_HOST_DEVICE(Index t) { out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1; },
+      sel.tokens);
+}
+
+// Every expert for every token, the selected ones first in their order: the
+// pairs an estimator that computes all experts (DenseExact) needs.
+template <class B, class S>
+void all_expert_pairs(const B& be, const Selection<S, B::template Buffer>& sel,
+                      Selection<S, B::template Buffer>& all) {
+  const Index T = sel.tokens, E = sel.experts;
+  all.tokens = T;
+  all.experts = E;
+  all.token_offsets.resize(static_cast<std::size_t>(T + 1));
+  all.pair_expert.resize(static_cast<std::size_t>(T * E));
+  const Index* selected = sel.token_offsets.data();
+  const int* chosen = sel.pair_expert.data();
+  Index* offsets = all.token_offsets.data();
+  int* experts = all.pair_expert.data();
+  be.parallel_for(
+      T,
+      [=] MOE_HOST_DEVICE(Index t) {
+        offsets[t + 1] = (t + 1) * E;
+        if (t == 0) offsets[0] = 0;
+        int* out = experts + t * E;
+        Index n = 0;
+        for (Index p = selected[t]; p < selected[t + 1]; ++p) out[n++] = chosen[p];
+        for (Index e = 0; e < E; ++e) {
+          bool is_selected = false;
+          for (Index p = selected[t]; p < selected[t + 1]; ++p) is_selected |= chosen[p] == e;
+          if (!is_selected) out[n++] = static_cast<int>(e);
+        }
+      },
+      T * E * E);
+}
+
+// db_e += sum over expert e's rows of src (rows, n): per expert, in row order.
+// offsets (E + 1) are in backend memory; rows = offsets[E], known on the host.
+template <class B, class S>
+void add_column_sums(const B& be, Index E, const Index* offsets, Index rows, const S* src, Index n,
+                     S* db) {
+  be.parallel_for(
+      E,
+      [=] MOE_HOST_DEVICE(Index e) {
+        S* out = db + e * n;
+        for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
+          for (Index j = 0; j < n; ++j) out[j] += src[r * n + j];
+      },
+      rows * n);
+}
+
+}  // namespace detail
+
 template <class Router, class Estimator, class Backend, class Activation>
 requires BackendPolicy<Backend> && RouterPolicy<Router, Backend> &&
     EstimatorPolicy<Estimator, Backend> && ActivationPolicy<Activation>
@@ -113,14 +180,14 @@ class Layer {
     if (config_.expert_bias) layout->add("experts.b1", {E, h});
     layout->add("experts.w2", {E, h, d});
     if (config_.expert_bias) layout->add("experts.b2", {E, d});
-    params_ = Parameters(std::move(layout));
+    params_ = Parameters(std::move(layout), backend_.memory_resource());
     auto state_layout = std::make_shared<TensorLayout>();
     state_layout->add("layer.train_forwards", {1});  // keys each training forward's dropout mask
     state_layout->add("layer.dropout_seed", {2});  // the seed's two 32-bit halves, exact in double
     if constexpr (requires { router_.add_state(*state_layout, config_); })
       router_.add_state(*state_layout, config_);
     estimator_.add_state(*state_layout, config_);
-    state_ = TensorBuffer<double>(std::move(state_layout));
+    state_ = TensorBuffer<double>(std::move(state_layout), backend_.memory_resource());
     state_["layer.dropout_seed"][0] = static_cast<double>(seed_ >> 32);
     state_["layer.dropout_seed"][1] = static_cast<double>(seed_ & 0xFFFFFFFFull);
     save_router_state();
@@ -168,7 +235,7 @@ class Layer {
     sel.tokens = T;
     sel.experts = E;
     router_.forward(backend_, mode, x, std::as_const(params_), context, sel, cache.router_);
-    write_top1(sel, cache.top1_);
+    detail::write_top1(backend_, sel, cache.top1_);
 
     auto& dispatch = cache.dispatch_;
     const auto& computed = computed_pairs(cache);
@@ -187,7 +254,7 @@ class Layer {
       const Index* pair_token = dispatch.pair_token.data();
       backend_.parallel_for(
           rows,
-          [=](Index r) {
+          [=] MOE_HOST_DEVICE(Index r) {
             const Scalar* src = xs + pair_token[row_pair[r]] * d;
             Scalar* dst = x_rows + r * d;
             for (Index j = 0; j < d; ++j) dst[j] = src[j];
@@ -221,7 +288,7 @@ class Layer {
       const bool derivatives = cache.derivatives_;
       backend_.parallel_for(
           rows,
-          [=](Index r) {
+          [=] MOE_HOST_DEVICE(Index r) {
             Scalar* pr = pre + r * wide;
             Scalar* hr = hidden + r * h;
             if (b1 != nullptr) {
@@ -275,7 +342,7 @@ class Layer {
       const Scalar* b2 = params_["experts.b2"].data();
       backend_.parallel_for(
           rows,
-          [=](Index r) {
+          [=] MOE_HOST_DEVICE(Index r) {
             const Scalar* be = b2 + row_expert[r] * d;
             for (Index j = 0; j < d; ++j) out[r * d + j] += be[j];
           },
@@ -294,7 +361,7 @@ class Layer {
       Scalar* ys = y.data();
       backend_.parallel_for(
           T,
-          [=](Index t) {
+          [=] MOE_HOST_DEVICE(Index t) {
             Scalar* yt = ys + t * d;
             for (Index j = 0; j < d; ++j) yt[j] = Scalar(0);
             const Index first = token_offsets[t], end = first + selected[t + 1] - selected[t];
@@ -386,7 +453,7 @@ class Layer {
       Scalar* d_gates = ws.d_gates.data();
       backend_.parallel_for(
           T,
-          [=](Index t) {
+          [=] MOE_HOST_DEVICE(Index t) {
             const Scalar* g = dys + t * d;
             Scalar* dg = d_gates + t * E;
             for (Index e = 0; e < E; ++e) dg[e] = Scalar(0);
@@ -420,7 +487,8 @@ class Layer {
     backend_.grouped_gemm_tn(offsets, h, d, cache.hidden_.data(), ws.d_out.data(),
                              grads["experts.w2"].data(), h * d);  // dW2 += H^T dO
     if (config_.expert_bias)
-      add_column_sums(offsets, ws.d_out.data(), d, grads["experts.b2"].data());
+      detail::add_column_sums(backend_, E, dispatch.row_offsets.data(), rows, ws.d_out.data(), d,
+                              grads["experts.b2"].data());
     {
       const Scalar* pre = cache.pre_.data();
       const Scalar* d_hidden = ws.d_hidden.data();
@@ -432,7 +500,7 @@ class Layer {
       const bool derivatives = cache.derivatives_;
       backend_.parallel_for(
           rows,
-          [=](Index r) {
+          [=] MOE_HOST_DEVICE(Index r) {
             const Scalar* pr = pre + r * wide;
             const Scalar* dhr = d_hidden + r * h;
             Scalar* dpr = d_pre + r * wide;
@@ -461,7 +529,8 @@ class Layer {
     backend_.grouped_gemm_tn(offsets, d, wide, cache.x_rows_.data(), ws.d_pre.data(),
                              grads["experts.w1"].data(), d * wide);  // dW1 += X^T dPre
     if (config_.expert_bias)
-      add_column_sums(offsets, ws.d_pre.data(), h, grads["experts.b1"].data());
+      detail::add_column_sums(backend_, E, dispatch.row_offsets.data(), rows, ws.d_pre.data(), h,
+                              grads["experts.b1"].data());
     backend_.grouped_gemm(offsets, true, d, wide, ws.d_pre.data(), w1, d * wide, Scalar(0),
                           ws.d_x_rows.data());  // dX_rows = dPre W1^T
 
@@ -474,7 +543,7 @@ class Layer {
       Scalar* dxs = dx.data();
       backend_.parallel_for(
           T,
-          [=](Index t) {
+          [=] MOE_HOST_DEVICE(Index t) {
             Scalar* dxt = dxs + t * d;
             for (Index j = 0; j < d; ++j) dxt[j] = Scalar(0);
             for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
@@ -610,8 +679,10 @@ class Layer {
     if (!config_.check_finite) return;
     const Index bad = backend_.first_non_finite(m.data(), m.size());
     if (bad < 0) return;
+    Scalar value;
+    backend_.copy_to_host(&value, m.data() + bad, 1);  // m may be device memory
     throw Error(detail::concat("moe::Layer::", where, ": ", name, "(", bad / m.cols(), ", ",
-                               bad % m.cols(), ")=", m.data()[bad],
+                               bad % m.cols(), ")=", value,
                                " is not finite, expected finite values (check_finite=true)"));
   }
 
@@ -622,21 +693,6 @@ class Layer {
       values[i] = static_cast<Scalar>(bound * (2.0 * math::uniform01(key, 0, i) - 1.0));
   }
 
-  // db_e += sum over expert e's rows of src (rows, n): per expert, in row order.
-  void add_column_sums(const std::vector<Index>& offsets, const Scalar* src, Index n,
-                       Scalar* db) const {
-    const Index* off = offsets.data();
-    const Index E = config_.experts;
-    backend_.parallel_for(
-        config_.experts,
-        [=](Index e) {
-          Scalar* out = db + e * n;
-          for (Index r = off[e]; r < off[e + 1]; ++r)
-            for (Index j = 0; j < n; ++j) out[j] += src[r * n + j];
-        },
-        off[E] * n);
-  }
-
   EstimatorBatch<Scalar> batch_of(const Cache& cache) const {
     EstimatorBatch<Scalar> b;
     b.tokens = cache.tokens_;
@@ -645,7 +701,7 @@ class Layer {
     b.gates = cache.selection_.gates.data();
     b.token_offsets = cache.selection_.token_offsets.data();
     b.pair_expert = cache.selection_.pair_expert.data();
-    b.expert_offsets = cache.dispatch_.expert_offsets.data();
+    b.expert_offsets = cache.dispatch_.row_offsets.data();
     b.row_token = cache.dispatch_.row_token.data();
     b.expert_out = cache.out_rows_.data();
     return b;
@@ -656,49 +712,12 @@ class Layer {
     if constexpr (!Estimator::kComputesAllExperts) {
       return cache.selection_;
     } else {
-      const auto& sel = cache.selection_;
-      auto& all = cache.all_pairs_;
-      const Index T = sel.tokens, E = sel.experts;
-      all.tokens = T;
-      all.experts = E;
-      all.token_offsets.resize(static_cast<std::size_t>(T + 1));
-      all.pair_expert.resize(static_cast<std::size_t>(T * E));
-      const Index* selected = sel.token_offsets.data();
-      const int* chosen = sel.pair_expert.data();
-      Index* offsets = all.token_offsets.data();
-      int* experts = all.pair_expert.data();
-      backend_.parallel_for(
-          T,
-          [=](Index t) {
-            offsets[t + 1] = (t + 1) * E;
-            if (t == 0) offsets[0] = 0;
-            int* out = experts + t * E;
-            Index n = 0;
-            for (Index p = selected[t]; p < selected[t + 1]; ++p) out[n++] = chosen[p];
-            for (Index e = 0; e < E; ++e) {
-              bool is_selected = false;
-              for (Index p = selected[t]; p < selected[t + 1]; ++p) is_selected |= chosen[p] == e;
-              if (!is_selected) out[n++] = static_cast<int>(e);
-            }
-          },
-          T * E * E);
-      return all;
+      detail::all_expert_pairs(backend_, cache.selection_, cache.all_pairs_);
+      return cache.all_pairs_;
     }
   }
   const Selection<Scalar, Backend::template Buffer>& computed_pairs(const Cache& cache) const {
     return Estimator::kComputesAllExperts ? cache.all_pairs_ : cache.selection_;
-  }
-
-  // Each token's first selected expert (routers list the best first), or -1.
-  void write_top1(const Selection<Scalar, Backend::template Buffer>& sel, Buffer<int>& top1) const {
-    top1.resize(static_cast<std::size_t>(sel.tokens));
-    const Index* offsets = sel.token_offsets.data();
-    const int* chosen = sel.pair_expert.data();
-    int* out = top1.data();
-    backend_.parallel_for(
-        sel.tokens,
-        [=](Index t) { out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1; },
-        sel.tokens);
   }
 
   InstanceId id_;

@@ -27,6 +27,7 @@ struct Selection {
 template <template <class> class Buffer>
 struct Dispatch {
   std::vector<Index> expert_offsets;       // (E + 1) host: rows of expert e are [off[e], off[e+1])
+  Buffer<Index> row_offsets;               // (E + 1) the same offsets in backend memory (kernels)
   Buffer<int> row_expert;                  // (rows) the expert of each row
   Buffer<Index> row_pair;                  // (rows) the pair behind each expert-sorted row
   Buffer<Index> pair_row;                  // (P) row of each pair, -1 when dropped by capacity

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <memory>
+#include <memory_resource>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -81,15 +83,90 @@ class TensorLayout {
   Index total_ = 0;
 };
 
+namespace detail {
+
+// A fixed-size array of trivially copyable values in a given memory resource
+// (host memory by default; the CUDA backend's is managed memory, which its
+// kernels and the host both address). Unlike std::pmr::vector, a copy lives
+// in the same memory as its source, so a copied parameter or state buffer
+// stays readable by the backend that made it.
+template <class T>
+class ResourceArray {
+  static_assert(std::is_trivially_copyable_v<T>, "ResourceArray holds plain values");
+
+ public:
+  ResourceArray() = default;
+  ResourceArray(std::size_t n, std::pmr::memory_resource* memory) : memory_(memory) {
+    allocate(n);
+    std::fill(data_, data_ + size_, T(0));
+  }
+  ResourceArray(const ResourceArray& other) : memory_(other.memory_) {
+    allocate(other.size_);
+    std::copy(other.data_, other.data_ + size_, data_);
+  }
+  ResourceArray(ResourceArray&& other) noexcept { swap(other); }
+  ~ResourceArray() { release(); }
+  // Takes the source's memory resource, reusing its own storage when both
+  // have the same size and resource (no allocation when a cache's copy of the
+  // state is refreshed every step).
+  ResourceArray& operator=(const ResourceArray& other) {
+    if (this == &other) return *this;
+    if (size_ != other.size_ || !memory_->is_equal(*other.memory_)) {
+      release();
+      memory_ = other.memory_;
+      allocate(other.size_);
+    }
+    std::copy(other.data_, other.data_ + size_, data_);
+    return *this;
+  }
+  ResourceArray& operator=(ResourceArray&& other) noexcept {
+    ResourceArray moved(std::move(other));
+    swap(moved);
+    return *this;
+  }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  std::pmr::memory_resource* memory() const { return memory_; }
+
+ private:
+  void allocate(std::size_t n) {
+    size_ = n;
+    data_ = n == 0 ? nullptr : static_cast<T*>(memory_->allocate(n * sizeof(T), alignof(T)));
+  }
+  void release() {
+    if (data_ != nullptr) memory_->deallocate(data_, size_ * sizeof(T), alignof(T));
+    data_ = nullptr;
+    size_ = 0;
+  }
+  void swap(ResourceArray& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    std::swap(memory_, other.memory_);
+  }
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::pmr::memory_resource* memory_ = std::pmr::new_delete_resource();
+};
+
+}  // namespace detail
+
+// Values live in `memory` (host memory unless a backend supplies its own, see
+// BackendPolicy::memory_resource); the resource must outlive the buffer.
 template <class T>
 class TensorBuffer {
  public:
   TensorBuffer() : layout_(std::make_shared<const TensorLayout>()) {}
-  explicit TensorBuffer(std::shared_ptr<const TensorLayout> layout)
-      : layout_(std::move(layout)), data_(static_cast<std::size_t>(layout_->total_size()), T(0)) {}
+  explicit TensorBuffer(std::shared_ptr<const TensorLayout> layout,
+                        std::pmr::memory_resource* memory = std::pmr::new_delete_resource())
+      : layout_(std::move(layout)),
+        data_(static_cast<std::size_t>(layout_->total_size()), memory) {}
 
-  // A zero buffer with the same layout: the gradient buffer of a parameter set.
-  TensorBuffer zeros_like() const { return TensorBuffer(layout_); }
+  // A zero buffer with the same layout in the same memory: the gradient
+  // buffer of a parameter set.
+  TensorBuffer zeros_like() const { return TensorBuffer(layout_, data_.memory()); }
 
   const TensorLayout& layout() const { return *layout_; }
   bool same_layout(const TensorBuffer& other) const {
@@ -97,8 +174,8 @@ class TensorBuffer {
   }
   bool contains(std::string_view name) const { return layout_->contains(name); }
 
-  std::span<T> flat() { return data_; }
-  std::span<const T> flat() const { return data_; }
+  std::span<T> flat() { return {data_.data(), data_.size()}; }
+  std::span<const T> flat() const { return {data_.data(), data_.size()}; }
   Index size() const { return static_cast<Index>(data_.size()); }
 
   std::span<T> operator[](std::string_view name) { return span_of(layout_->at(name)); }
@@ -110,7 +187,7 @@ class TensorBuffer {
     return matrix_of(layout_->at(name), data_.data());
   }
 
-  void set_zero() { std::fill(data_.begin(), data_.end(), T(0)); }
+  void set_zero() { std::fill(data_.data(), data_.data() + data_.size(), T(0)); }
 
  private:
   template <class P>
@@ -126,7 +203,7 @@ class TensorBuffer {
   }
 
   std::shared_ptr<const TensorLayout> layout_;
-  std::vector<T> data_;
+  detail::ResourceArray<T> data_;
 };
 
 }  // namespace moe

@@ -56,7 +56,7 @@ struct DefaultEMA {
     const bool weighted = weighting == Weighting::score_weighted;
     be.parallel_for(
         E,
-        [=](Index e) {
+        [=] MOE_HOST_DEVICE(Index e) {
           const Index r0 = offsets[e], r1 = offsets[e + 1];
           double total = 0;
           for (Index r = r0; r < r1; ++r)
@@ -87,7 +87,7 @@ struct DefaultEMA {
     const Index d = batch.d_model, E = batch.experts;
     be.parallel_for(
         batch.tokens,
-        [=](Index t) {
+        [=] MOE_HOST_DEVICE(Index t) {
           for (Index e = 0; e < E; ++e) {
             if (selected(offsets, pair_expert, t, e)) continue;
             const S g = gates[t * E + e];
@@ -111,7 +111,7 @@ struct DefaultEMA {
     const Index d = batch.d_model, E = batch.experts;
     be.parallel_for(
         batch.tokens,
-        [=](Index t) {
+        [=] MOE_HOST_DEVICE(Index t) {
           for (Index e = 0; e < E; ++e) {
             if (selected(offsets, pair_expert, t, e)) continue;
             S dot = 0;

@@ -131,7 +131,7 @@ struct AdaptiveCluster {
       S* out = cache.scaled_x.data();
       be.parallel_for(
           T,
-          [=](Index t) {
+          [=] MOE_HOST_DEVICE(Index t) {
             const int ct = clustered ? c[t] : -1;
             for (Index q = 0; q < d; ++q)
               out[t * d + q] =
@@ -146,7 +146,7 @@ struct AdaptiveCluster {
       S* norm = cache.norm.data();
       be.parallel_for(
           E,
-          [=](Index j) {
+          [=] MOE_HOST_DEVICE(Index j) {
             S sq = 0;
             for (Index q = 0; q < d; ++q) sq += e[j * d + q] * e[j * d + q];
             norm[j] = std::sqrt(sq);
@@ -182,7 +182,7 @@ struct AdaptiveCluster {
       const bool clustered = cache.clusters > 0;
       be.parallel_for(
           T,
-          [=](Index t) {
+          [=] MOE_HOST_DEVICE(Index t) {
             const int ct = clustered ? c[t] : -1;
             for (Index q = 0; q < d; ++q)
               dx[t * d + q] +=
@@ -201,7 +201,7 @@ struct AdaptiveCluster {
     (void)params;
     be.parallel_for(
         E,
-        [=](Index j) {
+        [=] MOE_HOST_DEVICE(Index j) {
           if (norm[j] > static_cast<S>(kNormFloor)) {
             S dot = 0;
             for (Index q = 0; q < d; ++q) dot += unit[j * d + q] * du[j * d + q];
@@ -255,7 +255,7 @@ struct AdaptiveCluster {
     double* w = cache.weights.data();
     double* scratch = cache.scales.data();
     be.parallel_for(
-        d, [=](Index q) { math::cluster_feature_weights(xs, c, T, d, K, count, q, scratch, w); },
+        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_weights(xs, c, T, d, K, count, q, scratch, w); },
         T * d * 2);
     double mean = 0;  // pre-clamp mean over all (k, q), in a fixed order
     for (Index i = 0; i < K * d; ++i) mean += w[i];
@@ -263,7 +263,7 @@ struct AdaptiveCluster {
     const double cap = math::kClusterClampFactor * mean;
     double* m = cache.scales.data();
     be.parallel_for(
-        d, [=](Index q) { math::cluster_feature_scales(w, d, K, q, cap, m); }, K * d);
+        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_scales(w, d, K, q, cap, m); }, K * d);
   }
 };
 

@@ -85,14 +85,14 @@ struct ReluL1 {
     S* g = sel.gates.data();
     Index* active = cache.active.data();
     be.parallel_for(
-        T, [=](Index t) { active[t] = math::relu_gates_forward(z + t * E, EE, g + t * E); }, T * E);
+        T, [=] MOE_HOST_DEVICE(Index t) { active[t] = math::relu_gates_forward(z + t * E, EE, g + t * E); }, T * E);
     const Index pairs = be.offsets_from_counts(active, T, sel.token_offsets.data());
     sel.pair_expert.resize(static_cast<std::size_t>(pairs));
     const Index* offsets = sel.token_offsets.data();
     int* chosen = sel.pair_expert.data();
     be.parallel_for(
         T,
-        [=](Index t) {
+        [=] MOE_HOST_DEVICE(Index t) {
           math::relu_selected(z + t * E, EE, static_cast<int>(active[t]), chosen + offsets[t]);
         },
         T * E * 4);
@@ -108,7 +108,7 @@ struct ReluL1 {
     S* l1_term = cache.l1_term.data();
     be.parallel_for(
         E,
-        [=](Index e) {
+        [=] MOE_HOST_DEVICE(Index e) {
           Index n = 0;
           S column = 0;
           for (Index t = 0; t < T; ++t) {
@@ -141,7 +141,7 @@ struct ReluL1 {
     const S* l1_grad = cache.l1_grad.data();
     be.parallel_for(
         T,
-        [=](Index t) {
+        [=] MOE_HOST_DEVICE(Index t) {
           math::relu_gates_backward(z + t * E, dgates + t * E, l1_grad, EE, dlogits + t * E);
         },
         T * E);

@@ -88,7 +88,7 @@ struct TopK {
       const S* b = params["router.bias"].data();
       be.parallel_for(
           T,
-          [=](Index t) {
+          [=] MOE_HOST_DEVICE(Index t) {
             for (Index e = 0; e < E; ++e) z[t * E + e] += b[e];
           },
           T * E);
@@ -114,7 +114,7 @@ struct TopK {
       S* db = grads["router.bias"].data();
       be.parallel_for(
           E,
-          [=](Index e) {
+          [=] MOE_HOST_DEVICE(Index e) {
             S sum = 0;
             for (Index t = 0; t < T; ++t) sum += dlogits[t * E + e];
             db[e] += sum;

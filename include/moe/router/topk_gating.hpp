@@ -64,7 +64,7 @@ struct TopKGating {
     // still ranks them (SMoE-Dropout also selects on logits).
     be.parallel_for(
         T,
-        [=](Index t) {
+        [=] MOE_HOST_DEVICE(Index t) {
           lse[t] = math::topk_gates_forward(z + t * E, EE, kk, norm, p + t * E, chosen + t * kk,
                                             g + t * E);
           offsets[t] = t * kk;
@@ -83,7 +83,7 @@ struct TopKGating {
                        (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
     be.parallel_for(
         E,
-        [=](Index e) {
+        [=] MOE_HOST_DEVICE(Index e) {
           Index count = 0;
           for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
           S column = 0;
@@ -119,7 +119,7 @@ struct TopKGating {
     const S zc_scale = static_cast<S>(2.0 * cache.z_coef / static_cast<double>(T));
     be.parallel_for(
         T,
-        [=](Index t) {
+        [=] MOE_HOST_DEVICE(Index t) {
           math::topk_gates_backward(p + t * E, g + t * E, chosen + t * kk, EE, kk, norm,
                                     dgates + t * E, aux_grad, zc_scale * lse[t], dlogits + t * E);
         },

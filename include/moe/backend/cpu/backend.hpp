@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <memory_resource>
 #include <utility>
 #include <vector>
 
@@ -55,6 +56,15 @@ class Backend {
 #else
     return 1;
 #endif
+  }
+
+  // Parameters, gradients and state live in host memory.
+  std::pmr::memory_resource* memory_resource() const { return std::pmr::new_delete_resource(); }
+
+  // n values from backend memory (here: host memory) to the host.
+  template <class U>
+  void copy_to_host(U* dst, const U* src, Index n) const {
+    std::copy(src, src + n, dst);
   }
 
   // The engine that runs this backend's products of T (never automatic).
@@ -228,6 +238,7 @@ class Backend {
       out.rows_per_expert[e] = capacity < 0 ? n : std::min(n, capacity);
       out.expert_offsets[e + 1] = out.expert_offsets[e] + out.rows_per_expert[e];
     }
+    out.row_offsets.assign(out.expert_offsets.begin(), out.expert_offsets.end());
     out.row_pair.resize(static_cast<std::size_t>(out.expert_offsets[E]));
     out.row_expert.resize(static_cast<std::size_t>(out.expert_offsets[E]));
     out.row_token.resize(static_cast<std::size_t>(out.expert_offsets[E]));

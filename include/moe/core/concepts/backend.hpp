@@ -1,14 +1,18 @@
 #pragma once
 #include <concepts>
 #include <cstddef>
+#include <memory_resource>
 #include <vector>
 
 #include "moe/core/routing.hpp"
 
 namespace moe {
 
-// An expert backend: memory (Buffer), a row-major GEMM, a parallel loop over
-// independent work items and the dispatch of selected pairs by expert.
+// An expert backend: memory (Buffer, and the memory resource of the layer's
+// parameter, gradient and state buffers), a row-major GEMM, a parallel loop
+// over independent work items and the dispatch of selected pairs by expert.
+// Every primitive returns with its results visible to the host: the layer's
+// bookkeeping (expert counts, loss terms) reads them there.
 template <class B>
 concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typename B::Scalar* c,
                                  typename B::Scalar s, Index n,
@@ -18,6 +22,8 @@ concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typen
   typename B::template Buffer<typename B::Scalar>;
   { B::kName } -> std::convertible_to<const char*>;
   { be.threads() } -> std::convertible_to<int>;
+  { be.memory_resource() } -> std::convertible_to<std::pmr::memory_resource*>;
+  be.copy_to_host(c, a, n);
   be.gemm(false, false, n, n, n, s, a, n, a, n, s, c, n);
   be.gemm_rows(false, n, n, n, s, a, n, a, n, s, c, n);
   be.grouped_gemm(std::vector<Index>{}, false, n, n, a, a, n, s, c);
@@ -46,6 +52,8 @@ struct Backend {
   };
   static constexpr const char* kName = "archetype";
   int threads() const;
+  std::pmr::memory_resource* memory_resource() const;
+  void copy_to_host(double*, const double*, Index) const;
   void gemm(bool, bool, Index, Index, Index, double, const double*, Index, const double*, Index,
             double, double*, Index) const;
   void gemm_rows(bool, Index, Index, Index, double, const double*, Index, const double*, Index,

@@ -7,16 +7,16 @@
 
 namespace moe {
 
-// What an estimator sees of one batch (views in backend memory, except the
-// host expert offsets): the router's gates and selection A_t, and the outputs
-// of the computed pairs in expert-sorted rows.
+// What an estimator sees of one batch (views in backend memory): the router's
+// gates and selection A_t, and the outputs of the computed pairs in
+// expert-sorted rows.
 template <class S>
 struct EstimatorBatch {
   Index tokens = 0, experts = 0, d_model = 0;
   const S* gates = nullptr;               // (T, E) the router's gates G_te
   const Index* token_offsets = nullptr;   // (T + 1) the router's selection A_t, as CSR
   const int* pair_expert = nullptr;       // (P)
-  const Index* expert_offsets = nullptr;  // (E + 1) host: rows of expert e
+  const Index* expert_offsets = nullptr;  // (E + 1) rows of expert e
   const Index* row_token = nullptr;       // (rows) the token of each computed row
   const S* expert_out = nullptr;          // (rows, d) E_e(x_t) of each computed row
 };
