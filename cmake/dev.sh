@@ -4,6 +4,7 @@
 #   bash cmake/dev.sh tests      build and run the whole test suite (ctest)
 #   bash cmake/dev.sh sanitize   the test suite under -fsanitize=address,undefined
 #   bash cmake/dev.sh bench      build and run the benchmarks
+#   bash cmake/dev.sh bench-cuda build and run the GPU benchmark (needs nvcc and a GPU)
 #   bash cmake/dev.sh fuzz       libFuzzer on the safetensors reader for MOE_FUZZ_SECONDS
 #                                (60) seconds; skipped when clang++ or libFuzzer is missing
 # Missing Debian packages are installed when run as root; otherwise the exact
@@ -42,10 +43,17 @@ base_packages=(cmake make g++ libeigen3-dev libopenblas-dev)
 # moe-train-lm smoke test trains on Debian's fortunes (its default corpus).
 test_packages=(doctest-dev nlohmann-json3-dev fortunes)
 
+# nvcc, where the CUDA toolkit has one: moe::cuda, its tests and its benchmark
+# are built when CMake finds it (no GPU is needed to compile).
+cuda_args=()
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  cuda_args=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
+fi
+
 configure() {  # configure <build dir> <cmake args...>
   local dir=$1
   shift
-  cmake -S "$root" -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+  cmake -S "$root" -B "$dir" -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" "$@" >/dev/null
 }
 
 case "$mode" in
@@ -59,8 +67,10 @@ case "$mode" in
     "$root/build/examples/moe-train-lm" --recipes all --out "$root/build/train_lm" "$@"
     ;;
   tests)
-    need_packages "${base_packages[@]}" "${test_packages[@]}"
-    configure "$root/build" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
+    # The benchmarks are built too (not run): with nvcc this compiles the
+    # GPU benchmark's CUDA sources as well, so every .cu file is type-checked.
+    need_packages "${base_packages[@]}" "${test_packages[@]}" libbenchmark-dev
+    configure "$root/build" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON -DMOE_BUILD_BENCHMARKS=ON
     cmake --build "$root/build" -j"$jobs"
     ctest --test-dir "$root/build" --output-on-failure -j"$jobs"
     ;;
@@ -68,7 +78,10 @@ case "$mode" in
     need_packages "${base_packages[@]}" "${test_packages[@]}"
     # Built without BLAS: this run also covers the Eigen-only build (the
     # plain run covers the BLAS engine; the tests run both engines there).
+    # CUDA is off here: nvcc's objects are not instrumented, and the plain run
+    # compiles them.
     configure "$root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_USE_BLAS=OFF \
+      -DMOE_ENABLE_CUDA=OFF \
       -DMOE_SANITIZE=address,undefined -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
     cmake --build "$root/build-sanitize" -j"$jobs"
     # Packaging tests rebuild the library without sanitizers, and bitwise resume
@@ -85,6 +98,16 @@ case "$mode" in
     cmake --build "$root/build-bench" -j"$jobs" --target moe_bench
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS="$jobs" \
       "$root/build-bench/bench/moe_bench" --benchmark_counters_tabular=true
+    ;;
+  bench-cuda)
+    need_packages "${base_packages[@]}" libbenchmark-dev
+    configure "$root/build-bench" -DMOE_BUILD_BENCHMARKS=ON -DMOE_BUILD_TESTS=OFF \
+      -DMOE_BUILD_EXAMPLES=OFF
+    if ! cmake --build "$root/build-bench" -j"$jobs" --target moe_bench_cuda; then
+      echo "moe: bench-cuda needs nvcc (the CUDA toolkit); CMake found none" >&2
+      exit 1
+    fi
+    "$root/build-bench/bench/moe_bench_cuda" --benchmark_counters_tabular=true
     ;;
   fuzz)
     need_packages "${base_packages[@]}" "${test_packages[@]}"
@@ -103,7 +126,7 @@ case "$mode" in
       exit 0
     fi
     build="$root/build-fuzz"
-    configure "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    configure "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_ENABLE_CUDA=OFF \
       -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=OFF -DMOE_BUILD_FUZZERS=ON
     cmake --build "$build" -j"$jobs" --target fuzz_safetensors fuzz_safetensors_driver
     # The corpus grows across runs in the build tree; the seeds are regenerated each time.

@@ -16,7 +16,7 @@ class MatrixView {
  public:
   using Scalar = T;
 
-  MOE_HOST_DEVICE MatrixView() = default;
+  MatrixView() = default;
   MOE_HOST_DEVICE MatrixView(T* data, Index rows, Index cols)
       : data_(data), rows_(rows), cols_(cols) {}
 

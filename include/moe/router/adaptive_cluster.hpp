@@ -215,11 +215,8 @@ struct AdaptiveCluster {
         E * d);
   }
 
- private:
-  static constexpr double kNormFloor = 1e-4;
-  static constexpr std::uint64_t kStream = 0x61636d6f65ull;  // "acmoe"
-
-  // c_t from the context, then w, the clamp and m (ALGORITHMS.md 3.3).
+  // c_t from the context, then w, the clamp and m (ALGORITHMS.md 3.3). Public
+  // only because nvcc's device lambdas cannot live in private members.
   template <class B>
   void cluster_scales(const B& be, ConstMatrixView<typename B::Scalar> x,
                       const ForwardContext& context, Index E, Cache<B>& cache) const {
@@ -265,6 +262,10 @@ struct AdaptiveCluster {
     be.parallel_for(
         d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_scales(w, d, K, q, cap, m); }, K * d);
   }
+
+ private:
+  static constexpr double kNormFloor = 1e-4;
+  static constexpr std::uint64_t kStream = 0x61636d6f65ull;  // "acmoe"
 };
 
 static_assert(RouterPolicy<AdaptiveCluster, archetype::Backend>);

@@ -4,9 +4,19 @@
 #include <memory_resource>
 #include <vector>
 
+#include "moe/core/config.hpp"
 #include "moe/core/routing.hpp"
 
 namespace moe {
+namespace detail {
+
+// What parallel_for takes: a function of the index, callable on host and
+// device. (A named type: nvcc rejects a lambda inside a requires-expression.)
+struct IndexFunction {
+  MOE_HOST_DEVICE void operator()(Index) const {}
+};
+
+}  // namespace detail
 
 // An expert backend: memory (Buffer, and the memory resource of the layer's
 // parameter, gradient and state buffers), a row-major GEMM, a parallel loop
@@ -31,7 +41,7 @@ concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typen
   { be.first_non_finite(a, n) } -> std::convertible_to<Index>;
   { be.offsets_from_counts(static_cast<const Index*>(nullptr), n, static_cast<Index*>(nullptr)) }
       -> std::convertible_to<Index>;
-  be.parallel_for(n, [](Index) {});
+  be.parallel_for(n, detail::IndexFunction{});
   be.dispatch(sel, n, dispatch);
 };
 

@@ -1,0 +1,480 @@
+#pragma once
+// moe::cuda::Backend<T>: the layer on an NVIDIA GPU (needs nvcc with
+// --extended-lambda; link moe::cuda). T is the type of the expert GEMMs'
+// operands: float, or __nv_bfloat16 with fp32 accumulation. The router, the
+// gates, the activations and every parameter, gradient and state buffer stay
+// fp32 (Scalar = float), as in mixed-precision training.
+//
+// The same primitives as moe::cpu::Backend, so the same layer and policies run
+// unchanged and every per-token formula is the moe::math function the CPU
+// tests check:
+// - parallel_for(n, f): one kernel, f(i) per index (f is a __host__ __device__
+//   lambda of the layer or a policy);
+// - gemm: cuBLAS (fp32, the router's products);
+// - grouped_gemm / grouped_gemm_tn: one cuBLAS call per expert (fp32, or
+//   cublasGemmEx on bf16 copies of the operands with fp32 accumulation);
+// - dispatch: CUB radix sort of the pairs by expert (end_bit = ceil(log2 E),
+//   stable, so token order inside an expert), histogram, exclusive scans, and
+//   one kernel that applies the capacity and writes the permutation.
+//
+// Synchronisation: every primitive returns with its results visible to the
+// host (BackendPolicy's contract: the layer reads expert counts and loss
+// terms there). The data that crosses to the host per forward: the per-expert
+// counts and offsets (2E + 1 values, for the GEMM launches), the ReLU router's
+// pair count, and the routers' E loss terms (T log-sum-exps with a z-loss).
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <memory>
+#include <memory_resource>
+#include <type_traits>
+#include <vector>
+
+#include <cub/device/device_histogram.cuh>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include "moe/backend/cuda/check.cuh"
+#include "moe/backend/cuda/memory.cuh"
+#include "moe/core/concepts.hpp"
+#include "moe/core/error.hpp"
+#include "moe/core/routing.hpp"
+
+namespace moe::cuda {
+
+// Number of CUDA devices this process can use (0 without a driver or GPU).
+inline int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" / "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+namespace kernels {
+
+constexpr int kBlock = 256;
+
+template <class F>
+__global__ void for_each_index(Index n, F f) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    f(i);
+}
+
+// The smallest i with a NaN or Inf (v - v is 0 for every finite v only).
+template <class S>
+__global__ void first_non_finite(const S* p, Index n, unsigned long long* first) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    if (!(p[i] - p[i] == S(0))) atomicMin(first, static_cast<unsigned long long>(i));
+}
+
+__global__ void to_bfloat16(const float* src, Index n, __nv_bfloat16* dst) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    dst[i] = __float2bfloat16(src[i]);
+}
+
+// pair_token[p] = t for the pairs of token t; pair_index[p] = p (sort values).
+__global__ void pair_tokens(const Index* token_offsets, Index tokens, Index* pair_token,
+                            Index* pair_index) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index t = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens;
+       t += stride)
+    for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
+      pair_token[p] = t;
+      pair_index[p] = p;
+    }
+}
+
+// Pairs each expert keeps: all, or its first `capacity` in token order.
+__global__ void kept_counts(const int* counts, Index experts, Index capacity, Index* kept) {
+  const Index e = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  const Index n = counts[e];
+  kept[e] = capacity < 0 || n < capacity ? n : capacity;
+}
+
+// From the pairs sorted by expert: the rank of each pair inside its expert
+// decides whether it is kept, and then its row.
+__global__ void place_pairs(const int* sorted_expert, const Index* sorted_pair, Index pairs,
+                            const Index* sorted_start, const Index* kept, const Index* row_offsets,
+                            const Index* pair_token, Index* pair_row, Index* row_pair,
+                            int* row_expert, Index* row_token) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index s = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; s < pairs;
+       s += stride) {
+    const int e = sorted_expert[s];
+    const Index p = sorted_pair[s];
+    const Index rank = s - sorted_start[e];
+    if (rank < kept[e]) {
+      const Index row = row_offsets[e] + rank;
+      pair_row[p] = row;
+      row_pair[row] = p;
+      row_expert[row] = e;
+      row_token[row] = pair_token[p];
+    } else {
+      pair_row[p] = -1;
+    }
+  }
+}
+
+}  // namespace kernels
+
+template <class T>
+class Backend {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>,
+                "moe::cuda::Backend<T>: T is float or __nv_bfloat16 (the expert GEMMs' operands)");
+
+ public:
+  using Scalar = float;     // router, gates, activations, parameters: fp32
+  using ExpertOperand = T;  // what the expert GEMMs multiply
+  // A class template, not an alias of ManagedBuffer: nvcc's front end does not
+  // treat an alias template as the same template template argument everywhere.
+  template <class U>
+  class Buffer : public ManagedBuffer<U> {};
+  static constexpr const char* kName =
+      std::is_same_v<T, float> ? "cuda" : "cuda_bf16";
+
+  // Runs on `device`; throws moe::Error when there is no such device.
+  explicit Backend(int device = 0) : context_(std::make_shared<Context>(device)) {}
+
+  int device() const { return context_->device; }
+  // The device's multiprocessors: the width of its parallel loops.
+  int threads() const { return context_->multiprocessors; }
+  std::pmr::memory_resource* memory_resource() const { return managed_memory(); }
+
+  template <class U>
+  void copy_to_host(U* dst, const U* src, Index n) const {
+    if (n <= 0) return;
+    activate();
+    detail::check(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(n) * sizeof(U),
+                                  cudaMemcpyDefault, stream()),
+                  "cudaMemcpyAsync (to host)");
+    synchronize("cudaStreamSynchronize (copy_to_host)");
+  }
+
+  // f(i) for every i in [0, n) in one kernel; `work` is the CPU backend's hint
+  // for its threading and is not needed here.
+  template <class F>
+  void parallel_for(Index n, F&& f, Index /*work*/ = 0) const {
+    if (n <= 0) return;
+    activate();
+    kernels::for_each_index<<<blocks(n), kernels::kBlock, 0, stream()>>>(n, f);
+    detail::check_launch("moe::cuda::kernels::for_each_index");
+    synchronize("cudaStreamSynchronize (parallel_for)");
+  }
+
+  // Row-major C (m, n) = alpha op(A) op(B) + beta C, fp32 (router products).
+  void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha, const float* a,
+            Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
+    if (m == 0 || n == 0) return;
+    activate();
+    sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    synchronize("cudaStreamSynchronize (gemm)");
+  }
+
+  void gemm_rows(bool trans_b, Index m, Index n, Index k, float alpha, const float* a, Index lda,
+                 const float* b, Index ldb, float beta, float* c, Index ldc) const {
+    gemm(false, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  // For every expert e owning rows [offsets[e], offsets[e+1]):
+  //   C_e (n_e, n) = A_e (n_e, k) op(B_e) + beta C_e,  B_e = b + e * b_stride,
+  // op(B_e) of shape (k, n): B_e stored (k, n), or (n, k) when trans_b.
+  void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k,
+                    const float* a, const float* b, Index b_stride, float beta, float* c) const {
+    const Index E = static_cast<Index>(offsets.size()) - 1, rows = offsets.back();
+    if (rows == 0 || n == 0) return;
+    activate();
+    const Operands ops = operands(a, rows * k, b, E * b_stride);
+    for (Index e = 0; e < E; ++e) {
+      const Index r0 = offsets[e], ne = offsets[e + 1] - r0;
+      if (ne == 0) continue;
+      expert_gemm(false, trans_b, ne, n, k, ops, r0 * k, k, e * b_stride, trans_b ? k : n, beta,
+                  c + r0 * n, n);
+    }
+    synchronize("cudaStreamSynchronize (grouped_gemm)");
+  }
+
+  // For every expert e: W_e (k, n) += A_e^T (k, n_e) B_e (n_e, n), W_e = w + e * w_stride.
+  void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const float* a,
+                       const float* b, float* w, Index w_stride) const {
+    const Index E = static_cast<Index>(offsets.size()) - 1, rows = offsets.back();
+    if (rows == 0 || n == 0 || k == 0) return;
+    activate();
+    const Operands ops = operands(a, rows * k, b, rows * n);
+    for (Index e = 0; e < E; ++e) {
+      const Index r0 = offsets[e], ne = offsets[e + 1] - r0;
+      if (ne == 0) continue;
+      expert_gemm(true, false, k, n, ne, ops, r0 * k, k, r0 * n, n, 1.0f, w + e * w_stride, n);
+    }
+    synchronize("cudaStreamSynchronize (grouped_gemm_tn)");
+  }
+
+  // offsets[0] = 0, offsets[i + 1] = offsets[i] + counts[i]; returns the total
+  // (read back: the caller sizes the next buffers with it).
+  Index offsets_from_counts(const Index* counts, Index n, Index* offsets) const {
+    activate();
+    detail::check(cudaMemsetAsync(offsets, 0, sizeof(Index), stream()), "cudaMemsetAsync");
+    if (n > 0) {
+      std::size_t temp_bytes = 0;
+      detail::check(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, counts, offsets + 1,
+                                                  static_cast<int>(n), stream()),
+                    "cub::DeviceScan::InclusiveSum (size)");
+      void* temp = context_->scratch.reserve(temp_bytes);
+      detail::check(cub::DeviceScan::InclusiveSum(temp, temp_bytes, counts, offsets + 1,
+                                                  static_cast<int>(n), stream()),
+                    "cub::DeviceScan::InclusiveSum");
+    }
+    Index total = 0;
+    copy_to_host(&total, offsets + n, 1);
+    return total;
+  }
+
+  // Index of the first NaN or Inf in p[0, n), or -1.
+  template <class S>
+  Index first_non_finite(const S* p, Index n) const {
+    if (n <= 0) return -1;
+    activate();
+    auto* first = static_cast<unsigned long long*>(context_->scratch.reserve(sizeof(long long)));
+    const unsigned long long none = ~0ull;
+    detail::check(cudaMemcpyAsync(first, &none, sizeof none, cudaMemcpyHostToDevice, stream()),
+                  "cudaMemcpyAsync (first_non_finite)");
+    kernels::first_non_finite<<<blocks(n), kernels::kBlock, 0, stream()>>>(p, n, first);
+    detail::check_launch("moe::cuda::kernels::first_non_finite");
+    unsigned long long found = none;
+    copy_to_host(&found, first, 1);
+    return found == none ? -1 : static_cast<Index>(found);
+  }
+
+  // The pairs sorted by expert (stable: token order inside an expert), at most
+  // `capacity` per expert (capacity < 0: all); the same result as the CPU
+  // backend's counting sort.
+  template <class S>
+  void dispatch(const Selection<S, Buffer>& sel, Index capacity, Dispatch<Buffer>& out) const {
+    const Index E = sel.experts, P = sel.pairs(), tokens = sel.tokens;
+    moe::detail::require(P <= Index{INT_MAX}, "moe::cuda::Backend::dispatch: ", P,
+                         " pairs, expected at most INT_MAX (CUB's item count)");
+    activate();
+    out.pair_token.resize(static_cast<std::size_t>(P));
+    out.pair_row.resize(static_cast<std::size_t>(P));
+    out.row_offsets.resize(static_cast<std::size_t>(E + 1));
+
+    ScratchPlan plan;
+    const auto pair_index_at = plan.add<Index>(P), sorted_pair_at = plan.add<Index>(P);
+    const auto sorted_expert_at = plan.add<int>(P), counts_at = plan.add<int>(E);
+    const auto start_at = plan.add<Index>(E), kept_at = plan.add<Index>(E);
+    const auto widened_at = plan.add<Index>(E);
+    int end_bit = 1;  // ceil(log2 E), at least one bit
+    while ((Index{1} << end_bit) < E) ++end_bit;
+    std::size_t sort_bytes = 0, histogram_bytes = 0, scan_bytes = 0;
+    const int* keys = sel.pair_expert.data();
+    detail::check(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys,
+                                                  static_cast<int*>(nullptr),
+                                                  static_cast<const Index*>(nullptr),
+                                                  static_cast<Index*>(nullptr),
+                                                  static_cast<int>(P), 0, end_bit, stream()),
+                  "cub::DeviceRadixSort::SortPairs (size)");
+    detail::check(cub::DeviceHistogram::HistogramEven(
+                      nullptr, histogram_bytes, keys, static_cast<int*>(nullptr),
+                      static_cast<int>(E + 1), 0, static_cast<int>(E), static_cast<int>(P), stream()),
+                  "cub::DeviceHistogram::HistogramEven (size)");
+    detail::check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<Index*>(nullptr),
+                                                static_cast<Index*>(nullptr),
+                                                static_cast<int>(E), stream()),
+                  "cub::DeviceScan::ExclusiveSum (size)");
+    const auto temp_at = plan.add<char>(std::max({sort_bytes, histogram_bytes, scan_bytes}));
+    void* base = context_->scratch.reserve(plan.bytes());
+    auto* pair_index = ScratchPlan::at<Index>(base, pair_index_at);
+    auto* sorted_pair = ScratchPlan::at<Index>(base, sorted_pair_at);
+    auto* sorted_expert = ScratchPlan::at<int>(base, sorted_expert_at);
+    auto* counts = ScratchPlan::at<int>(base, counts_at);
+    auto* sorted_start = ScratchPlan::at<Index>(base, start_at);
+    auto* kept = ScratchPlan::at<Index>(base, kept_at);
+    auto* widened = ScratchPlan::at<Index>(base, widened_at);
+    void* temp = ScratchPlan::at<char>(base, temp_at);
+
+    if (tokens > 0) {
+      kernels::pair_tokens<<<blocks(tokens), kernels::kBlock, 0, stream()>>>(
+          sel.token_offsets.data(), tokens, out.pair_token.data(), pair_index);
+      detail::check_launch("moe::cuda::kernels::pair_tokens");
+    }
+    if (P > 0) {
+      detail::check(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, keys, sorted_expert,
+                                                    pair_index, sorted_pair, static_cast<int>(P),
+                                                    0, end_bit, stream()),
+                    "cub::DeviceRadixSort::SortPairs");
+    }
+    detail::check(cub::DeviceHistogram::HistogramEven(temp, histogram_bytes, keys, counts,
+                                                      static_cast<int>(E + 1), 0,
+                                                      static_cast<int>(E), static_cast<int>(P),
+                                                      stream()),
+                  "cub::DeviceHistogram::HistogramEven");
+    // Where each expert's pairs start in sorted order, and the rows it keeps.
+    const Index capped = capacity < 0 ? -1 : capacity;
+    kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, -1, widened);
+    detail::check_launch("moe::cuda::kernels::kept_counts");
+    detail::check(cub::DeviceScan::ExclusiveSum(temp, scan_bytes, widened, sorted_start,
+                                                static_cast<int>(E), stream()),
+                  "cub::DeviceScan::ExclusiveSum (sorted starts)");
+    kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, capped, kept);
+    detail::check_launch("moe::cuda::kernels::kept_counts");
+    detail::check(cudaMemsetAsync(out.row_offsets.data(), 0, sizeof(Index), stream()),
+                  "cudaMemsetAsync");
+    detail::check(cub::DeviceScan::InclusiveSum(temp, scan_bytes, kept,
+                                                out.row_offsets.data() + 1, static_cast<int>(E),
+                                                stream()),
+                  "cub::DeviceScan::InclusiveSum (row offsets)");
+
+    // The host copies the GEMM launches need (the documented round trip).
+    out.selected_per_expert.resize(static_cast<std::size_t>(E));
+    out.rows_per_expert.resize(static_cast<std::size_t>(E));
+    out.expert_offsets.resize(static_cast<std::size_t>(E + 1));
+    copy_to_host(out.selected_per_expert.data(), widened, E);
+    copy_to_host(out.rows_per_expert.data(), kept, E);
+    copy_to_host(out.expert_offsets.data(), out.row_offsets.data(), E + 1);
+    const Index rows = out.expert_offsets[static_cast<std::size_t>(E)];
+    out.dropped = P - rows;
+
+    out.row_pair.resize(static_cast<std::size_t>(rows));
+    out.row_expert.resize(static_cast<std::size_t>(rows));
+    out.row_token.resize(static_cast<std::size_t>(rows));
+    if (P > 0) {
+      kernels::place_pairs<<<blocks(P), kernels::kBlock, 0, stream()>>>(
+          sorted_expert, sorted_pair, P, sorted_start, kept, out.row_offsets.data(),
+          out.pair_token.data(), out.pair_row.data(), out.row_pair.data(), out.row_expert.data(),
+          out.row_token.data());
+      detail::check_launch("moe::cuda::kernels::place_pairs");
+    }
+    synchronize("cudaStreamSynchronize (dispatch)");
+  }
+
+ private:
+  // One device, its stream, cuBLAS handle and scratch; shared by copies of
+  // the backend (the layer keeps one).
+  struct Context {
+    explicit Context(int dev) : device(dev) {
+      const int n = device_count();
+      moe::detail::require(n > 0, "moe::cuda::Backend: device=", dev,
+                           ", but no CUDA device is available (cudaGetDeviceCount found none)");
+      moe::detail::require(dev >= 0 && dev < n, "moe::cuda::Backend: device=", dev,
+                           ", expected 0 <= device < ", n, " (the CUDA devices found)");
+      detail::check(cudaSetDevice(dev), "cudaSetDevice");
+      detail::check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, dev),
+                    "cudaDeviceGetAttribute (multiprocessors)");
+      detail::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
+                    "cudaStreamCreateWithFlags");
+      try {
+        detail::check(cublasCreate(&blas), "cublasCreate");
+        detail::check(cublasSetStream(blas, stream), "cublasSetStream");
+      } catch (...) {
+        if (blas != nullptr) cublasDestroy(blas);
+        cudaStreamDestroy(stream);
+        throw;
+      }
+    }
+    Context(const Context&) = delete;
+    Context& operator=(const Context&) = delete;
+    ~Context() {
+      cublasDestroy(blas);
+      cudaStreamDestroy(stream);
+    }
+    int device = 0;
+    int multiprocessors = 1;
+    cudaStream_t stream = nullptr;
+    cublasHandle_t blas = nullptr;
+    DeviceScratch scratch;   // CUB temp storage, sort keys, flags
+    DeviceScratch operands;  // bf16 copies of grouped GEMM operands
+  };
+
+  // The expert GEMM operands as the GEMM reads them: the fp32 pointers, or
+  // bf16 copies of them in the context's operand scratch.
+  struct Operands {
+    const void* a;
+    const void* b;
+  };
+
+  Operands operands(const float* a, Index a_size, const float* b, Index b_size) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return {a, b};
+    } else {
+      ScratchPlan plan;
+      const auto a_at = plan.add<T>(a_size), b_at = plan.add<T>(b_size);
+      void* base = context_->operands.reserve(plan.bytes());
+      auto* a16 = ScratchPlan::at<T>(base, a_at);
+      auto* b16 = ScratchPlan::at<T>(base, b_at);
+      kernels::to_bfloat16<<<blocks(a_size), kernels::kBlock, 0, stream()>>>(a, a_size, a16);
+      detail::check_launch("moe::cuda::kernels::to_bfloat16");
+      kernels::to_bfloat16<<<blocks(b_size), kernels::kBlock, 0, stream()>>>(b, b_size, b16);
+      detail::check_launch("moe::cuda::kernels::to_bfloat16");
+      return {a16, b16};
+    }
+  }
+
+  // One expert's product on operands (offsets in elements of T), fp32 output
+  // and accumulation. Row-major C = op(A) op(B) is column-major
+  // C^T = op(B)^T op(A)^T: cuBLAS gets B first, with the same transposes.
+  void expert_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const Operands& ops,
+                   Index a_offset, Index lda, Index b_offset, Index ldb, float beta, float* c,
+                   Index ldc) const {
+    const T* a = static_cast<const T*>(ops.a) + a_offset;
+    const T* b = static_cast<const T*>(ops.b) + b_offset;
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+    } else {
+      require_int_sizes(m, n, k, lda, ldb, ldc);
+      const float alpha = 1.0f;
+      detail::check(cublasGemmEx(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
+                                 static_cast<int>(m), static_cast<int>(k), &alpha, b,
+                                 CUDA_R_16BF, static_cast<int>(ldb), a, CUDA_R_16BF,
+                                 static_cast<int>(lda), &beta, c, CUDA_R_32F,
+                                 static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "cublasGemmEx (bf16 expert GEMM)");
+    }
+  }
+
+  void sgemm(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha, const float* a,
+             Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
+    require_int_sizes(m, n, k, lda, ldb, ldc);
+    detail::check(cublasSgemm(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
+                              static_cast<int>(m), static_cast<int>(k), &alpha, b,
+                              static_cast<int>(ldb), a, static_cast<int>(lda), &beta, c,
+                              static_cast<int>(ldc)),
+                  "cublasSgemm");
+  }
+
+  static cublasOperation_t op(bool transpose) { return transpose ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+  static void require_int_sizes(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) {
+    moe::detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
+                         "moe::cuda::Backend: a GEMM size or stride above INT_MAX (m=", m,
+                         ", n=", n, ", k=", k, "), expected what cuBLAS can index");
+  }
+
+  unsigned blocks(Index n) const {
+    const Index wanted = (n + kernels::kBlock - 1) / kernels::kBlock;
+    const Index cap = Index{32} * context_->multiprocessors;  // grid-stride beyond this
+    return static_cast<unsigned>(wanted < cap ? wanted : cap);
+  }
+
+  cudaStream_t stream() const { return context_->stream; }
+  void activate() const { detail::check(cudaSetDevice(context_->device), "cudaSetDevice"); }
+  void synchronize(const char* what) const {
+    detail::check(cudaStreamSynchronize(stream()), what);
+  }
+
+  std::shared_ptr<Context> context_;
+};
+
+static_assert(BackendPolicy<Backend<float>>);
+static_assert(BackendPolicy<Backend<__nv_bfloat16>>);
+
+}  // namespace moe::cuda

@@ -1,0 +1,150 @@
+#pragma once
+// The cases the GPU suite runs on both backends, and what it compares: one
+// list, compiled into the CPU reference (test_cuda.cpp, g++) and into the CUDA
+// run (cuda_cases.cu, nvcc). Host-only: no Eigen, no CUDA headers.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/common.hpp"
+
+namespace moe::gpu_test {
+
+struct Shape {
+  Index tokens = 37, d_model = 24, d_ff = 40, experts = 6;
+  bool expert_bias = false;
+  double dropout = 0;
+  double capacity_factor = 0;
+};
+
+// Everything a case produces, copied to host vectors.
+struct Outcome {
+  std::string name;
+  std::vector<float> y, dx;        // of the second training step
+  std::vector<float> grads;        // accumulated over both steps
+  std::vector<float> y_eval;       // an eval forward after the steps
+  std::vector<double> state;       // the layer's state (EMA, counters, lambda, step)
+  std::vector<Index> tokens_per_expert;
+  double aux_loss = 0;
+  Index dropped = 0;
+};
+
+// Deterministic inputs, the same on every backend.
+inline float input_value(std::uint64_t stream, Index i) {
+  return static_cast<float>(2.0 * math::uniform01(0x6770757465737400ull, stream, i) - 1.0);
+}
+
+// Two training steps (forward, backward, end_step) and an eval forward of
+// one layer on `backend`; inputs live in the backend's memory.
+template <class Activation, class Backend, class Router, class Estimator>
+Outcome run(const std::string& name, const Backend& backend, const Shape& s, Router router,
+            Estimator estimator, const std::vector<int>& previous_assignment) {
+  using Layer = moe::Layer<Router, Estimator, Backend, Activation>;
+  using Buffer = typename Backend::template Buffer<float>;
+  const LayerConfig config{.d_model = s.d_model,
+                           .d_ff = s.d_ff,
+                           .experts = s.experts,
+                           .expert_bias = s.expert_bias,
+                           .dropout = s.dropout,
+                           .capacity_factor = s.capacity_factor};
+  Layer layer(config, std::move(router), std::move(estimator), /*seed=*/7, backend);
+  const Index n = s.tokens * s.d_model;
+  Buffer x, dy, y, dx;
+  for (Buffer* b : {&x, &dy, &y, &dx}) b->resize(static_cast<std::size_t>(n));
+  auto grads = layer.make_gradients();
+  typename Layer::Cache cache;
+  const ForwardContext context{.previous_assignment = previous_assignment};
+  Outcome out;
+  out.name = name;
+  for (std::uint64_t step = 0; step < 2; ++step) {
+    for (Index i = 0; i < n; ++i) {
+      x[static_cast<std::size_t>(i)] = input_value(2 * step, i);
+      dy[static_cast<std::size_t>(i)] = input_value(2 * step + 1, i);
+    }
+    const MatrixView<float> xv(x.data(), s.tokens, s.d_model), yv(y.data(), s.tokens, s.d_model);
+    layer.forward(xv, yv, cache, Mode::train, context);
+    layer.backward(xv, cache, MatrixView<const float>(dy.data(), s.tokens, s.d_model),
+                   MatrixView<float>(dx.data(), s.tokens, s.d_model), grads);
+    layer.end_step(step + 1);
+  }
+  out.y.assign(y.data(), y.data() + n);
+  out.dx.assign(dx.data(), dx.data() + n);
+  out.grads.assign(grads.flat().begin(), grads.flat().end());
+  out.state.assign(layer.state().flat().begin(), layer.state().flat().end());
+  out.tokens_per_expert = cache.stats().tokens_per_expert;
+  out.aux_loss = cache.stats().aux_loss;
+  out.dropped = cache.stats().dropped_pairs;
+  layer.forward(MatrixView<const float>(x.data(), s.tokens, s.d_model),
+                MatrixView<float>(y.data(), s.tokens, s.d_model), cache, Mode::eval, context);
+  out.y_eval.assign(y.data(), y.data() + n);
+  return out;
+}
+
+// Every router x estimator, each activation, biases, dropout, capacity drops,
+// T = 1, k = E, an expert with no tokens and a clustered ACMoE layer: calls
+// visit(name, shape, router, estimator, activation, previous_assignment).
+template <class Visit>
+void for_each_case(Visit&& visit) {
+  namespace r = moe::router;
+  namespace e = moe::estimator;
+  const Shape base{};
+  Shape biased = base;
+  biased.expert_bias = true;
+  biased.dropout = 0.25;
+  Shape capped = base;
+  capped.capacity_factor = 1.0;
+  Shape one_token = base;
+  one_token.tokens = 1;
+  Shape idle = base;  // 2 tokens, 8 experts, k = 1: most experts get none
+  idle.tokens = 2;
+  idle.experts = 8;
+  const auto relu = [](int k, Index experts) {
+    return r::ReluL1{.controller = std::make_shared<r::LambdaController>(
+                         r::LambdaController::for_experts(k, static_cast<int>(experts))),
+                     .k = k};
+  };
+  std::vector<int> clusters(static_cast<std::size_t>(base.tokens));
+  for (std::size_t t = 0; t < clusters.size(); ++t) clusters[t] = static_cast<int>(t % 4) - 1;
+  const std::vector<int> none;
+
+  visit("topk/sparse/swiglu", base, r::TopK{.k = 2, .z_coef = 1e-3}, e::Sparse{}, act::SwiGLU{},
+        none);
+  visit("topk/default_ema/gelu", base, r::TopK{.k = 2}, e::DefaultEMA{.beta = 0.9}, act::GELU{},
+        none);
+  visit("topk/dense_exact/relu+bias+dropout", biased, r::TopK{.k = 2, .renormalize = true},
+        e::DenseExact{}, act::ReLU{}, none);
+  visit("topk/sparse/gelu+capacity", capped, r::TopK{.k = 2}, e::Sparse{}, act::GELU{}, none);
+  visit("topk/sparse/relu k=E", base, r::TopK{.k = 6, .bias = true}, e::Sparse{}, act::ReLU{},
+        none);
+  visit("topk/sparse/swiglu T=1", one_token, r::TopK{.k = 2}, e::Sparse{}, act::SwiGLU{}, none);
+  visit("topk/default_ema/swiglu idle experts", idle, r::TopK{.k = 1}, e::DefaultEMA{.beta = 0.5},
+        act::SwiGLU{}, none);
+  visit("relu_l1/sparse/swiglu", base, relu(2, base.experts), e::Sparse{}, act::SwiGLU{}, none);
+  visit("relu_l1/default_ema/gelu", base, relu(2, base.experts), e::DefaultEMA{}, act::GELU{},
+        none);
+  visit("relu_l1/dense_exact/relu", base, relu(2, base.experts), e::DenseExact{}, act::ReLU{},
+        none);
+  visit("adaptive_cluster/sparse/swiglu first layer", base, r::AdaptiveCluster{.k = 2},
+        e::Sparse{}, act::SwiGLU{}, none);
+  visit("adaptive_cluster/default_ema/gelu clustered", base, r::AdaptiveCluster{.k = 2},
+        e::DefaultEMA{}, act::GELU{}, clusters);
+  visit("adaptive_cluster/dense_exact/relu clustered", base, r::AdaptiveCluster{.k = 2},
+        e::DenseExact{}, act::ReLU{}, clusters);
+  visit("random_frozen/sparse/gelu k 1..3", base,
+        r::random_frozen(r::schedule::Linear{.k_min = 1, .k_max = 3, .total_steps = 2}),
+        e::Sparse{}, act::GELU{}, none);
+  visit("random_frozen/default_ema/swiglu", base,
+        r::random_frozen(r::schedule::Linear{.k_min = 2, .k_max = 4, .total_steps = 2}),
+        e::DefaultEMA{}, act::SwiGLU{}, none);
+  visit("random_frozen/dense_exact/relu+bias", biased,
+        r::random_frozen(r::schedule::Linear{.k_min = 2, .k_max = 3, .total_steps = 2}),
+        e::DenseExact{}, act::ReLU{}, none);
+}
+
+// Defined in cuda_cases.cu (nvcc).
+int cuda_devices();
+std::vector<Outcome> run_on_cuda(bool bf16);
+
+}  // namespace moe::gpu_test

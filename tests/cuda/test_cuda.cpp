@@ -1,0 +1,132 @@
+// The GPU suite: every case of cases.hpp on the CUDA backend (fp32 and bf16
+// experts) against the CPU backend, output by output: y, dx, every gradient,
+// the state (EMA, counters, lambda, schedule step), the routing statistics
+// and an eval forward. fp32 agrees to 1e-5 and bf16 to 1e-2, relative to the
+// largest CPU value of each array.
+//
+// Without a CUDA device it exits 77, which CTest reports as skipped (never
+// passed). `test_cuda --reference-only` runs just the CPU half: CI runs that
+// everywhere, so the harness itself is exercised without a GPU.
+
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "cases.hpp"
+#include "moe/moe.hpp"
+
+namespace {
+
+using moe::gpu_test::Outcome;
+bool reference_only = false;
+
+std::vector<Outcome> run_on_cpu() {
+  const moe::cpu::Backend<float> backend(1);
+  std::vector<Outcome> outcomes;
+  moe::gpu_test::for_each_case([&](const char* name, const moe::gpu_test::Shape& shape,
+                                   auto router, auto estimator, auto act,
+                                   const std::vector<int>& previous) {
+    using Activation = decltype(act);
+    outcomes.push_back(moe::gpu_test::run<Activation>(name, backend, shape, std::move(router),
+                                                      std::move(estimator), previous));
+  });
+  return outcomes;
+}
+
+// max |a - b| <= tolerance * max |b| (b: the CPU reference).
+template <class U>
+void expect_close(const std::vector<U>& a, const std::vector<U>& b, double tolerance,
+                  const std::string& what) {
+  CAPTURE(what);
+  REQUIRE(a.size() == b.size());
+  double error = 0, scale = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double ai = static_cast<double>(a[i]), bi = static_cast<double>(b[i]);
+    error = std::isfinite(ai) ? std::max(error, std::abs(ai - bi)) : INFINITY;
+    scale = std::max(scale, std::abs(bi));
+  }
+  CAPTURE(error);
+  CAPTURE(scale);
+  CHECK(error <= tolerance * scale);
+}
+
+void compare(const std::vector<Outcome>& gpu, const std::vector<Outcome>& cpu, double tolerance) {
+  REQUIRE(gpu.size() == cpu.size());
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    const Outcome& g = gpu[i];
+    const Outcome& c = cpu[i];
+    CAPTURE(c.name);
+    REQUIRE(g.name == c.name);
+    expect_close(g.y, c.y, tolerance, "y");
+    expect_close(g.dx, c.dx, tolerance, "dx");
+    expect_close(g.grads, c.grads, tolerance, "gradients");
+    expect_close(g.y_eval, c.y_eval, tolerance, "eval y");
+    expect_close(g.state, c.state, tolerance, "state");
+    CHECK(g.tokens_per_expert == c.tokens_per_expert);
+    CHECK(g.dropped == c.dropped);
+    CHECK(std::abs(g.aux_loss - c.aux_loss) <= tolerance * std::max(std::abs(c.aux_loss), 1e-30));
+  }
+}
+
+bool finite(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
+}
+bool nonzero(const std::vector<float>& v) {
+  return std::any_of(v.begin(), v.end(), [](float f) { return f != 0.0f; });
+}
+
+}  // namespace
+
+TEST_CASE("the CPU reference of every case is finite, non-trivial and repeatable") {
+  const auto first = run_on_cpu();
+  const auto second = run_on_cpu();
+  REQUIRE(first.size() == 16);
+  for (std::size_t i = 0; i < first.size(); ++i) {
+    const Outcome& o = first[i];
+    CAPTURE(o.name);
+    CHECK(finite(o.y));
+    CHECK(finite(o.dx));
+    CHECK(finite(o.grads));
+    CHECK(nonzero(o.y));
+    CHECK(nonzero(o.dx));
+    CHECK(nonzero(o.grads));
+    CHECK(o.y == second[i].y);
+    CHECK(o.grads == second[i].grads);
+    CHECK(o.state == second[i].state);
+  }
+  // The cases reach what they are named for.
+  const auto named = [&](const char* name) -> const Outcome& {
+    const auto it = std::find_if(first.begin(), first.end(),
+                                 [&](const Outcome& o) { return o.name == name; });
+    REQUIRE(it != first.end());
+    return *it;
+  };
+  CHECK(named("topk/sparse/gelu+capacity").dropped > 0);
+  const auto& idle = named("topk/default_ema/swiglu idle experts").tokens_per_expert;
+  CHECK(std::count(idle.begin(), idle.end(), moe::Index{0}) > 0);
+  CHECK(named("topk/sparse/swiglu T=1").y.size() == 24);
+}
+
+TEST_CASE("the CUDA backend (fp32 experts) matches the CPU backend to 1e-5") {
+  compare(moe::gpu_test::run_on_cuda(false), run_on_cpu(), 1e-5);
+}
+
+TEST_CASE("the CUDA backend (bf16 experts, fp32 accumulation) matches the CPU backend to 1e-2") {
+  compare(moe::gpu_test::run_on_cuda(true), run_on_cpu(), 1e-2);
+}
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) reference_only |= std::strcmp(argv[i], "--reference-only") == 0;
+  if (!reference_only && moe::gpu_test::cuda_devices() == 0) {
+    std::puts("test_cuda: no CUDA device found: skipped (exit 77, CTest SKIP_RETURN_CODE)");
+    return 77;
+  }
+  doctest::Context context;
+  context.applyCommandLine(argc, argv);
+  if (reference_only) context.addFilter("test-case", "the CPU reference*");
+  return context.run();
+}
