@@ -59,6 +59,9 @@ inline int device_count() {
 
 namespace kernels {
 
+// Kernels are templates (on their element types): a header's non-template
+// __global__ function would be defined again in every .cu file including it.
+
 constexpr int kBlock = 256;
 
 template <class F>
@@ -76,15 +79,16 @@ __global__ void first_non_finite(const S* p, Index n, unsigned long long* first)
     if (!(p[i] - p[i] == S(0))) atomicMin(first, static_cast<unsigned long long>(i));
 }
 
-__global__ void to_bfloat16(const float* src, Index n, __nv_bfloat16* dst) {
+template <class To>
+__global__ void convert(const float* src, Index n, To* dst) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    dst[i] = __float2bfloat16(src[i]);
+    dst[i] = static_cast<To>(src[i]);
 }
 
 // pair_token[p] = t for the pairs of token t; pair_index[p] = p (sort values).
-__global__ void pair_tokens(const Index* token_offsets, Index tokens, Index* pair_token,
-                            Index* pair_index) {
+template <class I>
+__global__ void pair_tokens(const I* token_offsets, I tokens, I* pair_token, I* pair_index) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index t = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens;
        t += stride)
@@ -95,7 +99,8 @@ __global__ void pair_tokens(const Index* token_offsets, Index tokens, Index* pai
 }
 
 // Pairs each expert keeps: all, or its first `capacity` in token order.
-__global__ void kept_counts(const int* counts, Index experts, Index capacity, Index* kept) {
+template <class I>
+__global__ void kept_counts(const int* counts, I experts, I capacity, I* kept) {
   const Index e = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= experts) return;
   const Index n = counts[e];
@@ -104,10 +109,11 @@ __global__ void kept_counts(const int* counts, Index experts, Index capacity, In
 
 // From the pairs sorted by expert: the rank of each pair inside its expert
 // decides whether it is kept, and then its row.
-__global__ void place_pairs(const int* sorted_expert, const Index* sorted_pair, Index pairs,
-                            const Index* sorted_start, const Index* kept, const Index* row_offsets,
-                            const Index* pair_token, Index* pair_row, Index* row_pair,
-                            int* row_expert, Index* row_token) {
+template <class I>
+__global__ void place_pairs(const int* sorted_expert, const I* sorted_pair, I pairs,
+                            const I* sorted_start, const I* kept, const I* row_offsets,
+                            const I* pair_token, I* pair_row, I* row_pair, int* row_expert,
+                            I* row_token) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index s = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; s < pairs;
        s += stride) {
@@ -320,7 +326,8 @@ class Backend {
                   "cub::DeviceHistogram::HistogramEven");
     // Where each expert's pairs start in sorted order, and the rows it keeps.
     const Index capped = capacity < 0 ? -1 : capacity;
-    kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, -1, widened);
+    kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, Index{-1},
+                                                                       widened);
     detail::check_launch("moe::cuda::kernels::kept_counts");
     detail::check(cub::DeviceScan::ExclusiveSum(temp, scan_bytes, widened, sorted_start,
                                                 static_cast<int>(E), stream()),
@@ -411,10 +418,10 @@ class Backend {
       void* base = context_->operands.reserve(plan.bytes());
       auto* a16 = ScratchPlan::at<T>(base, a_at);
       auto* b16 = ScratchPlan::at<T>(base, b_at);
-      kernels::to_bfloat16<<<blocks(a_size), kernels::kBlock, 0, stream()>>>(a, a_size, a16);
-      detail::check_launch("moe::cuda::kernels::to_bfloat16");
-      kernels::to_bfloat16<<<blocks(b_size), kernels::kBlock, 0, stream()>>>(b, b_size, b16);
-      detail::check_launch("moe::cuda::kernels::to_bfloat16");
+      kernels::convert<<<blocks(a_size), kernels::kBlock, 0, stream()>>>(a, a_size, a16);
+      detail::check_launch("moe::cuda::kernels::convert (to bf16)");
+      kernels::convert<<<blocks(b_size), kernels::kBlock, 0, stream()>>>(b, b_size, b16);
+      detail::check_launch("moe::cuda::kernels::convert (to bf16)");
       return {a16, b16};
     }
   }
