@@ -91,13 +91,15 @@ Timing run(const Shape& s, int iterations) {
   void* X = xs.reserve(elem * tokens * dm);
   void* W1 = w1.reserve(elem * dm * 2 * w);
   void* W2 = w2.reserve(elem * w * dm);
-  void* H = hidden.reserve(elem * tokens * 2 * w);
-  auto* P = static_cast<float*>(pre.reserve(sizeof(float) * tokens * 2 * w));
-  auto* O = static_cast<float*>(out.reserve(sizeof(float) * tokens * 2 * w));
-  cudaMemset(X, 0, elem * tokens * dm);  // values do not change a GEMM's time
-  cudaMemset(W1, 0, elem * dm * 2 * w);
-  cudaMemset(W2, 0, elem * w * dm);
-  cudaMemset(H, 0, elem * tokens * 2 * w);
+  const std::size_t wide = static_cast<std::size_t>(2 * w > dm ? 2 * w : dm);  // also dO, dP
+  void* H = hidden.reserve(elem * tokens * wide);
+  auto* P = static_cast<float*>(pre.reserve(sizeof(float) * tokens * wide));
+  auto* O = static_cast<float*>(out.reserve(sizeof(float) * tokens * wide));
+  // Zeros: the values do not change a GEMM's time.
+  cuda::detail::check(cudaMemset(X, 0, elem * tokens * dm), "cudaMemset");
+  cuda::detail::check(cudaMemset(W1, 0, elem * dm * 2 * w), "cudaMemset");
+  cuda::detail::check(cudaMemset(W2, 0, elem * w * dm), "cudaMemset");
+  cuda::detail::check(cudaMemset(H, 0, elem * tokens * wide), "cudaMemset");
   cublasHandle_t blas;
   cuda::detail::check(cublasCreate(&blas), "cublasCreate");
   const bool b16 = s.bf16;

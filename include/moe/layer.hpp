@@ -422,6 +422,9 @@ class Layer {
     detail::require(grads.same_layout(params_), "moe::Layer::backward: grads has size ",
                     grads.size(), " and another layout, expected layer.make_gradients() (size ",
                     params_.size(), ")");
+    detail::require(grads.memory()->is_equal(*backend_.memory_resource()),
+                    "moe::Layer::backward: grads lives in another memory than the ", Backend::kName,
+                    " backend's, expected layer.make_gradients()");
     detail::require(dx.data() != x.data(),
                     "moe::Layer::backward: dx aliases x, expected separate buffers (x is read "
                     "after dx is written)");

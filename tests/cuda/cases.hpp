@@ -26,6 +26,7 @@ struct Outcome {
   std::vector<float> grads;        // accumulated over both steps
   std::vector<float> y_eval;       // an eval forward after the steps
   std::vector<double> state;       // the layer's state (EMA, counters, lambda, step)
+  std::vector<TensorSpec> grad_tensors, state_tensors;  // the names and offsets in grads, state
   std::vector<Index> tokens_per_expert;
   double aux_loss = 0;
   Index dropped = 0;
@@ -73,6 +74,8 @@ Outcome run(const std::string& name, const Backend& backend, const Shape& s, Rou
   out.dx.assign(dx.data(), dx.data() + n);
   out.grads.assign(grads.flat().begin(), grads.flat().end());
   out.state.assign(layer.state().flat().begin(), layer.state().flat().end());
+  out.grad_tensors = grads.layout().specs();
+  out.state_tensors = layer.state().layout().specs();
   out.tokens_per_expert = cache.stats().tokens_per_expert;
   out.aux_loss = cache.stats().aux_loss;
   out.dropped = cache.stats().dropped_pairs;

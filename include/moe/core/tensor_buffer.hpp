@@ -106,14 +106,16 @@ class ResourceArray {
   }
   ResourceArray(ResourceArray&& other) noexcept { swap(other); }
   ~ResourceArray() { release(); }
-  // Takes the source's memory resource, reusing its own storage when both
-  // have the same size and resource (no allocation when a cache's copy of the
-  // state is refreshed every step).
+  // Keeps its own memory resource (a layer's parameters stay where its
+  // backend reads them, whatever the source's), except that an empty array
+  // takes the source's (a cache's first copy of the state). Reuses its
+  // storage when the size matches: no allocation per step.
   ResourceArray& operator=(const ResourceArray& other) {
     if (this == &other) return *this;
-    if (size_ != other.size_ || !memory_->is_equal(*other.memory_)) {
+    if (size_ != other.size_) {
+      std::pmr::memory_resource* memory = size_ == 0 ? other.memory_ : memory_;
       release();
-      memory_ = other.memory_;
+      memory_ = memory;
       allocate(other.size_);
     }
     std::copy(other.data_, other.data_ + size_, data_);
@@ -132,8 +134,8 @@ class ResourceArray {
 
  private:
   void allocate(std::size_t n) {
-    size_ = n;
     data_ = n == 0 ? nullptr : static_cast<T*>(memory_->allocate(n * sizeof(T), alignof(T)));
+    size_ = n;  // after the allocation, which may throw
   }
   void release() {
     if (data_ != nullptr) memory_->deallocate(data_, size_ * sizeof(T), alignof(T));
@@ -173,6 +175,8 @@ class TensorBuffer {
     return layout_ == other.layout_ || *layout_ == *other.layout_;
   }
   bool contains(std::string_view name) const { return layout_->contains(name); }
+  // Where the values live (see BackendPolicy::memory_resource).
+  std::pmr::memory_resource* memory() const { return data_.memory(); }
 
   std::span<T> flat() { return {data_.data(), data_.size()}; }
   std::span<const T> flat() const { return {data_.data(), data_.size()}; }

@@ -47,13 +47,16 @@
 
 namespace moe::cuda {
 
-// Number of CUDA devices this process can use (0 without a driver or GPU).
+// Number of CUDA devices this process can use: 0 where there is no GPU or no
+// driver; any other failure of cudaGetDeviceCount throws.
 inline int device_count() {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no device" / "no driver" error
+  const cudaError_t status = cudaGetDeviceCount(&n);
+  if (status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver) {
+    cudaGetLastError();  // clear the error
     return 0;
   }
+  detail::check(status, "cudaGetDeviceCount");
   return n;
 }
 
@@ -101,10 +104,11 @@ __global__ void pair_tokens(const I* token_offsets, I tokens, I* pair_token, I* 
 // Pairs each expert keeps: all, or its first `capacity` in token order.
 template <class I>
 __global__ void kept_counts(const int* counts, I experts, I capacity, I* kept) {
-  const Index e = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= experts) return;
-  const Index n = counts[e];
-  kept[e] = capacity < 0 || n < capacity ? n : capacity;
+  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < experts; e += stride) {
+    const I n = counts[e];
+    kept[e] = capacity < 0 || n < capacity ? n : capacity;
+  }
 }
 
 // From the pairs sorted by expert: the rank of each pair inside its expert
@@ -297,7 +301,8 @@ class Backend {
                                                 static_cast<Index*>(nullptr),
                                                 static_cast<int>(E), stream()),
                   "cub::DeviceScan::ExclusiveSum (size)");
-    const auto temp_at = plan.add<char>(std::max({sort_bytes, histogram_bytes, scan_bytes}));
+    const std::size_t temp_bytes = std::max({sort_bytes, histogram_bytes, scan_bytes});
+    const auto temp_at = plan.add<char>(temp_bytes);
     void* base = context_->scratch.reserve(plan.bytes());
     auto* pair_index = ScratchPlan::at<Index>(base, pair_index_at);
     auto* sorted_pair = ScratchPlan::at<Index>(base, sorted_pair_at);
@@ -336,7 +341,14 @@ class Backend {
     detail::check_launch("moe::cuda::kernels::kept_counts");
     detail::check(cudaMemsetAsync(out.row_offsets.data(), 0, sizeof(Index), stream()),
                   "cudaMemsetAsync");
-    detail::check(cub::DeviceScan::InclusiveSum(temp, scan_bytes, kept,
+    std::size_t inclusive_bytes = 0;
+    detail::check(cub::DeviceScan::InclusiveSum(nullptr, inclusive_bytes, kept,
+                                                out.row_offsets.data() + 1, static_cast<int>(E),
+                                                stream()),
+                  "cub::DeviceScan::InclusiveSum (size)");
+    moe::detail::require(inclusive_bytes <= temp_bytes, "moe::cuda::Backend::dispatch: CUB asks ",
+                         inclusive_bytes, " bytes for a scan, expected at most ", temp_bytes);
+    detail::check(cub::DeviceScan::InclusiveSum(temp, inclusive_bytes, kept,
                                                 out.row_offsets.data() + 1, static_cast<int>(E),
                                                 stream()),
                   "cub::DeviceScan::InclusiveSum (row offsets)");

@@ -90,13 +90,23 @@ class ManagedBuffer {
     if (n > capacity_) {
       U* grown = nullptr;
       detail::check(cudaMallocManaged(&grown, n * sizeof(U)), "cudaMallocManaged");
-      if (size_ > 0) copy(grown, data_, size_);
-      if (data_ != nullptr) detail::check(cudaFree(data_), "cudaFree");
+      try {
+        if (size_ > 0) copy(grown, data_, size_);
+      } catch (...) {
+        cudaFree(grown);
+        throw;
+      }
+      if (data_ != nullptr) cudaFree(data_);
       data_ = grown;
       capacity_ = n;
     }
-    if (n > size_)
+    if (n > size_) {
       detail::check(cudaMemset(data_ + size_, 0, (n - size_) * sizeof(U)), "cudaMemset");
+      // Memsets and copies of managed memory may be asynchronous and run on
+      // the legacy stream: finish them before the host or the backend's
+      // stream touches the buffer.
+      detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (ManagedBuffer::resize)");
+    }
     size_ = n;
   }
   void assign(std::size_t n, const U& value) {
@@ -112,6 +122,7 @@ class ManagedBuffer {
  private:
   static void copy(U* dst, const U* src, std::size_t n) {
     detail::check(cudaMemcpy(dst, src, n * sizeof(U), cudaMemcpyDefault), "cudaMemcpy");
+    detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (ManagedBuffer copy)");
   }
 
   U* data_ = nullptr;
