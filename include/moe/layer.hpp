@@ -46,7 +46,9 @@ void write_top1(const B& be, const Selection<S, B::template Buffer>& sel,
   int* out = top1.data();
   be.parallel_for(
       sel.tokens,
-      [=] MOE_HOST_DEVICE(Index t) { out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1; },
+      [=] MOE_HOST_DEVICE(Index t) {
+        out[t] = offsets[t + 1] > offsets[t] ? chosen[offsets[t]] : -1;
+      },
       sel.tokens);
 }
 
@@ -237,10 +239,10 @@ class Layer {
     router_.forward(backend_, mode, x, std::as_const(params_), context, sel, cache.router_);
     detail::write_top1(backend_, sel, cache.top1_);
 
-    auto& routed = cache.dispatch_;
+    auto& dispatch = cache.dispatch_;
     const auto& computed = computed_pairs(cache);
-    backend_.dispatch(computed, capacity(T), routed);
-    const Index rows = routed.rows();
+    backend_.dispatch(computed, capacity(T), dispatch);
+    const Index rows = dispatch.rows();
     cache.x_rows_.resize(static_cast<std::size_t>(rows * d));
     cache.pre_.resize(static_cast<std::size_t>(rows * wide));
     cache.hidden_.resize(static_cast<std::size_t>(rows * h));
@@ -250,8 +252,8 @@ class Layer {
     {
       const Scalar* xs = x.data();
       Scalar* x_rows = cache.x_rows_.data();
-      const Index* row_pair = routed.row_pair.data();
-      const Index* pair_token = routed.pair_token.data();
+      const Index* row_pair = dispatch.row_pair.data();
+      const Index* pair_token = dispatch.pair_token.data();
       backend_.parallel_for(
           rows,
           [=] MOE_HOST_DEVICE(Index r) {
@@ -263,7 +265,7 @@ class Layer {
     }
 
     // Experts: GEMM1, activation (+ b1, dropout), GEMM2 (+ b2).
-    const auto& offsets = routed.expert_offsets;
+    const auto& offsets = dispatch.expert_offsets;
     backend_.grouped_gemm(offsets, false, wide, d, cache.x_rows_.data(),
                           params_["experts.w1"].data(), d * wide, Scalar(0), cache.pre_.data());
     cache.dropout_ = mode == Mode::train ? config_.dropout : 0.0;
@@ -279,8 +281,8 @@ class Layer {
     {
       Scalar* pre = cache.pre_.data();
       Scalar* hidden = cache.hidden_.data();
-      const int* row_expert = routed.row_expert.data();
-      const Index* row_pair = routed.row_pair.data();
+      const int* row_expert = dispatch.row_expert.data();
+      const Index* row_pair = dispatch.row_pair.data();
       const Scalar* b1 = config_.expert_bias ? params_["experts.b1"].data() : nullptr;
       const double rate = cache.dropout_;
       const std::uint64_t key = cache.dropout_key_;
@@ -338,7 +340,7 @@ class Layer {
                           h * d, Scalar(0), cache.out_rows_.data());
     if (config_.expert_bias) {
       Scalar* out = cache.out_rows_.data();
-      const int* row_expert = routed.row_expert.data();
+      const int* row_expert = dispatch.row_expert.data();
       const Scalar* b2 = params_["experts.b2"].data();
       backend_.parallel_for(
           rows,
@@ -356,7 +358,7 @@ class Layer {
       const Index* selected = sel.token_offsets.data();
       const Index* token_offsets = computed.token_offsets.data();
       const int* pair_expert = computed.pair_expert.data();
-      const Index* pair_row = routed.pair_row.data();
+      const Index* pair_row = dispatch.pair_row.data();
       const Scalar* out = cache.out_rows_.data();
       Scalar* ys = y.data();
       backend_.parallel_for(
@@ -381,13 +383,13 @@ class Layer {
     cache.state_ = state_;  // reuses the cache's storage once sized
 
     auto& stats = cache.stats_;
-    stats.tokens_per_expert = routed.rows_per_expert;
+    stats.tokens_per_expert = dispatch.rows_per_expert;
     if constexpr (Estimator::kComputesAllExperts) {  // report the routed load, not the oracle's
       stats.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
       for (Index p = 0; p < sel.pairs(); ++p) ++stats.tokens_per_expert[sel.pair_expert[p]];
     }
     stats.selected_pairs = sel.pairs();
-    stats.dropped_pairs = routed.dropped;
+    stats.dropped_pairs = dispatch.dropped;
     stats.aux_loss = sel.aux_loss;
     stats.zero_gate_fraction =
         1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
@@ -432,8 +434,8 @@ class Layer {
 
     const auto& sel = cache.selection_;
     const auto& computed = computed_pairs(cache);
-    const auto& routed = cache.dispatch_;
-    const Index rows = routed.rows();
+    const auto& dispatch = cache.dispatch_;
+    const Index rows = dispatch.rows();
     auto& ws = workspace_;
     ws.d_out.resize(static_cast<std::size_t>(rows * d));
     ws.d_hidden.resize(static_cast<std::size_t>(rows * h));
@@ -449,7 +451,7 @@ class Layer {
       const Index* selected = sel.token_offsets.data();
       const Index* token_offsets = computed.token_offsets.data();
       const int* pair_expert = computed.pair_expert.data();
-      const Index* pair_row = routed.pair_row.data();
+      const Index* pair_row = dispatch.pair_row.data();
       const Scalar* out = cache.out_rows_.data();
       const Scalar* dys = dy.data();
       Scalar* d_out = ws.d_out.data();
@@ -482,7 +484,7 @@ class Layer {
                                              ws.d_gates.data());
 
     // Expert backward: GEMM2, activation, GEMM1, in reverse.
-    const auto& offsets = routed.expert_offsets;
+    const auto& offsets = dispatch.expert_offsets;
     const Scalar* w1 = params_["experts.w1"].data();
     const Scalar* w2 = params_["experts.w2"].data();
     backend_.grouped_gemm(offsets, true, h, d, ws.d_out.data(), w2, h * d, Scalar(0),
@@ -490,13 +492,13 @@ class Layer {
     backend_.grouped_gemm_tn(offsets, h, d, cache.hidden_.data(), ws.d_out.data(),
                              grads["experts.w2"].data(), h * d);  // dW2 += H^T dO
     if (config_.expert_bias)
-      detail::add_column_sums(backend_, E, routed.row_offsets.data(), rows, ws.d_out.data(), d,
+      detail::add_column_sums(backend_, E, dispatch.row_offsets.data(), rows, ws.d_out.data(), d,
                               grads["experts.b2"].data());
     {
       const Scalar* pre = cache.pre_.data();
       const Scalar* d_hidden = ws.d_hidden.data();
       Scalar* d_pre = ws.d_pre.data();
-      const Index* row_pair = routed.row_pair.data();
+      const Index* row_pair = dispatch.row_pair.data();
       const double rate = cache.dropout_;
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
@@ -532,7 +534,7 @@ class Layer {
     backend_.grouped_gemm_tn(offsets, d, wide, cache.x_rows_.data(), ws.d_pre.data(),
                              grads["experts.w1"].data(), d * wide);  // dW1 += X^T dPre
     if (config_.expert_bias)
-      detail::add_column_sums(backend_, E, routed.row_offsets.data(), rows, ws.d_pre.data(), h,
+      detail::add_column_sums(backend_, E, dispatch.row_offsets.data(), rows, ws.d_pre.data(), h,
                               grads["experts.b1"].data());
     backend_.grouped_gemm(offsets, true, d, wide, ws.d_pre.data(), w1, d * wide, Scalar(0),
                           ws.d_x_rows.data());  // dX_rows = dPre W1^T
@@ -541,7 +543,7 @@ class Layer {
     // (the oracle's unselected pairs have zero input gradient).
     {
       const Index* token_offsets = computed.token_offsets.data();
-      const Index* pair_row = routed.pair_row.data();
+      const Index* pair_row = dispatch.pair_row.data();
       const Scalar* d_x_rows = ws.d_x_rows.data();
       Scalar* dxs = dx.data();
       backend_.parallel_for(
@@ -627,8 +629,8 @@ class Layer {
 
   // The activation's value and derivative (partials) in one call, from the
   // policy's fused function where it has one.
-  MOE_HOST_DEVICE static Scalar value_and_derivative(Scalar u, Scalar& derivative)
-  requires(!Activation::kGated) {
+  MOE_HOST_DEVICE static Scalar value_and_derivative(Scalar u, Scalar& derivative) requires(
+      !Activation::kGated) {
     if constexpr (requires { Activation::value_and_derivative(u, derivative); }) {
       return Activation::value_and_derivative(u, derivative);
     } else {
@@ -637,8 +639,7 @@ class Layer {
     }
   }
   MOE_HOST_DEVICE static Scalar value_and_partials(Scalar gate, Scalar up, Scalar& d_gate,
-                                                   Scalar& d_up)
-  requires(Activation::kGated) {
+                                                   Scalar& d_up) requires(Activation::kGated) {
     if constexpr (requires { Activation::value_and_partials(gate, up, d_gate, d_up); }) {
       return Activation::value_and_partials(gate, up, d_gate, d_up);
     } else {
