@@ -87,9 +87,10 @@ namespace detail {
 
 // A fixed-size array of trivially copyable values in a given memory resource
 // (host memory by default; the CUDA backend's is managed memory, which its
-// kernels and the host both address). Unlike std::pmr::vector, a copy lives
-// in the same memory as its source, so a copied parameter or state buffer
-// stays readable by the backend that made it.
+// kernels and the host both address). Unlike std::pmr::vector, a copy
+// constructed from an array lives in the same memory as its source, so a
+// copied parameter or state buffer stays readable by the backend that made it
+// (copy-assignment: see operator=).
 template <class T>
 class ResourceArray {
   static_assert(std::is_trivially_copyable_v<T>, "ResourceArray holds plain values");

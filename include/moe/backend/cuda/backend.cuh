@@ -30,14 +30,13 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cub/device/device_histogram.cuh>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 #include <memory>
 #include <memory_resource>
 #include <type_traits>
 #include <vector>
-
-#include <cub/device/device_histogram.cuh>
-#include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_scan.cuh>
 
 #include "moe/backend/cuda/check.cuh"
 #include "moe/backend/cuda/memory.cuh"
@@ -93,8 +92,7 @@ __global__ void convert(const float* src, Index n, To* dst) {
 template <class I>
 __global__ void pair_tokens(const I* token_offsets, I tokens, I* pair_token, I* pair_index) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index t = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens;
-       t += stride)
+  for (Index t = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens; t += stride)
     for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
       pair_token[p] = t;
       pair_index[p] = p;
@@ -150,8 +148,7 @@ class Backend {
   // treat an alias template as the same template template argument everywhere.
   template <class U>
   class Buffer : public ManagedBuffer<U> {};
-  static constexpr const char* kName =
-      std::is_same_v<T, float> ? "cuda" : "cuda_bf16";
+  static constexpr const char* kName = std::is_same_v<T, float> ? "cuda" : "cuda_bf16";
 
   // Runs on `device`; throws moe::Error when there is no such device.
   explicit Backend(int device = 0) : context_(std::make_shared<Context>(device)) {}
@@ -287,20 +284,20 @@ class Backend {
     while ((Index{1} << end_bit) < E) ++end_bit;
     std::size_t sort_bytes = 0, histogram_bytes = 0, scan_bytes = 0;
     const int* keys = sel.pair_expert.data();
-    detail::check(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys,
-                                                  static_cast<int*>(nullptr),
-                                                  static_cast<const Index*>(nullptr),
-                                                  static_cast<Index*>(nullptr),
-                                                  static_cast<int>(P), 0, end_bit, stream()),
+    detail::check(cub::DeviceRadixSort::SortPairs(
+                      nullptr, sort_bytes, keys, static_cast<int*>(nullptr),
+                      static_cast<const Index*>(nullptr), static_cast<Index*>(nullptr),
+                      static_cast<int>(P), 0, end_bit, stream()),
                   "cub::DeviceRadixSort::SortPairs (size)");
-    detail::check(cub::DeviceHistogram::HistogramEven(
-                      nullptr, histogram_bytes, keys, static_cast<int*>(nullptr),
-                      static_cast<int>(E + 1), 0, static_cast<int>(E), static_cast<int>(P), stream()),
-                  "cub::DeviceHistogram::HistogramEven (size)");
-    detail::check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<Index*>(nullptr),
-                                                static_cast<Index*>(nullptr),
-                                                static_cast<int>(E), stream()),
-                  "cub::DeviceScan::ExclusiveSum (size)");
+    detail::check(
+        cub::DeviceHistogram::HistogramEven(nullptr, histogram_bytes, keys,
+                                            static_cast<int*>(nullptr), static_cast<int>(E + 1), 0,
+                                            static_cast<int>(E), static_cast<int>(P), stream()),
+        "cub::DeviceHistogram::HistogramEven (size)");
+    detail::check(
+        cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<Index*>(nullptr),
+                                      static_cast<Index*>(nullptr), static_cast<int>(E), stream()),
+        "cub::DeviceScan::ExclusiveSum (size)");
     const std::size_t temp_bytes = std::max({sort_bytes, histogram_bytes, scan_bytes});
     const auto temp_at = plan.add<char>(temp_bytes);
     void* base = context_->scratch.reserve(plan.bytes());
@@ -319,39 +316,37 @@ class Backend {
       detail::check_launch("moe::cuda::kernels::pair_tokens");
     }
     if (P > 0) {
-      detail::check(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, keys, sorted_expert,
-                                                    pair_index, sorted_pair, static_cast<int>(P),
-                                                    0, end_bit, stream()),
-                    "cub::DeviceRadixSort::SortPairs");
+      detail::check(
+          cub::DeviceRadixSort::SortPairs(temp, sort_bytes, keys, sorted_expert, pair_index,
+                                          sorted_pair, static_cast<int>(P), 0, end_bit, stream()),
+          "cub::DeviceRadixSort::SortPairs");
     }
-    detail::check(cub::DeviceHistogram::HistogramEven(temp, histogram_bytes, keys, counts,
-                                                      static_cast<int>(E + 1), 0,
-                                                      static_cast<int>(E), static_cast<int>(P),
-                                                      stream()),
+    detail::check(cub::DeviceHistogram::HistogramEven(
+                      temp, histogram_bytes, keys, counts, static_cast<int>(E + 1), 0,
+                      static_cast<int>(E), static_cast<int>(P), stream()),
                   "cub::DeviceHistogram::HistogramEven");
     // Where each expert's pairs start in sorted order, and the rows it keeps.
-    const Index capped = capacity < 0 ? -1 : capacity;
     kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, Index{-1},
-                                                                       widened);
+                                                                      widened);
     detail::check_launch("moe::cuda::kernels::kept_counts");
     detail::check(cub::DeviceScan::ExclusiveSum(temp, scan_bytes, widened, sorted_start,
                                                 static_cast<int>(E), stream()),
                   "cub::DeviceScan::ExclusiveSum (sorted starts)");
-    kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, capped, kept);
+    kernels::kept_counts<<<blocks(E), kernels::kBlock, 0, stream()>>>(counts, E, capacity, kept);
     detail::check_launch("moe::cuda::kernels::kept_counts");
     detail::check(cudaMemsetAsync(out.row_offsets.data(), 0, sizeof(Index), stream()),
                   "cudaMemsetAsync");
     std::size_t inclusive_bytes = 0;
-    detail::check(cub::DeviceScan::InclusiveSum(nullptr, inclusive_bytes, kept,
-                                                out.row_offsets.data() + 1, static_cast<int>(E),
-                                                stream()),
-                  "cub::DeviceScan::InclusiveSum (size)");
+    detail::check(
+        cub::DeviceScan::InclusiveSum(nullptr, inclusive_bytes, kept, out.row_offsets.data() + 1,
+                                      static_cast<int>(E), stream()),
+        "cub::DeviceScan::InclusiveSum (size)");
     moe::detail::require(inclusive_bytes <= temp_bytes, "moe::cuda::Backend::dispatch: CUB asks ",
                          inclusive_bytes, " bytes for a scan, expected at most ", temp_bytes);
-    detail::check(cub::DeviceScan::InclusiveSum(temp, inclusive_bytes, kept,
-                                                out.row_offsets.data() + 1, static_cast<int>(E),
-                                                stream()),
-                  "cub::DeviceScan::InclusiveSum (row offsets)");
+    detail::check(
+        cub::DeviceScan::InclusiveSum(temp, inclusive_bytes, kept, out.row_offsets.data() + 1,
+                                      static_cast<int>(E), stream()),
+        "cub::DeviceScan::InclusiveSum (row offsets)");
 
     // The host copies the GEMM launches need (the documented round trip).
     out.selected_per_expert.resize(static_cast<std::size_t>(E));
@@ -451,23 +446,23 @@ class Backend {
     } else {
       require_int_sizes(m, n, k, lda, ldb, ldc);
       const float alpha = 1.0f;
-      detail::check(cublasGemmEx(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
-                                 static_cast<int>(m), static_cast<int>(k), &alpha, b,
-                                 CUDA_R_16BF, static_cast<int>(ldb), a, CUDA_R_16BF,
-                                 static_cast<int>(lda), &beta, c, CUDA_R_32F,
-                                 static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                    "cublasGemmEx (bf16 expert GEMM)");
+      detail::check(
+          cublasGemmEx(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
+                       static_cast<int>(m), static_cast<int>(k), &alpha, b, CUDA_R_16BF,
+                       static_cast<int>(ldb), a, CUDA_R_16BF, static_cast<int>(lda), &beta, c,
+                       CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx (bf16 expert GEMM)");
     }
   }
 
   void sgemm(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha, const float* a,
              Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
     require_int_sizes(m, n, k, lda, ldb, ldc);
-    detail::check(cublasSgemm(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
-                              static_cast<int>(m), static_cast<int>(k), &alpha, b,
-                              static_cast<int>(ldb), a, static_cast<int>(lda), &beta, c,
-                              static_cast<int>(ldc)),
-                  "cublasSgemm");
+    detail::check(
+        cublasSgemm(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
+                    static_cast<int>(m), static_cast<int>(k), &alpha, b, static_cast<int>(ldb), a,
+                    static_cast<int>(lda), &beta, c, static_cast<int>(ldc)),
+        "cublasSgemm");
   }
 
   static cublasOperation_t op(bool transpose) { return transpose ? CUBLAS_OP_T : CUBLAS_OP_N; }
@@ -486,9 +481,7 @@ class Backend {
 
   cudaStream_t stream() const { return context_->stream; }
   void activate() const { detail::check(cudaSetDevice(context_->device), "cudaSetDevice"); }
-  void synchronize(const char* what) const {
-    detail::check(cudaStreamSynchronize(stream()), what);
-  }
+  void synchronize(const char* what) const { detail::check(cudaStreamSynchronize(stream()), what); }
 
   std::shared_ptr<Context> context_;
 };

@@ -25,8 +25,9 @@ namespace moe::cuda {
 class ManagedMemoryResource final : public std::pmr::memory_resource {
  private:
   void* do_allocate(std::size_t bytes, std::size_t alignment) override {
-    moe::detail::require(alignment <= 256, "moe::cuda::ManagedMemoryResource: alignment=",
-                         alignment, ", expected at most 256 (cudaMallocManaged's)");
+    moe::detail::require(alignment <= 256,
+                         "moe::cuda::ManagedMemoryResource: alignment=", alignment,
+                         ", expected at most 256 (cudaMallocManaged's)");
     void* p = nullptr;
     detail::check(cudaMallocManaged(&p, std::max<std::size_t>(bytes, 1)), "cudaMallocManaged");
     return p;
@@ -59,9 +60,10 @@ class ManagedBuffer {
         capacity_(std::exchange(other.capacity_, 0)) {}
   ManagedBuffer& operator=(const ManagedBuffer& other) {
     if (this == &other) return *this;
-    resize(0);
-    resize(other.size_);
-    copy(data_, other.data_, size_);
+    size_ = 0;  // nothing to keep: no copy of the old contents, no zero-fill
+    reserve(other.size_);
+    size_ = other.size_;
+    if (size_ > 0) copy(data_, other.data_, size_);
     return *this;
   }
   ManagedBuffer& operator=(ManagedBuffer&& other) noexcept {
@@ -87,19 +89,7 @@ class ManagedBuffer {
 
   // Grows the storage only when n exceeds every earlier size.
   void resize(std::size_t n) {
-    if (n > capacity_) {
-      U* grown = nullptr;
-      detail::check(cudaMallocManaged(&grown, n * sizeof(U)), "cudaMallocManaged");
-      try {
-        if (size_ > 0) copy(grown, data_, size_);
-      } catch (...) {
-        cudaFree(grown);
-        throw;
-      }
-      if (data_ != nullptr) cudaFree(data_);
-      data_ = grown;
-      capacity_ = n;
-    }
+    reserve(n);
     if (n > size_) {
       detail::check(cudaMemset(data_ + size_, 0, (n - size_) * sizeof(U)), "cudaMemset");
       // Memsets and copies of managed memory may be asynchronous and run on
@@ -120,6 +110,22 @@ class ManagedBuffer {
   }
 
  private:
+  // Storage for at least n values, keeping the first size_.
+  void reserve(std::size_t n) {
+    if (n <= capacity_) return;
+    U* grown = nullptr;
+    detail::check(cudaMallocManaged(&grown, n * sizeof(U)), "cudaMallocManaged");
+    try {
+      if (size_ > 0) copy(grown, data_, size_);
+    } catch (...) {
+      cudaFree(grown);
+      throw;
+    }
+    if (data_ != nullptr) cudaFree(data_);
+    data_ = grown;
+    capacity_ = n;
+  }
+
   static void copy(U* dst, const U* src, std::size_t n) {
     detail::check(cudaMemcpy(dst, src, n * sizeof(U), cudaMemcpyDefault), "cudaMemcpy");
     detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (ManagedBuffer copy)");
