@@ -48,10 +48,10 @@ void dense_gemm(cublasHandle_t blas, bool bf16, bool trans_a, bool trans_b, int 
   const int lda = trans_a ? m : k, ldb = trans_b ? k : n;
   const auto op = [](bool t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; };
   const cudaDataType type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  cuda::detail::check(cublasGemmEx(blas, op(trans_b), op(trans_a), n, m, k, &alpha, b, type, ldb,
-                                   a, type, lda, &beta, c, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
-                                   CUBLAS_GEMM_DEFAULT),
-                      "cublasGemmEx (dense yardstick)");
+  cuda::detail::check(
+      cublasGemmEx(blas, op(trans_b), op(trans_a), n, m, k, &alpha, b, type, ldb, a, type, lda,
+                   &beta, c, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmEx (dense yardstick)");
 }
 
 template <class T>
@@ -106,8 +106,8 @@ Timing run(const Shape& s, int iterations) {
   t.dense_ms = time_ms(iterations, [&] {
     dense_gemm(blas, b16, false, false, tokens, 2 * w, dm, X, W1, P);  // forward
     dense_gemm(blas, b16, false, false, tokens, dm, w, H, W2, O);
-    dense_gemm(blas, b16, false, true, tokens, w, dm, H, W2, P);  // dH = dO W2^T
-    dense_gemm(blas, b16, true, false, w, dm, tokens, H, H, O);   // dW2 = H^T dO
+    dense_gemm(blas, b16, false, true, tokens, w, dm, H, W2, P);      // dH = dO W2^T
+    dense_gemm(blas, b16, true, false, w, dm, tokens, H, H, O);       // dW2 = H^T dO
     dense_gemm(blas, b16, false, true, tokens, dm, 2 * w, H, W1, O);  // dX = dP W1^T
     dense_gemm(blas, b16, true, false, dm, 2 * w, tokens, X, H, O);   // dW1 = X^T dP
   });

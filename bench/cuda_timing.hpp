@@ -17,8 +17,9 @@ struct Shape {
 // runs after one warm-up run.
 struct Timing {
   double layer_ms = 0;  // moe::Layer<TopK, Sparse, cuda::Backend, SwiGLU>
-  double dense_ms = 0;  // cuBLAS GEMMs of the same active FLOPs (a dense SwiGLU FFN of width k d_ff)
-  double flops = 0;     // forward+backward FLOPs of the active experts
+  double dense_ms =
+      0;             // cuBLAS GEMMs of the same active FLOPs (a dense SwiGLU FFN of width k d_ff)
+  double flops = 0;  // forward+backward FLOPs of the active experts
   double max_load = 0;  // largest expert's rows / (T k / E)
 };
 

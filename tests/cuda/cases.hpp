@@ -22,10 +22,10 @@ struct Shape {
 // Everything a case produces, copied to host vectors.
 struct Outcome {
   std::string name;
-  std::vector<float> y, dx;        // of the second training step
-  std::vector<float> grads;        // accumulated over both steps
-  std::vector<float> y_eval;       // an eval forward after the steps
-  std::vector<double> state;       // the layer's state (EMA, counters, lambda, step)
+  std::vector<float> y, dx;   // of the second training step
+  std::vector<float> grads;   // accumulated over both steps
+  std::vector<float> y_eval;  // an eval forward after the steps
+  std::vector<double> state;  // the layer's state (EMA, counters, lambda, step)
   std::vector<TensorSpec> grad_tensors, state_tensors;  // the names and offsets in grads, state
   std::vector<Index> tokens_per_expert;
   double aux_loss = 0;
@@ -129,8 +129,8 @@ void for_each_case(Visit&& visit) {
         none);
   visit("relu_l1/dense_exact/relu", base, relu(2, base.experts), e::DenseExact{}, act::ReLU{},
         none);
-  visit("adaptive_cluster/sparse/swiglu first layer", base, r::AdaptiveCluster{.k = 2},
-        e::Sparse{}, act::SwiGLU{}, none);
+  visit("adaptive_cluster/sparse/swiglu first layer", base, r::AdaptiveCluster{.k = 2}, e::Sparse{},
+        act::SwiGLU{}, none);
   visit("adaptive_cluster/default_ema/gelu clustered", base, r::AdaptiveCluster{.k = 2},
         e::DefaultEMA{}, act::GELU{}, clusters);
   visit("adaptive_cluster/dense_exact/relu clustered", base, r::AdaptiveCluster{.k = 2},

@@ -27,9 +27,8 @@ bool reference_only = false;
 std::vector<Outcome> run_on_cpu() {
   const moe::cpu::Backend<float> backend(1);
   std::vector<Outcome> outcomes;
-  moe::gpu_test::for_each_case([&](const char* name, const moe::gpu_test::Shape& shape,
-                                   auto router, auto estimator, auto act,
-                                   const std::vector<int>& previous) {
+  moe::gpu_test::for_each_case([&](const char* name, const moe::gpu_test::Shape& shape, auto router,
+                                   auto estimator, auto act, const std::vector<int>& previous) {
     using Activation = decltype(act);
     outcomes.push_back(moe::gpu_test::run<Activation>(name, backend, shape, std::move(router),
                                                       std::move(estimator), previous));
@@ -115,16 +114,15 @@ TEST_CASE("the CPU reference of every case is finite, non-trivial and repeatable
     CHECK(o.state == second[i].state);
     for (const auto& spec : o.grad_tensors) {  // every gradient tensor takes part
       CAPTURE(spec.name);
-      const auto first = o.grads.begin() + static_cast<std::ptrdiff_t>(spec.offset);
-      CHECK((!spec.trainable ||
-             std::any_of(first, first + static_cast<std::ptrdiff_t>(spec.size()),
-                         [](float f) { return f != 0.0f; })));
+      const auto begin = o.grads.begin() + static_cast<std::ptrdiff_t>(spec.offset);
+      CHECK((!spec.trainable || std::any_of(begin, begin + static_cast<std::ptrdiff_t>(spec.size()),
+                                            [](float f) { return f != 0.0f; })));
     }
   }
   // The cases reach what they are named for.
   const auto named = [&](const char* name) -> const Outcome& {
-    const auto it = std::find_if(first.begin(), first.end(),
-                                 [&](const Outcome& o) { return o.name == name; });
+    const auto it =
+        std::find_if(first.begin(), first.end(), [&](const Outcome& o) { return o.name == name; });
     REQUIRE(it != first.end());
     return *it;
   };

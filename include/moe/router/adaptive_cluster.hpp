@@ -252,7 +252,10 @@ struct AdaptiveCluster {
     double* w = cache.weights.data();
     double* scratch = cache.scales.data();
     be.parallel_for(
-        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_weights(xs, c, T, d, K, count, q, scratch, w); },
+        d,
+        [=] MOE_HOST_DEVICE(Index q) {
+          math::cluster_feature_weights(xs, c, T, d, K, count, q, scratch, w);
+        },
         T * d * 2);
     double mean = 0;  // pre-clamp mean over all (k, q), in a fixed order
     for (Index i = 0; i < K * d; ++i) mean += w[i];
@@ -260,7 +263,8 @@ struct AdaptiveCluster {
     const double cap = math::kClusterClampFactor * mean;
     double* m = cache.scales.data();
     be.parallel_for(
-        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_scales(w, d, K, q, cap, m); }, K * d);
+        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_scales(w, d, K, q, cap, m); },
+        K * d);
   }
 
  private:
