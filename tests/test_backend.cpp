@@ -234,3 +234,62 @@ TEST_CASE("the GEMM engine is chosen as asked, and blas without a BLAS is an err
   }
   MESSAGE("BLAS: " << cpu::blas_info());
 }
+
+TEST_CASE("parallel_for_rows visits every (row, column) once, through spans inside the row") {
+  for (const int threads : {1, 2}) {
+    const cpu::Backend<double> backend(threads);
+    for (const auto& [rows, cols] :
+         std::vector<std::pair<Index, Index>>{{0, 5}, {5, 0}, {1, 1}, {7, 3}, {300, 129}}) {
+      CAPTURE(threads);
+      CAPTURE(rows);
+      CAPTURE(cols);
+      std::vector<int> visits(static_cast<std::size_t>(rows * cols), 0);
+      std::vector<int> bad_spans(static_cast<std::size_t>(std::max<Index>(rows, 1)), 0);
+      int* v = visits.data();
+      int* bad = bad_spans.data();
+      backend.parallel_for_rows(
+          rows, cols,
+          [=](Index r, Index begin, Index end) {
+            if (r < 0 || r >= rows || begin < 0 || begin >= end || end > cols) {
+              bad[r >= 0 && r < rows ? r : 0] += 1;
+              return;
+            }
+            for (Index j = begin; j < end; ++j) v[r * cols + j] += 1;
+          },
+          rows * cols * 1000);  // enough work for the parallel path
+      CHECK(std::count(bad_spans.begin(), bad_spans.end(), 0) ==
+            static_cast<std::ptrdiff_t>(bad_spans.size()));
+      CHECK(std::count(visits.begin(), visits.end(), 1) ==
+            static_cast<std::ptrdiff_t>(visits.size()));
+    }
+  }
+}
+
+TEST_CASE("parallel_sum_rows stores each row's sum of terms, in the terms' type") {
+  for (const int threads : {1, 2}) {
+    const cpu::Backend<double> backend(threads);
+    for (const auto& [n, len] :
+         std::vector<std::pair<Index, Index>>{{0, 4}, {3, 0}, {1, 1}, {5, 33}, {257, 70}}) {
+      CAPTURE(threads);
+      CAPTURE(n);
+      CAPTURE(len);
+      std::vector<double> sums(static_cast<std::size_t>(n), -1.0);
+      double* out = sums.data();
+      // term(i, j) = i + 2 j: the row sums to i len + len (len - 1), exact in double.
+      backend.parallel_sum_rows(
+          n, len, [](Index i, Index j) { return static_cast<double>(i + 2 * j); },
+          [=](Index i, double sum) { out[i] = sum; }, n * len * 1000);
+      for (Index i = 0; i < n; ++i)
+        CHECK(sums[static_cast<std::size_t>(i)] == static_cast<double>(i * len + len * (len - 1)));
+      // A float term is summed, and handed to store, as a float.
+      backend.parallel_sum_rows(
+          n, len, [](Index, Index) { return 1.0f; },
+          [=](Index i, auto sum) {
+            static_assert(std::is_same_v<decltype(sum), float>);
+            out[i] = static_cast<double>(sum);
+          });
+      for (Index i = 0; i < n; ++i)
+        CHECK(sums[static_cast<std::size_t>(i)] == static_cast<double>(len));
+    }
+  }
+}

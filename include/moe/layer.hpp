@@ -83,17 +83,17 @@ void all_expert_pairs(const B& be, const Selection<S, B::template Buffer>& sel,
       T * E * E);
 }
 
-// db_e += sum over expert e's rows of src (rows, n): per expert, in row order.
-// offsets (E + 1) are in backend memory; rows = offsets[E], known on the host.
+// db_e += sum over expert e's rows of src (rows, n): per expert and column,
+// in row order. offsets (E + 1) are in backend memory; rows = offsets[E].
 template <class B, class S>
 void add_column_sums(const B& be, Index E, const Index* offsets, Index rows, const S* src, Index n,
                      S* db) {
-  be.parallel_for(
-      E,
-      [=] MOE_HOST_DEVICE(Index e) {
+  be.parallel_for_rows(
+      E, n,
+      [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
         S* out = db + e * n;
         for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
-          for (Index j = 0; j < n; ++j) out[j] += src[r * n + j];
+          for (Index j = begin; j < end; ++j) out[j] += src[r * n + j];
       },
       rows * n);
 }
@@ -254,12 +254,12 @@ class Layer {
       Scalar* x_rows = cache.x_rows_.data();
       const Index* row_pair = dispatch.row_pair.data();
       const Index* pair_token = dispatch.pair_token.data();
-      backend_.parallel_for(
-          rows,
-          [=] MOE_HOST_DEVICE(Index r) {
+      backend_.parallel_for_rows(
+          rows, d,
+          [=] MOE_HOST_DEVICE(Index r, Index begin, Index end) {
             const Scalar* src = xs + pair_token[row_pair[r]] * d;
             Scalar* dst = x_rows + r * d;
-            for (Index j = 0; j < d; ++j) dst[j] = src[j];
+            for (Index j = begin; j < end; ++j) dst[j] = src[j];
           },
           rows * d);
     }
@@ -288,19 +288,19 @@ class Layer {
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
       const bool derivatives = cache.derivatives_;
-      backend_.parallel_for(
-          rows,
-          [=] MOE_HOST_DEVICE(Index r) {
+      backend_.parallel_for_rows(
+          rows, h,
+          [=] MOE_HOST_DEVICE(Index r, Index begin, Index end) {
             Scalar* pr = pre + r * wide;
             Scalar* hr = hidden + r * h;
             if (b1 != nullptr) {
               const Scalar* be = b1 + row_expert[r] * h;
-              for (Index j = 0; j < h; ++j) pr[j] += be[j];
+              for (Index j = begin; j < end; ++j) pr[j] += be[j];
             }
             if (derivatives) {
               // Value and derivative in place; the dropout factor, when there
               // is one, in a second loop, so this one has no branch per element.
-              for (Index j = 0; j < h; ++j) {
+              for (Index j = begin; j < end; ++j) {
                 if constexpr (Activation::kGated) {
                   Scalar d_gate, d_up;
                   hr[j] = value_and_partials(pr[j], pr[h + j], d_gate, d_up);
@@ -313,7 +313,7 @@ class Layer {
                 }
               }
               if (rate > 0) {  // the dropout factor, on the value and the derivative
-                for (Index j = 0; j < h; ++j) {
+                for (Index j = begin; j < end; ++j) {
                   const Scalar m = keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
                   hr[j] *= m;
                   pr[j] *= m;
@@ -322,7 +322,7 @@ class Layer {
               }
               return;
             }
-            for (Index j = 0; j < h; ++j) {
+            for (Index j = begin; j < end; ++j) {
               if constexpr (Activation::kGated) {
                 hr[j] = Activation::value(pr[j], pr[h + j]);
               } else {
@@ -330,7 +330,7 @@ class Layer {
               }
             }
             if (rate > 0) {
-              for (Index j = 0; j < h; ++j)
+              for (Index j = begin; j < end; ++j)
                 hr[j] *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
             }
           },
@@ -342,11 +342,11 @@ class Layer {
       Scalar* out = cache.out_rows_.data();
       const int* row_expert = dispatch.row_expert.data();
       const Scalar* b2 = params_["experts.b2"].data();
-      backend_.parallel_for(
-          rows,
-          [=] MOE_HOST_DEVICE(Index r) {
+      backend_.parallel_for_rows(
+          rows, d,
+          [=] MOE_HOST_DEVICE(Index r, Index begin, Index end) {
             const Scalar* be = b2 + row_expert[r] * d;
-            for (Index j = 0; j < d; ++j) out[r * d + j] += be[j];
+            for (Index j = begin; j < end; ++j) out[r * d + j] += be[j];
           },
           rows * d);
     }
@@ -361,18 +361,18 @@ class Layer {
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* out = cache.out_rows_.data();
       Scalar* ys = y.data();
-      backend_.parallel_for(
-          T,
-          [=] MOE_HOST_DEVICE(Index t) {
+      backend_.parallel_for_rows(
+          T, d,
+          [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
             Scalar* yt = ys + t * d;
-            for (Index j = 0; j < d; ++j) yt[j] = Scalar(0);
-            const Index first = token_offsets[t], end = first + selected[t + 1] - selected[t];
-            for (Index p = first; p < end; ++p) {
+            for (Index j = begin; j < end; ++j) yt[j] = Scalar(0);
+            const Index first = token_offsets[t], last = first + selected[t + 1] - selected[t];
+            for (Index p = first; p < last; ++p) {
               const Index r = pair_row[p];
               if (r < 0) continue;  // dropped by capacity
               const Scalar g = gates[t * E + pair_expert[p]];
               const Scalar* o = out + r * d;
-              for (Index j = 0; j < d; ++j) yt[j] += g * o[j];
+              for (Index j = begin; j < end; ++j) yt[j] += g * o[j];
             }
           },
           (rows + T) * d);
@@ -444,41 +444,44 @@ class Layer {
     ws.d_gates.resize(static_cast<std::size_t>(T * E));
     ws.d_logits.resize(static_cast<std::size_t>(T * E));
 
-    // Combine backward: dG_te = <dy_t, E_e(x_t)> for every computed pair,
-    // dE_e(x_t) = G_te dy_t for the selected ones (0 for the oracle's others).
+    // Combine backward: dE_e(x_t) = G_te dy_t for the selected pairs (0 for
+    // the oracle's others), per expert row; dG_te = <dy_t, E_e(x_t)> for every
+    // computed pair that has a row, one sum each, and 0 for every other entry.
     {
       const Scalar* gates = sel.gates.data();
       const Index* selected = sel.token_offsets.data();
       const Index* token_offsets = computed.token_offsets.data();
       const int* pair_expert = computed.pair_expert.data();
       const Index* pair_row = dispatch.pair_row.data();
+      const Index* pair_token = dispatch.pair_token.data();
+      const Index* row_pair = dispatch.row_pair.data();
       const Scalar* out = cache.out_rows_.data();
       const Scalar* dys = dy.data();
       Scalar* d_out = ws.d_out.data();
       Scalar* d_gates = ws.d_gates.data();
-      backend_.parallel_for(
-          T,
-          [=] MOE_HOST_DEVICE(Index t) {
+      backend_.parallel_for_rows(
+          rows, d,
+          [=] MOE_HOST_DEVICE(Index r, Index begin, Index end) {
+            const Index p = row_pair[r], t = pair_token[p];
+            const bool is_selected = p < token_offsets[t] + selected[t + 1] - selected[t];
+            const Scalar gate = is_selected ? gates[t * E + pair_expert[p]] : Scalar(0);
             const Scalar* g = dys + t * d;
-            Scalar* dg = d_gates + t * E;
-            for (Index e = 0; e < E; ++e) dg[e] = Scalar(0);
-            const Index selected_end = token_offsets[t] + selected[t + 1] - selected[t];
-            for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
-              const Index r = pair_row[p];
-              if (r < 0) continue;
-              const Index e = pair_expert[p];
-              const Scalar gate = p < selected_end ? gates[t * E + e] : Scalar(0);
-              const Scalar* o = out + r * d;
-              Scalar* dor = d_out + r * d;
-              Scalar dot = 0;
-              for (Index j = 0; j < d; ++j) {
-                dot += g[j] * o[j];
-                dor[j] = gate * g[j];
-              }
-              dg[e] = dot;
-            }
+            Scalar* dor = d_out + r * d;
+            for (Index j = begin; j < end; ++j) dor[j] = gate * g[j];
           },
-          2 * rows * d);
+          rows * d);
+      backend_.parallel_for(
+          T * E, [=] MOE_HOST_DEVICE(Index i) { d_gates[i] = Scalar(0); }, T * E);
+      backend_.parallel_sum_rows(
+          computed.pairs(), d,
+          [=] MOE_HOST_DEVICE(Index p, Index j) {
+            const Index r = pair_row[p];
+            return r < 0 ? Scalar(0) : dys[pair_token[p] * d + j] * out[r * d + j];
+          },
+          [=] MOE_HOST_DEVICE(Index p, Scalar dot) {
+            if (pair_row[p] >= 0) d_gates[pair_token[p] * E + pair_expert[p]] = dot;
+          },
+          rows * d);
     }
     estimator_.add_unselected_gate_gradients(backend_, batch_of(cache), cache.state_, dy.data(),
                                              ws.d_gates.data());
@@ -503,20 +506,20 @@ class Layer {
       const std::uint64_t key = cache.dropout_key_;
       const Scalar keep_scale = static_cast<Scalar>(rate > 0 ? 1.0 / (1.0 - rate) : 1.0);
       const bool derivatives = cache.derivatives_;
-      backend_.parallel_for(
-          rows,
-          [=] MOE_HOST_DEVICE(Index r) {
+      backend_.parallel_for_rows(
+          rows, h,
+          [=] MOE_HOST_DEVICE(Index r, Index begin, Index end) {
             const Scalar* pr = pre + r * wide;
             const Scalar* dhr = d_hidden + r * h;
             Scalar* dpr = d_pre + r * wide;
             if (derivatives) {  // pre holds the forward's derivatives (dropout included)
-              for (Index j = 0; j < h; ++j) {
+              for (Index j = begin; j < end; ++j) {
                 dpr[j] = dhr[j] * pr[j];
                 if constexpr (Activation::kGated) dpr[h + j] = dhr[j] * pr[h + j];
               }
               return;
             }
-            for (Index j = 0; j < h; ++j) {
+            for (Index j = begin; j < end; ++j) {
               Scalar dh = dhr[j];
               if (rate > 0) dh *= keeps(key, row_pair[r], j, rate) ? keep_scale : Scalar(0);
               if constexpr (Activation::kGated) {
@@ -546,16 +549,16 @@ class Layer {
       const Index* pair_row = dispatch.pair_row.data();
       const Scalar* d_x_rows = ws.d_x_rows.data();
       Scalar* dxs = dx.data();
-      backend_.parallel_for(
-          T,
-          [=] MOE_HOST_DEVICE(Index t) {
+      backend_.parallel_for_rows(
+          T, d,
+          [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
             Scalar* dxt = dxs + t * d;
-            for (Index j = 0; j < d; ++j) dxt[j] = Scalar(0);
+            for (Index j = begin; j < end; ++j) dxt[j] = Scalar(0);
             for (Index p = token_offsets[t]; p < token_offsets[t + 1]; ++p) {
               const Index r = pair_row[p];
               if (r < 0) continue;
               const Scalar* src = d_x_rows + r * d;
-              for (Index j = 0; j < d; ++j) dxt[j] += src[j];
+              for (Index j = begin; j < end; ++j) dxt[j] += src[j];
             }
           },
           (rows + T) * d);

@@ -54,16 +54,16 @@ struct DefaultEMA {
     const Index d = batch.d_model, E = batch.experts;
     const double b = beta;
     const bool weighted = weighting == Weighting::score_weighted;
-    be.parallel_for(
-        E,
-        [=] MOE_HOST_DEVICE(Index e) {
+    be.parallel_for_rows(
+        E, d,
+        [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
           const Index r0 = offsets[e], r1 = offsets[e + 1];
           double total = 0;
           for (Index r = r0; r < r1; ++r)
             total += weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
           if (r1 == r0 || total <= 0) return;  // S_i empty: keep Ehat_i [choice]
           double* ema_e = ema + e * d;
-          for (Index j = 0; j < d; ++j) {
+          for (Index j = begin; j < end; ++j) {
             double sum = 0;
             for (Index r = r0; r < r1; ++r) {
               const double w = weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
@@ -85,14 +85,14 @@ struct DefaultEMA {
     const Index* offsets = batch.token_offsets;
     const int* pair_expert = batch.pair_expert;
     const Index d = batch.d_model, E = batch.experts;
-    be.parallel_for(
-        batch.tokens,
-        [=] MOE_HOST_DEVICE(Index t) {
+    be.parallel_for_rows(
+        batch.tokens, d,
+        [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
           for (Index e = 0; e < E; ++e) {
             if (selected(offsets, pair_expert, t, e)) continue;
             const S g = gates[t * E + e];
             if (g == S(0)) continue;
-            for (Index j = 0; j < d; ++j) y[t * d + j] += g * static_cast<S>(ema[e * d + j]);
+            for (Index j = begin; j < end; ++j) y[t * d + j] += g * static_cast<S>(ema[e * d + j]);
           }
         },
         batch.tokens * E * d);
@@ -109,15 +109,14 @@ struct DefaultEMA {
     const Index* offsets = batch.token_offsets;
     const int* pair_expert = batch.pair_expert;
     const Index d = batch.d_model, E = batch.experts;
-    be.parallel_for(
-        batch.tokens,
-        [=] MOE_HOST_DEVICE(Index t) {
-          for (Index e = 0; e < E; ++e) {
-            if (selected(offsets, pair_expert, t, e)) continue;
-            S dot = 0;
-            for (Index j = 0; j < d; ++j) dot += dy[t * d + j] * static_cast<S>(ema[e * d + j]);
-            dgates[t * E + e] = dot;
-          }
+    // One sum per (t, i) = (q / E, q % E); the selected ones are not stored.
+    be.parallel_sum_rows(
+        batch.tokens * E, d,
+        [=] MOE_HOST_DEVICE(Index q, Index j) {
+          return dy[(q / E) * d + j] * static_cast<S>(ema[(q % E) * d + j]);
+        },
+        [=] MOE_HOST_DEVICE(Index q, S dot) {
+          if (!selected(offsets, pair_expert, q / E, q % E)) dgates[q] = dot;
         },
         batch.tokens * E * d);
   }

@@ -13,6 +13,7 @@
 #include <climits>
 #include <cmath>
 #include <memory_resource>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -85,6 +86,36 @@ class Backend {
     }
 #endif
     for (Index i = 0; i < n; ++i) f(i);
+  }
+
+  // f(r, begin, end) for every row r in [0, rows): columns [begin, end) of
+  // a row of `cols` columns. Here every call covers a whole row (0, cols);
+  // another backend may cut rows into spans (the CUDA one: one column per
+  // thread, so that neighbouring threads read neighbouring values). f must
+  // therefore compute each column on its own, never across columns.
+  template <class F>
+  void parallel_for_rows(Index rows, Index cols, F&& f, Index work = kMinParallelWork) const {
+    if (cols <= 0) return;
+    parallel_for(
+        rows, [&](Index r) { f(r, Index{0}, cols); }, work);
+  }
+
+  // store(i, sum over j in [0, len) of term(i, j)) for every i in [0, n),
+  // in parallel over i. Here the sum runs in order of j; another backend may
+  // add the terms in another order (the CUDA one: a warp's tree), so results
+  // agree to rounding only.
+  template <class Term, class Store>
+  void parallel_sum_rows(Index n, Index len, Term&& term, Store&& store,
+                         Index work = kMinParallelWork) const {
+    using Sum = std::decay_t<decltype(term(Index{}, Index{}))>;
+    parallel_for(
+        n,
+        [&](Index i) {
+          Sum sum = 0;
+          for (Index j = 0; j < len; ++j) sum += term(i, j);
+          store(i, sum);
+        },
+        work);
   }
 
   static constexpr Index kMinParallelWork = 1 << 15;

@@ -11,8 +11,13 @@
 // - parallel_for(n, f): one kernel, f(i) per index (f is a __host__ __device__
 //   lambda of the layer or a policy);
 // - gemm: cuBLAS (fp32, the router's products);
-// - grouped_gemm / grouped_gemm_tn: one cuBLAS call per expert (fp32, or
-//   cublasGemmEx on bf16 copies of the operands with fp32 accumulation);
+// - parallel_for_rows(rows, cols, f): one thread per column of a row, so a
+//   warp touches neighbouring values (the layer's gathers, activations and
+//   combines); parallel_sum_rows: one warp per sum (dot products);
+// - grouped_gemm / grouped_gemm_tn: fp32 in one cublasGemmGroupedBatchedEx
+//   call (cuBLAS 12.5+; one cublasSgemm per expert before), bf16 one
+//   cublasGemmEx per expert on bf16 copies of the operands (only the weights
+//   of experts with rows are converted) with fp32 accumulation;
 // - dispatch: CUB radix sort of the pairs by expert (end_bit = ceil(log2 E),
 //   stable, so token order inside an expert), histogram, exclusive scans, and
 //   one kernel that applies the capacity and writes the permutation.
@@ -71,6 +76,39 @@ __global__ void for_each_index(Index n, F f) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     f(i);
+}
+
+// f(r, c, c + 1) for every (r, c): threadIdx.x runs along a row's columns, so
+// a warp reads and writes neighbouring values of one row (coalesced), and
+// threadIdx.y takes one row each. Grid-stride in both directions.
+template <class F>
+__global__ void for_each_row_column(Index rows, Index cols, F f) {
+  const Index column_stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  const Index row_stride = static_cast<Index>(gridDim.y) * blockDim.y;
+  for (Index r = static_cast<Index>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += row_stride)
+    for (Index c = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols;
+         c += column_stride)
+      f(r, c, c + 1);
+}
+
+// store(i, sum_j term(i, j)): one warp per i, its lanes striding over j, then
+// a shuffle tree. Every lane of a warp runs the same i (the loop bound is
+// uniform per warp), so the full mask is right.
+template <class Term, class Store>
+__global__ void sum_rows(Index n, Index len, Term term, Store store) {
+  using Sum = std::decay_t<decltype(term(Index{}, Index{}))>;
+  constexpr int kWarp = 32;
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
+  const Index warps = static_cast<Index>(gridDim.x) * (blockDim.x / kWarp);
+  for (Index i = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; i < n;
+       i += warps) {
+    Sum sum = 0;
+    for (Index j = lane; j < len; j += kWarp) sum += term(i, j);
+    for (int offset = kWarp / 2; offset > 0; offset /= 2)
+      sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) store(i, sum);
+  }
 }
 
 // The smallest i with a NaN or Inf (v - v is 0 for every finite v only).
@@ -179,6 +217,42 @@ class Backend {
     synchronize("cudaStreamSynchronize (parallel_for)");
   }
 
+  // f(r, c, c + 1) for every row r < rows and column c < cols: one column per
+  // thread, neighbouring threads on neighbouring columns of a row.
+  template <class F>
+  void parallel_for_rows(Index rows, Index cols, F&& f, Index /*work*/ = 0) const {
+    if (rows <= 0 || cols <= 0) return;
+    activate();
+    // Block: a warp multiple along the columns (up to kBlock), rows fill the rest.
+    const Index width = std::min<Index>(kernels::kBlock, (cols + 31) / 32 * 32);
+    const dim3 block(static_cast<unsigned>(width), static_cast<unsigned>(kernels::kBlock / width));
+    const Index column_blocks = (cols + width - 1) / width;
+    const Index row_blocks = (rows + block.y - 1) / block.y;
+    const Index cap = Index{32} * context_->multiprocessors;  // grid-stride beyond this
+    const Index gx = std::min(column_blocks, cap);
+    const Index gy = std::min({row_blocks, std::max<Index>(cap / gx, 1), Index{65535}});
+    kernels::for_each_row_column<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+                                   block, 0, stream()>>>(rows, cols, f);
+    detail::check_launch("moe::cuda::kernels::for_each_row_column");
+    synchronize("cudaStreamSynchronize (parallel_for_rows)");
+  }
+
+  // store(i, sum over j < len of term(i, j)) for every i < n: one warp per i
+  // (the terms added in a tree, not in order of j).
+  template <class Term, class Store>
+  void parallel_sum_rows(Index n, Index len, Term&& term, Store&& store, Index /*work*/ = 0) const {
+    if (n <= 0) return;
+    activate();
+    const Index warps_per_block = kernels::kBlock / 32;
+    const Index wanted = (n + warps_per_block - 1) / warps_per_block;
+    const Index cap = Index{32} * context_->multiprocessors;
+    kernels::
+        sum_rows<<<static_cast<unsigned>(std::min(wanted, cap)), kernels::kBlock, 0, stream()>>>(
+            n, len, term, store);
+    detail::check_launch("moe::cuda::kernels::sum_rows");
+    synchronize("cudaStreamSynchronize (parallel_sum_rows)");
+  }
+
   // Row-major C (m, n) = alpha op(A) op(B) + beta C, fp32 (router products).
   void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha, const float* a,
             Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
@@ -201,13 +275,16 @@ class Backend {
     const Index E = static_cast<Index>(offsets.size()) - 1, rows = offsets.back();
     if (rows == 0 || n == 0) return;
     activate();
-    const Operands ops = operands(a, rows * k, b, E * b_stride);
+    const Operands ops = expert_operands(offsets, a, rows * k, b, b_stride);
+    std::vector<Problem>& problems = context_->problems;
+    problems.clear();
     for (Index e = 0; e < E; ++e) {
       const Index r0 = offsets[e], ne = offsets[e + 1] - r0;
       if (ne == 0) continue;
-      expert_gemm(false, trans_b, ne, n, k, ops, r0 * k, k, e * b_stride, trans_b ? k : n, beta,
-                  c + r0 * n, n);
+      problems.push_back(
+          {false, trans_b, ne, n, k, r0 * k, k, e * b_stride, trans_b ? k : n, c + r0 * n, n});
     }
+    run(problems, ops, beta);
     synchronize("cudaStreamSynchronize (grouped_gemm)");
   }
 
@@ -218,11 +295,14 @@ class Backend {
     if (rows == 0 || n == 0 || k == 0) return;
     activate();
     const Operands ops = operands(a, rows * k, b, rows * n);
+    std::vector<Problem>& problems = context_->problems;
+    problems.clear();
     for (Index e = 0; e < E; ++e) {
       const Index r0 = offsets[e], ne = offsets[e + 1] - r0;
       if (ne == 0) continue;
-      expert_gemm(true, false, k, n, ne, ops, r0 * k, k, r0 * n, n, 1.0f, w + e * w_stride, n);
+      problems.push_back({true, false, k, n, ne, r0 * k, k, r0 * n, n, w + e * w_stride, n});
     }
+    run(problems, ops, 1.0f);
     synchronize("cudaStreamSynchronize (grouped_gemm_tn)");
   }
 
@@ -372,6 +452,31 @@ class Backend {
   }
 
  private:
+  // One expert's product, row-major C = op(A) op(B) + beta C, with A and B
+  // at offsets (in elements) into the operands.
+  struct Problem {
+    bool trans_a, trans_b;
+    Index m, n, k;
+    Index a_offset, lda, b_offset, ldb;
+    float* c;
+    Index ldc;
+  };
+
+  // Host arrays of a grouped cuBLAS call (one entry per group).
+  struct GroupedArrays {
+    std::vector<cublasOperation_t> trans_a, trans_b;
+    std::vector<int> m, n, k, lda, ldb, ldc, group_size;
+    std::vector<float> alpha, beta;
+    std::vector<const void*> pointers;
+    void clear() {
+      for (auto* v : {&m, &n, &k, &lda, &ldb, &ldc, &group_size}) v->clear();
+      trans_a.clear();
+      trans_b.clear();
+      alpha.clear();
+      beta.clear();
+    }
+  };
+
   // One device, its stream, cuBLAS handle and scratch; shared by copies of
   // the backend (the layer keeps one).
   struct Context {
@@ -407,6 +512,11 @@ class Backend {
     cublasHandle_t blas = nullptr;
     DeviceScratch scratch;   // CUB temp storage, sort keys, flags
     DeviceScratch operands;  // bf16 copies of grouped GEMM operands
+    // The grouped GEMMs' problems and, for the grouped cuBLAS call, its
+    // per-group arrays (host) and pointer arrays (device): reused per call.
+    std::vector<Problem> problems;
+    GroupedArrays grouped;
+    DeviceScratch pointers;
   };
 
   // The expert GEMM operands as the GEMM reads them: the fp32 pointers, or
@@ -416,6 +526,7 @@ class Backend {
     const void* b;
   };
 
+  // Both operands whole (the weight-gradient products: A and B are rows).
   Operands operands(const float* a, Index a_size, const float* b, Index b_size) const {
     if constexpr (std::is_same_v<T, float>) {
       return {a, b};
@@ -425,12 +536,103 @@ class Backend {
       void* base = context_->operands.reserve(plan.bytes());
       auto* a16 = ScratchPlan::at<T>(base, a_at);
       auto* b16 = ScratchPlan::at<T>(base, b_at);
-      kernels::convert<<<blocks(a_size), kernels::kBlock, 0, stream()>>>(a, a_size, a16);
-      detail::check_launch("moe::cuda::kernels::convert (to bf16)");
-      kernels::convert<<<blocks(b_size), kernels::kBlock, 0, stream()>>>(b, b_size, b16);
-      detail::check_launch("moe::cuda::kernels::convert (to bf16)");
+      convert(a, a_size, a16);
+      convert(b, b_size, b16);
       return {a16, b16};
     }
+  }
+
+  // A whole, and of the per-expert weights B (E slices of b_stride) only the
+  // slices of experts with rows: an idle expert's weights are not converted.
+  Operands expert_operands(const std::vector<Index>& offsets, const float* a, Index a_size,
+                           const float* b, Index b_stride) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return {a, b};
+    } else {
+      const Index E = static_cast<Index>(offsets.size()) - 1;
+      ScratchPlan plan;
+      const auto a_at = plan.add<T>(a_size), b_at = plan.add<T>(E * b_stride);
+      void* base = context_->operands.reserve(plan.bytes());
+      auto* a16 = ScratchPlan::at<T>(base, a_at);
+      auto* b16 = ScratchPlan::at<T>(base, b_at);
+      convert(a, a_size, a16);
+      for (Index e = 0; e < E; ++e)
+        if (offsets[e + 1] > offsets[e]) convert(b + e * b_stride, b_stride, b16 + e * b_stride);
+      return {a16, b16};
+    }
+  }
+
+  void convert(const float* src, Index n, T* dst) const {
+    if (n <= 0) return;
+    kernels::convert<<<blocks(n), kernels::kBlock, 0, stream()>>>(src, n, dst);
+    detail::check_launch("moe::cuda::kernels::convert (to bf16)");
+  }
+
+  // Runs every problem: fp32 in one grouped cuBLAS call where cuBLAS has
+  // one (12.5 and later), else one call per problem. bf16 always takes one
+  // cublasGemmEx per problem: the grouped call has no bf16 x bf16 -> fp32
+  // combination (its bf16 products write bf16), and the layer accumulates
+  // in fp32 (C, and the weight gradients with beta = 1).
+  static constexpr bool kGroupedCall = std::is_same_v<T, float> && CUBLAS_VERSION >= 120500;
+
+  void run(const std::vector<Problem>& problems, const Operands& ops, float beta) const {
+    if (problems.empty()) return;
+    if constexpr (kGroupedCall) {
+      grouped_sgemm(problems, ops, beta);
+    } else {
+      for (const Problem& q : problems)
+        expert_gemm(q.trans_a, q.trans_b, q.m, q.n, q.k, ops, q.a_offset, q.lda, q.b_offset, q.ldb,
+                    beta, q.c, q.ldc);
+    }
+  }
+
+  // One cublasGemmGroupedBatchedEx call, one group of one product per
+  // problem (sizes differ per expert). Row-major to column-major as in sgemm:
+  // cuBLAS gets B first, with m and n swapped.
+  void grouped_sgemm(const std::vector<Problem>& problems, const Operands& ops, float beta) const {
+#if CUBLAS_VERSION >= 120500
+    GroupedArrays& g = context_->grouped;
+    g.clear();
+    const auto* a = static_cast<const float*>(ops.a);
+    const auto* b = static_cast<const float*>(ops.b);
+    // The pointer arrays, for the device: cuBLAS's A (our B) of every
+    // problem, then its B (our A), then C.
+    const std::size_t count = problems.size();
+    g.pointers.assign(3 * count, nullptr);
+    for (std::size_t i = 0; i < count; ++i) {
+      const Problem& q = problems[i];
+      require_int_sizes(q.m, q.n, q.k, q.lda, q.ldb, q.ldc);
+      g.trans_a.push_back(op(q.trans_b));
+      g.trans_b.push_back(op(q.trans_a));
+      g.m.push_back(static_cast<int>(q.n));
+      g.n.push_back(static_cast<int>(q.m));
+      g.k.push_back(static_cast<int>(q.k));
+      g.lda.push_back(static_cast<int>(q.ldb));
+      g.ldb.push_back(static_cast<int>(q.lda));
+      g.ldc.push_back(static_cast<int>(q.ldc));
+      g.alpha.push_back(1.0f);
+      g.beta.push_back(beta);
+      g.group_size.push_back(1);
+      g.pointers[i] = b + q.b_offset;
+      g.pointers[count + i] = a + q.a_offset;
+      g.pointers[2 * count + i] = q.c;
+    }
+    const std::vector<const void*>& host = g.pointers;
+    auto** device =
+        static_cast<const void**>(context_->pointers.reserve(host.size() * sizeof(void*)));
+    detail::check(cudaMemcpyAsync(device, host.data(), host.size() * sizeof(void*),
+                                  cudaMemcpyHostToDevice, stream()),
+                  "cudaMemcpyAsync (grouped GEMM pointers)");
+    detail::check(
+        cublasGemmGroupedBatchedEx(
+            context_->blas, g.trans_a.data(), g.trans_b.data(), g.m.data(), g.n.data(), g.k.data(),
+            g.alpha.data(), device, CUDA_R_32F, g.lda.data(), device + count, CUDA_R_32F,
+            g.ldb.data(), g.beta.data(), const_cast<void* const*>(device + 2 * count), CUDA_R_32F,
+            g.ldc.data(), static_cast<int>(count), g.group_size.data(), CUBLAS_COMPUTE_32F),
+        "cublasGemmGroupedBatchedEx (fp32 expert GEMMs)");
+#else
+    (void)problems, (void)ops, (void)beta;  // never called: kGroupedCall is false
+#endif
   }
 
   // One expert's product on operands (offsets in elements of T), fp32 output

@@ -16,11 +16,25 @@ struct IndexFunction {
   MOE_HOST_DEVICE void operator()(Index) const {}
 };
 
+// What parallel_for_rows takes: f(row, begin, end) for columns [begin, end).
+struct RowSpanFunction {
+  MOE_HOST_DEVICE void operator()(Index, Index, Index) const {}
+};
+
+// What parallel_sum_rows takes: a term(i, j) and a store(i, sum).
+struct SumTerm {
+  MOE_HOST_DEVICE float operator()(Index, Index) const { return 0; }
+};
+struct SumStore {
+  MOE_HOST_DEVICE void operator()(Index, float) const {}
+};
+
 }  // namespace detail
 
 // An expert backend: memory (Buffer, and the memory resource of the layer's
-// parameter, gradient and state buffers), a row-major GEMM, a parallel loop
-// over independent work items and the dispatch of selected pairs by expert.
+// parameter, gradient and state buffers), a row-major GEMM, parallel loops
+// over independent work items (whole items, spans of a row's columns, and
+// one sum per item) and the dispatch of selected pairs by expert.
 // Every primitive returns with its results visible to the host: the layer's
 // bookkeeping (expert counts, loss terms) reads them there.
 template <class B>
@@ -39,9 +53,12 @@ concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typen
   be.grouped_gemm(std::vector<Index>{}, false, n, n, a, a, n, s, c);
   be.grouped_gemm_tn(std::vector<Index>{}, n, n, a, a, c, n);
   { be.first_non_finite(a, n) } -> std::convertible_to<Index>;
-  { be.offsets_from_counts(static_cast<const Index*>(nullptr), n, static_cast<Index*>(nullptr)) }
-      -> std::convertible_to<Index>;
+  {
+    be.offsets_from_counts(static_cast<const Index*>(nullptr), n, static_cast<Index*>(nullptr))
+    } -> std::convertible_to<Index>;
   be.parallel_for(n, detail::IndexFunction{});
+  be.parallel_for_rows(n, n, detail::RowSpanFunction{});
+  be.parallel_sum_rows(n, n, detail::SumTerm{}, detail::SumStore{});
   be.dispatch(sel, n, dispatch);
 };
 
@@ -76,6 +93,10 @@ struct Backend {
   Index offsets_from_counts(const Index*, Index, Index*) const;
   template <class F>
   void parallel_for(Index, F&&) const;
+  template <class F>
+  void parallel_for_rows(Index, Index, F&&) const;
+  template <class Term, class Store>
+  void parallel_sum_rows(Index, Index, Term&&, Store&&) const;
   template <class S>
   void dispatch(const Selection<S, Buffer>&, Index, Dispatch<Buffer>&) const;
 };
