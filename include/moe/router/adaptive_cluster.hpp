@@ -129,11 +129,11 @@ struct AdaptiveCluster {
       const double* m = cache.scales.data();
       const bool clustered = cache.clusters > 0;
       S* out = cache.scaled_x.data();
-      be.parallel_for(
-          T,
-          [=] MOE_HOST_DEVICE(Index t) {
+      be.parallel_for_rows(
+          T, d,
+          [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
             const int ct = clustered ? c[t] : -1;
-            for (Index q = 0; q < d; ++q)
+            for (Index q = begin; q < end; ++q)
               out[t * d + q] =
                   ct >= 0 ? static_cast<S>(m[ct * d + q]) * xs[t * d + q] : xs[t * d + q];
           },
@@ -144,14 +144,14 @@ struct AdaptiveCluster {
       const S* e = params["router.embedding"].data();
       S* unit = cache.unit.data();
       S* norm = cache.norm.data();
-      be.parallel_for(
-          E,
-          [=] MOE_HOST_DEVICE(Index j) {
-            S sq = 0;
-            for (Index q = 0; q < d; ++q) sq += e[j * d + q] * e[j * d + q];
-            norm[j] = std::sqrt(sq);
+      be.parallel_sum_rows(
+          E, d, [=] MOE_HOST_DEVICE(Index j, Index q) { return e[j * d + q] * e[j * d + q]; },
+          [=] MOE_HOST_DEVICE(Index j, S sq) { norm[j] = std::sqrt(sq); }, E * d);
+      be.parallel_for_rows(
+          E, d,
+          [=] MOE_HOST_DEVICE(Index j, Index begin, Index end) {
             const S scale = S(1) / std::max(norm[j], static_cast<S>(kNormFloor));
-            for (Index q = 0; q < d; ++q) unit[j * d + q] = e[j * d + q] * scale;
+            for (Index q = begin; q < end; ++q) unit[j * d + q] = e[j * d + q] * scale;
           },
           E * d);
     }
@@ -180,11 +180,11 @@ struct AdaptiveCluster {
       const int* c = cache.cluster.data();
       const double* m = cache.scales.data();
       const bool clustered = cache.clusters > 0;
-      be.parallel_for(
-          T,
-          [=] MOE_HOST_DEVICE(Index t) {
+      be.parallel_for_rows(
+          T, d,
+          [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
             const int ct = clustered ? c[t] : -1;
-            for (Index q = 0; q < d; ++q)
+            for (Index q = begin; q < end; ++q)
               dx[t * d + q] +=
                   ct >= 0 ? static_cast<S>(m[ct * d + q]) * ds[t * d + q] : ds[t * d + q];
           },

@@ -85,7 +85,11 @@ struct ReluL1 {
     S* g = sel.gates.data();
     Index* active = cache.active.data();
     be.parallel_for(
-        T, [=] MOE_HOST_DEVICE(Index t) { active[t] = math::relu_gates_forward(z + t * E, EE, g + t * E); }, T * E);
+        T,
+        [=] MOE_HOST_DEVICE(Index t) {
+          active[t] = math::relu_gates_forward(z + t * E, EE, g + t * E);
+        },
+        T * E);
     const Index pairs = be.offsets_from_counts(active, T, sel.token_offsets.data());
     sel.pair_expert.resize(static_cast<std::size_t>(pairs));
     const Index* offsets = sel.token_offsets.data();
@@ -106,19 +110,12 @@ struct ReluL1 {
                           : S(0);
     S* l1_grad = cache.l1_grad.data();
     S* l1_term = cache.l1_term.data();
-    be.parallel_for(
-        E,
-        [=] MOE_HOST_DEVICE(Index e) {
-          Index n = 0;
-          S column = 0;
-          for (Index t = 0; t < T; ++t) {
-            n += g[t * E + e] > S(0) ? 1 : 0;
-            column += g[t * E + e];
-          }
-          l1_grad[e] = scale * static_cast<S>(n);
-          l1_term[e] = l1_grad[e] * column;
-        },
-        T * E);
+    be.parallel_sum_rows(
+        E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return g[t * E + e] > S(0) ? Index{1} : 0; },
+        [=] MOE_HOST_DEVICE(Index e, Index n) { l1_grad[e] = scale * static_cast<S>(n); }, T * E);
+    be.parallel_sum_rows(
+        E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return g[t * E + e]; },
+        [=] MOE_HOST_DEVICE(Index e, S column) { l1_term[e] = l1_grad[e] * column; }, T * E);
     double l1 = 0;
     for (Index e = 0; e < E; ++e) l1 += static_cast<double>(l1_term[e]);
     sel.aux_loss = l1;

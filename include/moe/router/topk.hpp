@@ -112,14 +112,9 @@ struct TopK {
     be.gemm(true, false, E, d, T, S(1), dlogits, E, x.data(), d, S(1), dw, d);  // dW_r += dz^T x
     if (bias) {
       S* db = grads["router.bias"].data();
-      be.parallel_for(
-          E,
-          [=] MOE_HOST_DEVICE(Index e) {
-            S sum = 0;
-            for (Index t = 0; t < T; ++t) sum += dlogits[t * E + e];
-            db[e] += sum;
-          },
-          T * E);
+      be.parallel_sum_rows(
+          E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return dlogits[t * E + e]; },
+          [=] MOE_HOST_DEVICE(Index e, S sum) { db[e] += sum; }, T * E);
     }
   }
 

@@ -81,17 +81,13 @@ struct TopKGating {
     const S scale =
         static_cast<S>(aux_coef * static_cast<double>(E) /
                        (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
-    be.parallel_for(
-        E,
-        [=] MOE_HOST_DEVICE(Index e) {
-          Index count = 0;
-          for (Index q = 0; q < T * kk; ++q) count += chosen[q] == e ? 1 : 0;
-          S column = 0;
-          for (Index t = 0; t < T; ++t) column += p[t * E + e];
-          aux_grad[e] = scale * static_cast<S>(count);
-          aux_term[e] = aux_grad[e] * column;
-        },
+    be.parallel_sum_rows(
+        E, T * kk, [=] MOE_HOST_DEVICE(Index e, Index q) { return chosen[q] == e ? Index{1} : 0; },
+        [=] MOE_HOST_DEVICE(Index e, Index count) { aux_grad[e] = scale * static_cast<S>(count); },
         T * kk * E);
+    be.parallel_sum_rows(
+        E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return p[t * E + e]; },
+        [=] MOE_HOST_DEVICE(Index e, S column) { aux_term[e] = aux_grad[e] * column; }, T * E);
     double aux = 0;
     for (Index e = 0; e < E; ++e) aux += static_cast<double>(aux_term[e]);
     if (z_coef > 0) {

@@ -257,6 +257,13 @@ class Backend {
   void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha, const float* a,
             Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
     if (m == 0 || n == 0) return;
+    if (k == 0) {  // C = beta C, and 0 (not 0 * C) for beta = 0, as the CPU backend
+      parallel_for_rows(m, n, [=] MOE_HOST_DEVICE(Index r, Index begin, Index end) {
+        for (Index j = begin; j < end; ++j)
+          c[r * ldc + j] = beta == 0 ? 0.0f : beta * c[r * ldc + j];
+      });
+      return;
+    }
     activate();
     sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     synchronize("cudaStreamSynchronize (gemm)");
@@ -309,6 +316,9 @@ class Backend {
   // offsets[0] = 0, offsets[i + 1] = offsets[i] + counts[i]; returns the total
   // (read back: the caller sizes the next buffers with it).
   Index offsets_from_counts(const Index* counts, Index n, Index* offsets) const {
+    moe::detail::require(n >= 0 && n <= Index{INT_MAX},
+                         "moe::cuda::Backend::offsets_from_counts: n=", n,
+                         ", expected 0 <= n <= INT_MAX (CUB's item count)");
     activate();
     detail::check(cudaMemsetAsync(offsets, 0, sizeof(Index), stream()), "cudaMemsetAsync");
     if (n > 0) {
@@ -350,6 +360,8 @@ class Backend {
     const Index E = sel.experts, P = sel.pairs(), tokens = sel.tokens;
     moe::detail::require(P <= Index{INT_MAX}, "moe::cuda::Backend::dispatch: ", P,
                          " pairs, expected at most INT_MAX (CUB's item count)");
+    moe::detail::require(E >= 1 && E <= Index{INT_MAX}, "moe::cuda::Backend::dispatch: experts=", E,
+                         ", expected 1 <= experts <= INT_MAX");
     activate();
     out.pair_token.resize(static_cast<std::size_t>(P));
     out.pair_row.resize(static_cast<std::size_t>(P));
