@@ -32,6 +32,9 @@ double time_ms(int iterations, F&& f) {
   cuda::detail::check(cudaEventCreate(&stop), "cudaEventCreate");
   cuda::detail::check(cudaEventRecord(start), "cudaEventRecord");
   for (int i = 0; i < iterations; ++i) f();
+  // The layer runs on its backend's own (non-blocking) stream: wait for the
+  // whole device, so the stop event follows every stream's work.
+  cuda::detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda::detail::check(cudaEventRecord(stop), "cudaEventRecord");
   cuda::detail::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
   float ms = 0;

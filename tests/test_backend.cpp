@@ -238,8 +238,9 @@ TEST_CASE("the GEMM engine is chosen as asked, and blas without a BLAS is an err
 TEST_CASE("parallel_for_rows visits every (row, column) once, through spans inside the row") {
   for (const int threads : {1, 2}) {
     const cpu::Backend<double> backend(threads);
-    for (const auto& [rows, cols] :
+    for (const auto& shape :
          std::vector<std::pair<Index, Index>>{{0, 5}, {5, 0}, {1, 1}, {7, 3}, {300, 129}}) {
+      const Index rows = shape.first, cols = shape.second;  // no structured binding: clang < 16
       CAPTURE(threads);
       CAPTURE(rows);
       CAPTURE(cols);
@@ -268,8 +269,9 @@ TEST_CASE("parallel_for_rows visits every (row, column) once, through spans insi
 TEST_CASE("parallel_sum_rows stores each row's sum of terms, in the terms' type") {
   for (const int threads : {1, 2}) {
     const cpu::Backend<double> backend(threads);
-    for (const auto& [n, len] :
+    for (const auto& shape :
          std::vector<std::pair<Index, Index>>{{0, 4}, {3, 0}, {1, 1}, {5, 33}, {257, 70}}) {
+      const Index n = shape.first, len = shape.second;
       CAPTURE(threads);
       CAPTURE(n);
       CAPTURE(len);

@@ -25,7 +25,8 @@ struct FakeBatch {
             pair_expert.data(),
             expert_offsets.data(),
             row_token.data(),
-            out.data()};
+            out.data(),
+            expert_offsets.empty() ? 0 : expert_offsets.back()};
   }
 };
 

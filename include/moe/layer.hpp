@@ -380,7 +380,17 @@ class Layer {
     const auto batch = batch_of(cache);
     estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
     estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
-    cache.state_ = state_;  // reuses the cache's storage once sized
+    // The state this forward used, for the backward: copied by the backend
+    // (on a GPU the EMA stays on the device) once the cache has the layout.
+    if (cache.state_.same_layout(state_)) {
+      const double* src = state_.flat().data();
+      double* dst = cache.state_.flat().data();
+      const Index n = static_cast<Index>(state_.size());
+      backend_.parallel_for(
+          n, [=] MOE_HOST_DEVICE(Index i) { dst[i] = src[i]; }, n);
+    } else {
+      cache.state_ = state_;
+    }
 
     auto& stats = cache.stats_;
     stats.tokens_per_expert = dispatch.rows_per_expert;
@@ -711,6 +721,7 @@ class Layer {
     b.token_offsets = cache.selection_.token_offsets.data();
     b.pair_expert = cache.selection_.pair_expert.data();
     b.expert_offsets = cache.dispatch_.row_offsets.data();
+    b.rows = cache.dispatch_.rows();
     b.row_token = cache.dispatch_.row_token.data();
     b.expert_out = cache.out_rows_.data();
     return b;

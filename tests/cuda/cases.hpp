@@ -146,6 +146,19 @@ void for_each_case(Visit&& visit) {
         e::DenseExact{}, act::ReLU{}, none);
 }
 
+// Every case on `backend`, in order.
+template <class Backend>
+std::vector<Outcome> run_cases(const Backend& backend) {
+  std::vector<Outcome> outcomes;
+  for_each_case([&](const char* name, const Shape& shape, auto router, auto estimator, auto act,
+                    const std::vector<int>& previous) {
+    using Activation = decltype(act);
+    outcomes.push_back(
+        run<Activation>(name, backend, shape, std::move(router), std::move(estimator), previous));
+  });
+  return outcomes;
+}
+
 // Defined in cuda_cases.cu (nvcc).
 int cuda_devices();
 std::vector<Outcome> run_on_cuda(bool bf16);

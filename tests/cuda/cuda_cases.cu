@@ -13,15 +13,7 @@ namespace {
 
 template <class T>
 std::vector<Outcome> run_all() {
-  const cuda::Backend<T> backend(0);
-  std::vector<Outcome> outcomes;
-  for_each_case([&](const char* name, const Shape& shape, auto router, auto estimator, auto act,
-                    const std::vector<int>& previous) {
-    using Activation = decltype(act);
-    outcomes.push_back(
-        run<Activation>(name, backend, shape, std::move(router), std::move(estimator), previous));
-  });
-  return outcomes;
+  return run_cases(cuda::Backend<T>(0));
 }
 
 }  // namespace

@@ -16,7 +16,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "cases.hpp"
+#include "compare.hpp"
 #include "moe/moe.hpp"
 
 namespace {
@@ -24,68 +24,7 @@ namespace {
 using moe::gpu_test::Outcome;
 bool reference_only = false;
 
-std::vector<Outcome> run_on_cpu() {
-  const moe::cpu::Backend<float> backend(1);
-  std::vector<Outcome> outcomes;
-  moe::gpu_test::for_each_case([&](const char* name, const moe::gpu_test::Shape& shape, auto router,
-                                   auto estimator, auto act, const std::vector<int>& previous) {
-    using Activation = decltype(act);
-    outcomes.push_back(moe::gpu_test::run<Activation>(name, backend, shape, std::move(router),
-                                                      std::move(estimator), previous));
-  });
-  return outcomes;
-}
-
-// max |a - b| <= tolerance * max |b| (b: the CPU reference).
-template <class U>
-void expect_close(const std::vector<U>& a, const std::vector<U>& b, double tolerance,
-                  const std::string& what) {
-  CAPTURE(what);
-  REQUIRE(a.size() == b.size());
-  double error = 0, scale = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double ai = static_cast<double>(a[i]), bi = static_cast<double>(b[i]);
-    error = std::isfinite(ai) ? std::max(error, std::abs(ai - bi)) : INFINITY;
-    scale = std::max(scale, std::abs(bi));
-  }
-  CAPTURE(error);
-  CAPTURE(scale);
-  CHECK(error <= tolerance * scale);
-}
-
-// The same, tensor by tensor: each against its own largest value, so that a
-// small tensor (a bias gradient, the EMA) is not judged by a large one.
-template <class U>
-void expect_close_tensors(const std::vector<U>& a, const std::vector<U>& b,
-                          const std::vector<moe::TensorSpec>& specs, double tolerance,
-                          const std::string& what) {
-  REQUIRE(a.size() == b.size());
-  for (const auto& spec : specs) {
-    const auto first = static_cast<std::ptrdiff_t>(spec.offset);
-    const auto last = first + static_cast<std::ptrdiff_t>(spec.size());
-    expect_close(std::vector<U>(a.begin() + first, a.begin() + last),
-                 std::vector<U>(b.begin() + first, b.begin() + last), tolerance,
-                 what + " " + spec.name);
-  }
-}
-
-void compare(const std::vector<Outcome>& gpu, const std::vector<Outcome>& cpu, double tolerance) {
-  REQUIRE(gpu.size() == cpu.size());
-  for (std::size_t i = 0; i < cpu.size(); ++i) {
-    const Outcome& g = gpu[i];
-    const Outcome& c = cpu[i];
-    CAPTURE(c.name);
-    REQUIRE(g.name == c.name);
-    expect_close(g.y, c.y, tolerance, "y");
-    expect_close(g.dx, c.dx, tolerance, "dx");
-    expect_close_tensors(g.grads, c.grads, c.grad_tensors, tolerance, "gradient");
-    expect_close(g.y_eval, c.y_eval, tolerance, "eval y");
-    expect_close_tensors(g.state, c.state, c.state_tensors, tolerance, "state");
-    CHECK(g.tokens_per_expert == c.tokens_per_expert);
-    CHECK(g.dropped == c.dropped);
-    CHECK(std::abs(g.aux_loss - c.aux_loss) <= tolerance * std::max(std::abs(c.aux_loss), 1e-30));
-  }
-}
+std::vector<Outcome> run_on_cpu() { return moe::gpu_test::run_cases(moe::cpu::Backend<float>(1)); }
 
 bool finite(const std::vector<float>& v) {
   return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
@@ -133,11 +72,11 @@ TEST_CASE("the CPU reference of every case is finite, non-trivial and repeatable
 }
 
 TEST_CASE("the CUDA backend (fp32 experts) matches the CPU backend to 1e-5") {
-  compare(moe::gpu_test::run_on_cuda(false), run_on_cpu(), 1e-5);
+  moe::gpu_test::compare(moe::gpu_test::run_on_cuda(false), run_on_cpu(), 1e-5);
 }
 
 TEST_CASE("the CUDA backend (bf16 experts, fp32 accumulation) matches the CPU backend to 1e-2") {
-  compare(moe::gpu_test::run_on_cuda(true), run_on_cpu(), 1e-2);
+  moe::gpu_test::compare(moe::gpu_test::run_on_cuda(true), run_on_cpu(), 1e-2);
 }
 
 int main(int argc, char** argv) {

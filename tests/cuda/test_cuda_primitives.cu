@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -658,9 +659,15 @@ TEST_CASE("parallel_for_rows covers every (row, column) once") {
                                             {1, 31},     {31, 1},      {33, 33},   {1, 257},
                                             {257, 257},  {1000, 3000}, {70000, 1}, {100000, 3},
                                             {66000, 33}, {1, 100000},  {2, 70001}};
+  std::vector<std::pair<Index, Index>> all(std::begin(shapes), std::end(shapes));
+  // Past the column grid-stride boundary (the grid is at most 32 blocks per
+  // multiprocessor of 256 columns), so a thread takes more than one column.
+  const Index column_grid = Index{32} * be.threads() * 256;
+  all.emplace_back(1, column_grid + 77);
+  all.emplace_back(2, 2 * column_grid + 1);
   Buffer<int> visits, bad;
   bad.resize(1);
-  for (const std::pair<Index, Index>& shape : shapes) {
+  for (const std::pair<Index, Index>& shape : all) {
     const Index rows = shape.first, cols = shape.second;
     CAPTURE(rows);
     CAPTURE(cols);
@@ -775,6 +782,10 @@ TEST_CASE("parallel_sum_rows stores every row's sum once") {
     {
       INFO("double, reals");
       check_sum_rows<double>(be, n, len, Terms::reals, 1e-12);
+    }
+    {
+      INFO("Index (64-bit counts, as the routers' load terms), small integers (exact)");
+      check_sum_rows<Index>(be, n, len, Terms::small_integers, 0);
     }
   }
 }

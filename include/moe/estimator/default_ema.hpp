@@ -72,7 +72,7 @@ struct DefaultEMA {
             ema_e[j] = math::ema_update(ema_e[j], b, sum / total);
           }
         },
-        offsets[E] * d);
+        batch.rows * d);
   }
 
   // y_t += sum_{i not in A_t} G_ti Ehat_i.

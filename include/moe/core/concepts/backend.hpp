@@ -56,9 +56,11 @@ concept BackendPolicy = requires(const B& be, const typename B::Scalar* a, typen
   {
     be.offsets_from_counts(static_cast<const Index*>(nullptr), n, static_cast<Index*>(nullptr))
     } -> std::convertible_to<Index>;
-  be.parallel_for(n, detail::IndexFunction{});
-  be.parallel_for_rows(n, n, detail::RowSpanFunction{});
-  be.parallel_sum_rows(n, n, detail::SumTerm{}, detail::SumStore{});
+  // The loops take a last argument, the work (about the flops) of the whole
+  // loop: a CPU backend decides from it whether threads pay off.
+  be.parallel_for(n, detail::IndexFunction{}, n);
+  be.parallel_for_rows(n, n, detail::RowSpanFunction{}, n);
+  be.parallel_sum_rows(n, n, detail::SumTerm{}, detail::SumStore{}, n);
   be.dispatch(sel, n, dispatch);
 };
 
@@ -92,11 +94,11 @@ struct Backend {
   Index first_non_finite(const double*, Index) const;
   Index offsets_from_counts(const Index*, Index, Index*) const;
   template <class F>
-  void parallel_for(Index, F&&) const;
+  void parallel_for(Index, F&&, Index) const;
   template <class F>
-  void parallel_for_rows(Index, Index, F&&) const;
+  void parallel_for_rows(Index, Index, F&&, Index) const;
   template <class Term, class Store>
-  void parallel_sum_rows(Index, Index, Term&&, Store&&) const;
+  void parallel_sum_rows(Index, Index, Term&&, Store&&, Index) const;
   template <class S>
   void dispatch(const Selection<S, Buffer>&, Index, Dispatch<Buffer>&) const;
 };

@@ -19,6 +19,7 @@ struct EstimatorBatch {
   const Index* expert_offsets = nullptr;  // (E + 1) rows of expert e
   const Index* row_token = nullptr;       // (rows) the token of each computed row
   const S* expert_out = nullptr;          // (rows, d) E_e(x_t) of each computed row
+  Index rows = 0;                         // expert_offsets[E], known on the host
 };
 
 // A gradient estimator (ALGORITHMS.md section 4). It decides
