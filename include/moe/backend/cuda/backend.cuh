@@ -228,9 +228,8 @@ class Backend {
     const dim3 block(static_cast<unsigned>(width), static_cast<unsigned>(kernels::kBlock / width));
     const Index column_blocks = (cols + width - 1) / width;
     const Index row_blocks = (rows + block.y - 1) / block.y;
-    const Index cap = Index{32} * context_->multiprocessors;  // grid-stride beyond this
-    const Index gx = std::min(column_blocks, cap);
-    const Index gy = std::min({row_blocks, std::max<Index>(cap / gx, 1), Index{65535}});
+    const Index gx = std::min(column_blocks, max_blocks());
+    const Index gy = std::min({row_blocks, std::max<Index>(max_blocks() / gx, 1), Index{65535}});
     kernels::for_each_row_column<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
                                    block, 0, stream()>>>(rows, cols, f);
     detail::check_launch("moe::cuda::kernels::for_each_row_column");
@@ -243,12 +242,8 @@ class Backend {
   void parallel_sum_rows(Index n, Index len, Term&& term, Store&& store, Index /*work*/ = 0) const {
     if (n <= 0) return;
     activate();
-    const Index warps_per_block = kernels::kBlock / 32;
-    const Index wanted = (n + warps_per_block - 1) / warps_per_block;
-    const Index cap = Index{32} * context_->multiprocessors;
-    kernels::
-        sum_rows<<<static_cast<unsigned>(std::min(wanted, cap)), kernels::kBlock, 0, stream()>>>(
-            n, len, term, store);
+    // One warp (32 threads) per item.
+    kernels::sum_rows<<<blocks(n * 32), kernels::kBlock, 0, stream()>>>(n, len, term, store);
     detail::check_launch("moe::cuda::kernels::sum_rows");
     synchronize("cudaStreamSynchronize (parallel_sum_rows)");
   }
@@ -592,9 +587,7 @@ class Backend {
     if constexpr (kGroupedCall) {
       grouped_sgemm(problems, ops, beta);
     } else {
-      for (const Problem& q : problems)
-        expert_gemm(q.trans_a, q.trans_b, q.m, q.n, q.k, ops, q.a_offset, q.lda, q.b_offset, q.ldb,
-                    beta, q.c, q.ldc);
+      for (const Problem& q : problems) expert_gemm(q, ops, beta);
     }
   }
 
@@ -629,12 +622,11 @@ class Backend {
       g.pointers[count + i] = a + q.a_offset;
       g.pointers[2 * count + i] = q.c;
     }
-    const std::vector<const void*>& host = g.pointers;
-    auto** device =
-        static_cast<const void**>(context_->pointers.reserve(host.size() * sizeof(void*)));
-    detail::check(cudaMemcpyAsync(device, host.data(), host.size() * sizeof(void*),
-                                  cudaMemcpyHostToDevice, stream()),
-                  "cudaMemcpyAsync (grouped GEMM pointers)");
+    const std::size_t bytes = g.pointers.size() * sizeof(void*);
+    auto** device = static_cast<const void**>(context_->pointers.reserve(bytes));
+    detail::check(
+        cudaMemcpyAsync(device, g.pointers.data(), bytes, cudaMemcpyHostToDevice, stream()),
+        "cudaMemcpyAsync (grouped GEMM pointers)");
     detail::check(
         cublasGemmGroupedBatchedEx(
             context_->blas, g.trans_a.data(), g.trans_b.data(), g.m.data(), g.n.data(), g.k.data(),
@@ -650,21 +642,20 @@ class Backend {
   // One expert's product on operands (offsets in elements of T), fp32 output
   // and accumulation. Row-major C = op(A) op(B) is column-major
   // C^T = op(B)^T op(A)^T: cuBLAS gets B first, with the same transposes.
-  void expert_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const Operands& ops,
-                   Index a_offset, Index lda, Index b_offset, Index ldb, float beta, float* c,
-                   Index ldc) const {
-    const T* a = static_cast<const T*>(ops.a) + a_offset;
-    const T* b = static_cast<const T*>(ops.b) + b_offset;
+  void expert_gemm(const Problem& q, const Operands& ops, float beta) const {
+    const T* a = static_cast<const T*>(ops.a) + q.a_offset;
+    const T* b = static_cast<const T*>(ops.b) + q.b_offset;
     if constexpr (std::is_same_v<T, float>) {
-      sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+      sgemm(q.trans_a, q.trans_b, q.m, q.n, q.k, 1.0f, a, q.lda, b, q.ldb, beta, q.c, q.ldc);
     } else {
-      require_int_sizes(m, n, k, lda, ldb, ldc);
+      require_int_sizes(q.m, q.n, q.k, q.lda, q.ldb, q.ldc);
       const float alpha = 1.0f;
       detail::check(
-          cublasGemmEx(context_->blas, op(trans_b), op(trans_a), static_cast<int>(n),
-                       static_cast<int>(m), static_cast<int>(k), &alpha, b, CUDA_R_16BF,
-                       static_cast<int>(ldb), a, CUDA_R_16BF, static_cast<int>(lda), &beta, c,
-                       CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          cublasGemmEx(context_->blas, op(q.trans_b), op(q.trans_a), static_cast<int>(q.n),
+                       static_cast<int>(q.m), static_cast<int>(q.k), &alpha, b, CUDA_R_16BF,
+                       static_cast<int>(q.ldb), a, CUDA_R_16BF, static_cast<int>(q.lda), &beta, q.c,
+                       CUDA_R_32F, static_cast<int>(q.ldc), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT),
           "cublasGemmEx (bf16 expert GEMM)");
     }
   }
@@ -687,11 +678,13 @@ class Backend {
                          ", n=", n, ", k=", k, "), expected what cuBLAS can index");
   }
 
+  // Blocks of kBlock threads for n threads' work, at most max_blocks().
   unsigned blocks(Index n) const {
-    const Index wanted = (n + kernels::kBlock - 1) / kernels::kBlock;
-    const Index cap = Index{32} * context_->multiprocessors;  // grid-stride beyond this
-    return static_cast<unsigned>(wanted < cap ? wanted : cap);
+    return static_cast<unsigned>(
+        std::min((n + kernels::kBlock - 1) / kernels::kBlock, max_blocks()));
   }
+  // The largest grid (in blocks) a loop launches; kernels grid-stride beyond.
+  Index max_blocks() const { return Index{32} * context_->multiprocessors; }
 
   cudaStream_t stream() const { return context_->stream; }
   void activate() const { detail::check(cudaSetDevice(context_->device), "cudaSetDevice"); }
