@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "bf16_reference.hpp"
 #include "compare.hpp"
 #include "moe/moe.hpp"
 
@@ -25,6 +26,10 @@ using moe::gpu_test::Outcome;
 bool reference_only = false;
 
 std::vector<Outcome> run_on_cpu() { return moe::gpu_test::run_cases(moe::cpu::Backend<float>(1)); }
+// The reference of bf16 experts: the same operands rounded to bf16 first.
+std::vector<Outcome> run_on_cpu_bf16() {
+  return moe::gpu_test::run_cases(moe::gpu_test::Bf16OperandsBackend());
+}
 
 bool finite(const std::vector<float>& v) {
   return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
@@ -71,12 +76,32 @@ TEST_CASE("the CPU reference of every case is finite, non-trivial and repeatable
   CHECK(named("topk/sparse/swiglu T=1").y.size() == 24);
 }
 
+TEST_CASE("the CPU reference of bf16 experts rounds their operands, and only theirs") {
+  const auto fp32 = run_on_cpu();
+  const auto bf16 = run_on_cpu_bf16();
+  REQUIRE(bf16.size() == fp32.size());
+  for (std::size_t i = 0; i < fp32.size(); ++i) {
+    CAPTURE(fp32[i].name);
+    CHECK(finite(bf16[i].y));
+    CHECK(finite(bf16[i].grads));
+    CHECK(bf16[i].y != fp32[i].y);  // the rounding takes effect
+    moe::gpu_test::expect_close(bf16[i].y, fp32[i].y, 2e-2, "y");
+  }
+  using moe::gpu_test::round_to_bf16;  // bf16 keeps 7 fraction bits: 1 + 2^-7 follows 1
+  CHECK(round_to_bf16(1.0f + 0x1p-9f) == 1.0f);                     // below half: down
+  CHECK(round_to_bf16(1.0f + 0x1p-8f) == 1.0f);                     // a tie: to even
+  CHECK(round_to_bf16(1.0f + 3 * 0x1p-8f) == 1.0f + 0x1p-6f);       // a tie: to even
+  CHECK(round_to_bf16(1.0f + 0x1p-8f + 0x1p-10f) == 1.0f + 0x1p-7f);  // above half: up
+}
+
 TEST_CASE("the CUDA backend (fp32 experts) matches the CPU backend to 1e-5") {
   moe::gpu_test::compare(moe::gpu_test::run_on_cuda(false), run_on_cpu(), 1e-5);
 }
 
-TEST_CASE("the CUDA backend (bf16 experts, fp32 accumulation) matches the CPU backend to 1e-2") {
-  moe::gpu_test::compare(moe::gpu_test::run_on_cuda(true), run_on_cpu(), 1e-2);
+TEST_CASE(
+    "the CUDA backend (bf16 experts, fp32 accumulation) matches the CPU backend with bf16-rounded "
+    "expert operands to 1e-2") {
+  moe::gpu_test::compare(moe::gpu_test::run_on_cuda(true), run_on_cpu_bf16(), 1e-2);
 }
 
 int main(int argc, char** argv) {
