@@ -80,6 +80,12 @@ struct AdaptiveCluster {
     layout.add("router.embedding", {cfg.experts, cfg.d_model});  // e_j, (E, d)
   }
 
+  // No run state: nothing to add, save, restore or advance.
+  void add_state(TensorLayout&, const LayerConfig&) const {}
+  void save_state(TensorBuffer<double>&) const {}
+  void restore(const TensorBuffer<double>&) {}
+  void end_step(std::uint64_t) {}
+
   // Orthogonal init (as torch.nn.init.orthogonal_): orthonormal rows when
   // E <= d, orthonormal columns otherwise, times init_gain. Modified
   // Gram-Schmidt on normal draws, in double.

@@ -53,7 +53,7 @@ class Scheduled {
     router_.add_parameters(layout, cfg);
   }
   void add_state(TensorLayout& layout, const LayerConfig& cfg) const {
-    if constexpr (requires { router_.add_state(layout, cfg); }) router_.add_state(layout, cfg);
+    router_.add_state(layout, cfg);
     layout.add("router.step", {1});
   }
   template <class S>
@@ -85,19 +85,19 @@ class Scheduled {
 
   // After `steps` optimiser steps, the next training step uses k_at(steps).
   void end_step(std::uint64_t steps) {
-    if constexpr (requires { router_.end_step(steps); }) router_.end_step(steps);
+    router_.end_step(steps);
     steps_done_ = steps;
     router_.k = schedule_.k_at(steps);
   }
   void save_state(TensorBuffer<double>& state) const {
-    if constexpr (requires { router_.save_state(state); }) router_.save_state(state);
+    router_.save_state(state);
     state["router.step"][0] = static_cast<double>(steps_done_);
   }
   // Checks before changing anything, so a failed load_state changes nothing.
   void restore(const TensorBuffer<double>& state) {
     detail::require_whole(state["router.step"][0], 53, "moe::router::Scheduled::restore",
                           "router.step");
-    if constexpr (requires { router_.restore(state); }) router_.restore(state);
+    router_.restore(state);
     steps_done_ = static_cast<std::uint64_t>(state["router.step"][0]);
     router_.k = schedule_.k_at(steps_done_);
   }

@@ -61,6 +61,12 @@ struct TopK {
     if (bias) layout.add("router.bias", {cfg.experts}, !frozen);
   }
 
+  // No run state: nothing to add, save, restore or advance.
+  void add_state(TensorLayout&, const LayerConfig&) const {}
+  void save_state(TensorBuffer<double>&) const {}
+  void restore(const TensorBuffer<double>&) {}
+  void end_step(std::uint64_t) {}
+
   template <class S>
   void init(TensorBuffer<S>& params, const LayerConfig& cfg, std::uint64_t seed) const {
     const double std_dev =

@@ -1,0 +1,426 @@
+#pragma once
+// moe::Layer: a Mixture-of-Experts feed-forward layer composed from a router,
+// a gradient estimator, an expert backend, an activation and a dispatcher
+// (docs/algorithms.md sections 1 to 4):
+//
+//   y_t = sum_{i in A_t} G_ti E_i(x_t)  (+ the estimator's term for i outside A_t)
+//
+// forward() fills a Cache (one per micro-batch in flight); backward() returns
+// dL/dx and *accumulates* parameter gradients for the loss
+//   L = <dy, y> + aux_loss,
+// i.e. the router's auxiliary loss (reported in cache.stats().aux_loss) is
+// part of the loss the backward differentiates: callers add its value to
+// their loss and do nothing else. A forward is route, dispatch, experts,
+// combine, estimator; the pieces are layer/{selection, expert_ffn, combine,
+// cache}.hpp and the dispatch policy.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <utility>
+
+#include "moe/core/concepts.hpp"
+#include "moe/core/config.hpp"
+#include "moe/core/context.hpp"
+#include "moe/core/error.hpp"
+#include "moe/core/routing.hpp"
+#include "moe/core/tensor_buffer.hpp"
+#include "moe/core/view.hpp"
+#include "moe/dispatch/local.hpp"
+#include "moe/layer/cache.hpp"
+#include "moe/layer/checks.hpp"
+#include "moe/layer/combine.hpp"
+#include "moe/layer/expert_ffn.hpp"
+#include "moe/layer/selection.hpp"
+#include "moe/math/random.hpp"
+
+namespace moe {
+
+template <class Router, class Estimator, class Backend, class Activation,
+          class Dispatcher = dispatch::Local>
+requires BackendPolicy<Backend> && RouterPolicy<Router, Backend> &&
+    EstimatorPolicy<Estimator, Backend> && ActivationPolicy<Activation> &&
+    DispatchPolicy<Dispatcher, Backend>
+class Layer {
+ public:
+  using Scalar = typename Backend::Scalar;
+  using Parameters = TensorBuffer<Scalar>;
+  using Cache = LayerCache<Router, Backend, Dispatcher>;
+  // GEMM1 output columns per hidden unit: gated activations read (gate, up).
+  static constexpr Index kInputWidth = moe::kInputWidth<Activation>;
+
+  Layer(const LayerConfig& config, Router router = {}, Estimator estimator = {},
+        std::uint64_t seed = 0, Backend backend = Backend{}, Dispatcher dispatcher = {})
+      : config_(config),
+        router_(std::move(router)),
+        estimator_(std::move(estimator)),
+        backend_(std::move(backend)),
+        dispatcher_(std::move(dispatcher)),
+        seed_(seed) {
+    validate_config();
+    params_ = Parameters(parameter_layout(), backend_.memory_resource());
+    state_ = TensorBuffer<double>(state_layout(), backend_.memory_resource());
+    state_["layer.dropout_seed"][0] = static_cast<double>(seed_ >> 32);
+    state_["layer.dropout_seed"][1] = static_cast<double>(seed_ & 0xFFFFFFFFull);
+    router_.save_state(state_);
+    initialize();
+  }
+
+  // PyTorch nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
+  // and biases; the router initialises its own weights. Deterministic in seed.
+  void initialize() {
+    router_.init(params_, config_, math::hash3(seed_, kRouterSeedStream, 0));
+    const double bound1 = 1.0 / std::sqrt(static_cast<double>(config_.d_model));
+    const double bound2 = 1.0 / std::sqrt(static_cast<double>(config_.d_ff));
+    fill_uniform("experts.w1", bound1, 1);
+    fill_uniform("experts.w2", bound2, 2);
+    if (config_.expert_bias) {
+      fill_uniform("experts.b1", bound1, 3);
+      fill_uniform("experts.b2", bound2, 4);
+    }
+  }
+
+  // y = MoE(x); x and y are (T, d_model), row-major. x must stay unchanged
+  // until the backward of this cache. Eval forwards change nothing in the
+  // layer, so several threads may run them at once, each with its own cache.
+  void forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Cache& cache, Mode mode,
+               const ForwardContext& context = {}) {
+    check_forward(x, y);
+    router_.validate(config_);  // runtime k may have changed since construction
+    auto& c = detail::CacheAccess::data(cache);
+    begin(c, x.rows());
+    router_.forward(backend_, mode, x, std::as_const(params_), context, c.selection, c.router);
+    detail::write_top1(backend_, c.selection, c.top1);
+    const auto& pairs = computed_pairs(c);
+    dispatcher_.plan(backend_, pairs, capacity(x.rows()), c.dispatch);
+    run_experts(x, mode, c);
+    const auto& tokens = c.dispatch.tokens();
+    combine(backend_, token_pairs(c.selection, pairs, tokens), c.out_rows.data(), config_.d_model,
+            tokens.rows(), y.data());
+    const auto batch = batch_of(c);
+    estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
+    estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
+    keep_state(c);
+    record_stats(c);
+    c.filled = true;
+  }
+
+  // dx = dL/dx and grads += dL/dparameters for L = <dy, y> + aux_loss, where
+  // y and aux_loss are those of the forward that filled `cache` with this x.
+  // The cache holds the backward's scratch too.
+  void backward(ConstMatrixView<Scalar> x, Cache& cache, ConstMatrixView<Scalar> dy,
+                MatrixView<Scalar> dx, Parameters& grads) {
+    auto& c = detail::CacheAccess::data(cache);
+    check_backward(x, c, dy, dx, grads);
+    const Index T = x.rows(), d = config_.d_model, E = config_.experts;
+    const auto& tokens = c.dispatch.tokens();
+    const auto pairs = token_pairs(c.selection, computed_pairs(std::as_const(c)), tokens);
+    auto& ws = c.workspace;
+    ws.d_out.resize(static_cast<std::size_t>(tokens.rows() * d));
+    ws.d_gates.resize(static_cast<std::size_t>(T * E));
+    ws.d_logits.resize(static_cast<std::size_t>(T * E));
+    combine_backward(backend_, tokens, pairs, c.out_rows.data(), dy.data(), d, ws.d_out.data(),
+                     ws.d_gates.data());
+    estimator_.add_unselected_gate_gradients(backend_, batch_of(c), c.state, dy.data(),
+                                             ws.d_gates.data());
+    backward_experts(c, grads);
+    sum_input_gradients(backend_, pairs, ws.d_x_rows.data(), d, tokens.rows(), dx.data());
+    // The router adds its own dL/dx and parameter gradients (aux loss included).
+    router_.backward(backend_, x, std::as_const(params_), std::as_const(c.selection),
+                     std::as_const(c.router), ws.d_gates.data(), dx.data(), grads,
+                     ws.d_logits.data());
+  }
+
+  // Called once after each optimiser step with the number of steps done:
+  // stateful policies (k schedules, the ReLU router's lambda) advance here.
+  void end_step(std::uint64_t step) {
+    router_.end_step(step);
+    router_.save_state(state_);
+  }
+
+  // Non-parameter state (no gradient), one flat buffer with named views:
+  // "layer.train_forwards", the estimator's "estimator.ema", the router's
+  // ("router.lambda", "router.step"). Together with parameters() it restores
+  // training exactly: save both between steps, restore with load_state().
+  const TensorBuffer<double>& state() const { return state_; }
+  TensorBuffer<double>& state() { return state_; }
+
+  // Replaces the state (e.g. from a checkpoint) and hands policies their part
+  // back (the shared lambda, the schedule's k). Strong guarantee: everything
+  // is checked, and the policies take their part, before the state changes,
+  // so on an error the layer is unchanged (policies validate before they
+  // change anything).
+  void load_state(const TensorBuffer<double>& state) {
+    constexpr const char* where = "moe::Layer::load_state";
+    detail::require(state.same_layout(state_), where, ": a state of size ", state.size(),
+                    " with another layout, expected this layer's (size ", state_.size(), ")");
+    detail::require_whole(state["layer.train_forwards"][0], 53, where, "layer.train_forwards");
+    detail::require_whole(state["layer.dropout_seed"][0], 32, where, "layer.dropout_seed[0]");
+    detail::require_whole(state["layer.dropout_seed"][1], 32, where, "layer.dropout_seed[1]");
+    router_.restore(state);
+    std::copy(state.flat().begin(), state.flat().end(), state_.flat().begin());
+  }
+
+  // A zero gradient buffer with the parameters' layout.
+  Parameters make_gradients() const { return params_.zeros_like(); }
+
+  Parameters& parameters() { return params_; }
+  const Parameters& parameters() const { return params_; }
+  const LayerConfig& config() const { return config_; }
+  Router& router() { return router_; }
+  const Router& router() const { return router_; }
+  const Estimator& estimator() const { return estimator_; }
+  const Backend& backend() const { return backend_; }
+  const Dispatcher& dispatcher() const { return dispatcher_; }
+
+  // Pairs one expert may take: ceil(c T k / E), or -1 when dropless. Never
+  // more than T pairs can reach one expert, which also bounds huge factors.
+  Index capacity(Index tokens) const {
+    if (config_.capacity_factor <= 0) return -1;
+    const double pairs =
+        std::ceil(config_.capacity_factor * static_cast<double>(tokens) *
+                  static_cast<double>(router_.nominal_k()) / static_cast<double>(config_.experts));
+    return pairs >= static_cast<double>(tokens) ? tokens : static_cast<Index>(pairs);
+  }
+
+ private:
+  using CacheData = detail::LayerCacheData<Router, Backend, Dispatcher>;
+  using Pairs = Selection<Scalar, Backend::template Buffer>;
+
+  static constexpr std::uint64_t kRouterSeedStream = 1;
+  static constexpr std::uint64_t kExpertSeedStream = 2;
+  static constexpr std::uint64_t kDropoutSeedStream = 3;
+
+  // Caches remember which layer filled them; copies get a new identity.
+  class InstanceId {
+   public:
+    InstanceId() : value_(next()) {}
+    InstanceId(const InstanceId&) : value_(next()) {}
+    InstanceId& operator=(const InstanceId&) { return *this; }
+    std::uint64_t value() const { return value_; }
+
+   private:
+    static std::uint64_t next() {
+      static std::atomic<std::uint64_t> counter{0};
+      return ++counter;
+    }
+    std::uint64_t value_;
+  };
+
+  std::shared_ptr<TensorLayout> parameter_layout() const {
+    auto layout = std::make_shared<TensorLayout>();
+    router_.add_parameters(*layout, config_);
+    const Index E = config_.experts, d = config_.d_model, h = config_.d_ff;
+    layout->add("experts.w1", {E, d, kInputWidth * h});  // SwiGLU: [W1 | W3]
+    if (config_.expert_bias) layout->add("experts.b1", {E, h});
+    layout->add("experts.w2", {E, h, d});
+    if (config_.expert_bias) layout->add("experts.b2", {E, d});
+    return layout;
+  }
+
+  std::shared_ptr<TensorLayout> state_layout() const {
+    auto layout = std::make_shared<TensorLayout>();
+    layout->add("layer.train_forwards", {1});  // keys each training forward's dropout mask
+    layout->add("layer.dropout_seed", {2});    // the seed's two 32-bit halves, exact in double
+    router_.add_state(*layout, config_);
+    estimator_.add_state(*layout, config_);
+    return layout;
+  }
+
+  // The cache starts over: unfilled until this forward completes.
+  void begin(CacheData& c, Index tokens) const {
+    c.filled = false;
+    c.owner = id_.value();
+    c.tokens = tokens;
+    c.d_model = config_.d_model;
+    c.d_ff = config_.d_ff;
+    c.experts = config_.experts;
+    c.selection.tokens = tokens;
+    c.selection.experts = config_.experts;
+  }
+
+  // Gather, the experts' side, the expert FFN, and the outputs back on the
+  // tokens' side (c.out_rows).
+  void run_experts(ConstMatrixView<Scalar> x, Mode mode, CacheData& c) {
+    const Index d = config_.d_model;
+    const auto& tokens = c.dispatch.tokens();
+    c.x_rows.resize(static_cast<std::size_t>(tokens.rows() * d));
+    gather_rows(backend_, tokens, x.data(), d, c.x_rows.data());
+    auto& x_at_experts = dispatcher_.experts_side(c.x_rows, c.x_rows_at_experts);
+    dispatcher_.to_experts(backend_, c.dispatch, c.x_rows, x_at_experts, d);
+    const auto& experts = c.dispatch.experts();
+    auto& out_at_experts = dispatcher_.experts_side(c.out_rows, c.out_rows_at_experts);
+    out_at_experts.resize(static_cast<std::size_t>(experts.rows() * d));
+    c.activations.dropout = next_dropout(mode);
+    c.activations.derivatives = mode == Mode::train;  // the backward multiplies by them
+    expert_forward<Activation>(backend_, experts, d, config_.d_ff, weights(), x_at_experts.data(),
+                               c.activations, out_at_experts.data());
+    dispatcher_.to_tokens(backend_, c.dispatch, out_at_experts, c.out_rows, d);
+  }
+
+  // The experts' backward from the combine's d_out to each row's dL/dx on the
+  // tokens' side (c.workspace.d_x_rows).
+  void backward_experts(CacheData& c, Parameters& grads) {
+    const Index d = config_.d_model;
+    auto& ws = c.workspace;
+    auto& d_out_at_experts = dispatcher_.experts_side(ws.d_out, ws.d_out_at_experts);
+    dispatcher_.to_experts(backend_, c.dispatch, ws.d_out, d_out_at_experts, d);
+    const auto& experts = c.dispatch.experts();
+    auto& d_x_at_experts = dispatcher_.experts_side(ws.d_x_rows, ws.d_x_rows_at_experts);
+    d_x_at_experts.resize(static_cast<std::size_t>(experts.rows() * d));
+    const auto& x_at_experts = dispatcher_.experts_side(c.x_rows, c.x_rows_at_experts);
+    expert_backward<Activation>(backend_, experts, d, config_.d_ff, weights(),
+                                x_at_experts.data(), c.activations, d_out_at_experts.data(),
+                                ws.experts, gradients(grads), d_x_at_experts.data());
+    dispatcher_.to_tokens(backend_, c.dispatch, d_x_at_experts, ws.d_x_rows, d);
+  }
+
+  // The dropout of this forward: the rate in training (none in eval), keyed
+  // by the count of training forwards so far, kept in the state so that a
+  // restored checkpoint draws the same masks.
+  Dropout next_dropout(Mode mode) {
+    double& train_forwards = state_["layer.train_forwards"][0];
+    const auto halves = state_["layer.dropout_seed"];
+    const std::uint64_t seed =
+        (static_cast<std::uint64_t>(halves[0]) << 32) | static_cast<std::uint64_t>(halves[1]);
+    const Dropout dropout{mode == Mode::train ? config_.dropout : 0.0,
+                          math::hash3(seed, kDropoutSeedStream,
+                                      static_cast<std::uint64_t>(train_forwards))};
+    if (mode == Mode::train) train_forwards += 1;
+    return dropout;
+  }
+
+  ExpertWeights<Scalar> weights() const {
+    const bool bias = config_.expert_bias;
+    return {params_["experts.w1"].data(), bias ? params_["experts.b1"].data() : nullptr,
+            params_["experts.w2"].data(), bias ? params_["experts.b2"].data() : nullptr};
+  }
+  ExpertGradients<Scalar> gradients(Parameters& grads) const {
+    const bool bias = config_.expert_bias;
+    return {grads["experts.w1"].data(), bias ? grads["experts.b1"].data() : nullptr,
+            grads["experts.w2"].data(), bias ? grads["experts.b2"].data() : nullptr};
+  }
+
+  // The state this forward used, for its backward: copied by the backend (on
+  // a GPU the EMA stays on the device) once the cache has the layout.
+  void keep_state(CacheData& c) const {
+    if (!c.state.same_layout(state_)) {
+      c.state = state_;
+      return;
+    }
+    const double* src = state_.flat().data();
+    double* dst = c.state.flat().data();
+    const Index n = state_.size();
+    backend_.parallel_for(
+        n, [=] MOE_HOST_DEVICE(Index i) { dst[i] = src[i]; }, n);
+  }
+
+  void record_stats(CacheData& c) const {
+    const Index T = c.tokens, E = config_.experts;
+    const auto& sel = c.selection;
+    auto& stats = c.stats;
+    stats.tokens_per_expert = c.dispatch.tokens().rows_per_expert;
+    if constexpr (Estimator::kComputesAllExperts) {  // report the routed load, not the oracle's
+      stats.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
+      for (Index p = 0; p < sel.pairs(); ++p) ++stats.tokens_per_expert[sel.pair_expert[p]];
+    }
+    stats.selected_pairs = sel.pairs();
+    stats.dropped_pairs = c.dispatch.tokens().dropped;
+    stats.aux_loss = sel.aux_loss;
+    stats.zero_gate_fraction =
+        1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
+  }
+
+  void validate_config() const {
+    detail::check_config<Activation>(config_);
+    router_.validate(config_);
+    estimator_.validate(config_);
+  }
+
+  void check_forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) const {
+    detail::check_forward_arguments<Scalar>(config_, x, y);
+    check_finite("forward", "x", x);
+  }
+
+  void check_backward(ConstMatrixView<Scalar> x, const CacheData& c, ConstMatrixView<Scalar> dy,
+                      MatrixView<Scalar> dx, const Parameters& grads) const {
+    detail::require(c.filled,
+                    "moe::Layer::backward: cache.filled()=false, expected a cache filled by "
+                    "forward");
+    detail::check_cache_shape(config_, c);
+    detail::require(c.owner == id_.value(), "moe::Layer::backward: cache filled by layer #",
+                    c.owner, ", expected this layer #", id_.value(),
+                    " (a copy of a layer is a new layer with its own caches)");
+    detail::check_backward_arguments<Scalar>(config_, c.tokens, x, dy, dx);
+    detail::require(grads.same_layout(params_), "moe::Layer::backward: grads has size ",
+                    grads.size(), " and another layout, expected layer.make_gradients() (size ",
+                    params_.size(), ")");
+    detail::require(grads.memory()->is_equal(*backend_.memory_resource()),
+                    "moe::Layer::backward: grads lives in another memory than the ", Backend::kName,
+                    " backend's, expected layer.make_gradients()");
+    detail::require(dx.data() != x.data(),
+                    "moe::Layer::backward: dx aliases x, expected separate buffers (x is read "
+                    "after dx is written)");
+    check_finite("backward", "dy", dy);
+  }
+
+  void check_finite(const char* where, const char* name, ConstMatrixView<Scalar> m) const {
+    if (!config_.check_finite) return;
+    const Index bad = backend_.first_non_finite(m.data(), m.size());
+    if (bad < 0) return;
+    Scalar value;
+    backend_.copy_to_host(&value, m.data() + bad, 1);  // m may be device memory
+    throw Error(detail::concat("moe::Layer::", where, ": ", name, "(", bad / m.cols(), ", ",
+                               bad % m.cols(), ")=", value,
+                               " is not finite, expected finite values (check_finite=true)"));
+  }
+
+  void fill_uniform(const char* name, double bound, std::uint64_t stream) {
+    auto values = params_[name];
+    const std::uint64_t key = math::hash3(seed_, kExpertSeedStream, stream);
+    for (std::size_t i = 0; i < values.size(); ++i)
+      values[i] = static_cast<Scalar>(bound * (2.0 * math::uniform01(key, 0, i) - 1.0));
+  }
+
+  EstimatorBatch<Scalar> batch_of(const CacheData& c) const {
+    const auto& tokens = c.dispatch.tokens();
+    EstimatorBatch<Scalar> b;
+    b.tokens = c.tokens;
+    b.experts = config_.experts;
+    b.d_model = config_.d_model;
+    b.gates = c.selection.gates.data();
+    b.token_offsets = c.selection.token_offsets.data();
+    b.pair_expert = c.selection.pair_expert.data();
+    b.expert_offsets = tokens.row_offsets.data();
+    b.rows = tokens.rows();
+    b.row_token = tokens.row_token.data();
+    b.expert_out = c.out_rows.data();
+    return b;
+  }
+
+  // The pairs the experts compute (see LayerCacheData::all_pairs).
+  const Pairs& computed_pairs(CacheData& c) const {
+    if constexpr (!Estimator::kComputesAllExperts) {
+      return c.selection;
+    } else {
+      detail::all_expert_pairs(backend_, c.selection, c.all_pairs);
+      return c.all_pairs;
+    }
+  }
+  const Pairs& computed_pairs(const CacheData& c) const {
+    return Estimator::kComputesAllExperts ? c.all_pairs : c.selection;
+  }
+
+  InstanceId id_;
+  LayerConfig config_;
+  Router router_;
+  Estimator estimator_;
+  Backend backend_;
+  Dispatcher dispatcher_;
+  std::uint64_t seed_ = 0;
+  TensorBuffer<double> state_;  // non-parameter state: counters, estimator buffers, ...
+  Parameters params_;
+};
+
+}  // namespace moe
