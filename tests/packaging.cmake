@@ -4,6 +4,7 @@
 #   consumer_add_subdirectory       use moe as a subproject via add_subdirectory
 #   compile_fail_bad_router         a non-router is rejected by the RouterPolicy concept
 #   compile_fail_bad_activation     a non-activation is rejected by ActivationPolicy
+#   compile_fail_misspelt_router_hook  a router with a misspelt hook is rejected by RouterPolicy
 
 # --- 1. Header self-containment ---------------------------------------------
 # One generated translation unit per public header, including only that header
@@ -120,3 +121,4 @@ endfunction()
 
 moe_add_compile_fail_test(bad_router RouterPolicy NotARouter)
 moe_add_compile_fail_test(bad_activation ActivationPolicy NotAnActivation)
+moe_add_compile_fail_test(misspelt_router_hook RouterPolicy StepCountingRouter)
