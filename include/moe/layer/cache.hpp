@@ -53,7 +53,7 @@ struct LayerCacheData {
 
   // The backward's scratch.
   struct Workspace {
-    Buffer<S> d_out, d_out_at_experts;  // (rows, d) dL/dE_i(x_t)
+    Buffer<S> d_out, d_out_at_experts;        // (rows, d) dL/dE_i(x_t)
     Buffer<S> d_x_rows, d_x_rows_at_experts;  // (rows, d) dL/dx of each row
     Buffer<S> d_gates, d_logits;              // (T, E)
     ExpertScratch<Backend> experts;
@@ -71,6 +71,21 @@ struct CacheAccess {
     return cache.data_;
   }
 };
+
+// kept = state: the state a forward used, for its backward. Copied by the
+// backend (on a GPU the EMA stays on the device) once kept has the layout.
+template <class B>
+void keep_state(const B& be, const TensorBuffer<double>& state, TensorBuffer<double>& kept) {
+  if (!kept.same_layout(state)) {
+    kept = state;
+    return;
+  }
+  const double* src = state.flat().data();
+  double* dst = kept.flat().data();
+  const Index n = state.size();
+  be.parallel_for(
+      n, [=] MOE_HOST_DEVICE(Index i) { dst[i] = src[i]; }, n);
+}
 
 }  // namespace detail
 

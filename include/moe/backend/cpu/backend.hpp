@@ -8,7 +8,6 @@
 // product on one thread (BLAS and Eigen kept serial inside it). Results are
 // therefore bitwise identical for any number of threads.
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -18,6 +17,8 @@
 #include <vector>
 
 #include "moe/backend/cpu/blas.hpp"
+#include "moe/backend/cpu/serial_gemm.hpp"
+#include "moe/backend/cpu/tiling.hpp"
 #include "moe/core/concepts.hpp"
 #include "moe/core/error.hpp"
 #include "moe/core/routing.hpp"
@@ -27,13 +28,6 @@
 #endif
 
 namespace moe::cpu {
-
-// The SIMD registers of the target, as Eigen's packet code counts them.
-#if defined(EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS)
-inline constexpr int kVectorRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
-#else
-inline constexpr int kVectorRegisters = 16;
-#endif
 
 template <class T>
 class Backend {
@@ -48,7 +42,7 @@ class Backend {
   // build with a CBLAS (MOE_HAVE_CBLAS).
   explicit Backend(int threads = 0, Gemm gemm = Gemm::automatic)
       : threads_(threads), gemm_(resolve(gemm)) {
-    detail::require(threads >= 0, "moe::cpu::Backend: threads=", threads, ", expected >= 0");
+    moe::detail::require(threads >= 0, "moe::cpu::Backend: threads=", threads, ", expected >= 0");
   }
 
   int threads() const {
@@ -75,7 +69,7 @@ class Backend {
   // kMinParallelWork units of `work` in total (roughly flops; opening a
   // parallel region costs microseconds). f must not depend on the order.
   template <class F>
-  void parallel_for(Index n, F&& f, Index work = kMinParallelWork) const {
+  void parallel_for(Index n, F&& f, [[maybe_unused]] Index work = kMinParallelWork) const {
 #if defined(_OPENMP)
     // A serial loop never enters a parallel region: libgomp allocates a
     // fresh team for every one-thread region.
@@ -130,23 +124,25 @@ class Backend {
             const S* b, Index ldb, S beta, S* c, Index ldc) const {
     if (m == 0 || n == 0) return;
     if (k == 0) {
-      scale(m, n, beta, c, ldc);
+      detail::scale(m, n, beta, c, ldc);
       return;
     }
     if (!trans_a && m <= kSkinnyRows) {
-      skinny_gemm(trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      detail::skinny_gemm<static_cast<int>(kSkinnyRows)>(trans_b, m, n, k, alpha, a, lda, b, ldb,
+                                                         beta, c, ldc);
       return;
     }
     if constexpr (blas::kHasGemm<S>) {  // compiled only where the BLAS has this type
       if (gemm_ == Gemm::blas) {
         check_blas_sizes(m, n, k, lda, ldb, ldc);
         blas::SerialScope serial;
-        SerialOpenMP serial_icv;  // an OpenMP OpenBLAS threads by this thread's ICV
+        [[maybe_unused]] detail::SerialOpenMP
+            serial_icv;  // an OpenMP OpenBLAS threads by this thread's ICV
         blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
       }
     }
-    eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    detail::eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
   static constexpr Index kSkinnyRows = 8;
@@ -181,13 +177,15 @@ class Backend {
   template <class S>
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
-    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/true, kMinTiles);
+    const detail::TilePlan plan(offsets, n, /*split_rows=*/true, kMinTiles, kTileRows,
+                                kColumnAlign);
     check_blas_sizes(kTileRows, n, k, k, trans_b ? k : n, n);  // not inside the region
     const blas::SerialScope serial(gemm_ == Gemm::blas);
     parallel_for(
-        static_cast<Index>(tiles.size()),
+        plan.items(),
         [&](Index i) {
-          const Tile& t = tiles[static_cast<std::size_t>(i)];
+          detail::Tile t;
+          if (!plan.tile(i, t)) return;
           const S* bt = b + t.expert * b_stride + (trans_b ? t.col * k : t.col);
           gemm(false, trans_b, t.rows, t.cols, k, S(1), a + t.row * k, k, bt, trans_b ? k : n, beta,
                c + t.row * n + t.col, n);
@@ -201,23 +199,26 @@ class Backend {
   template <class S>
   void grouped_gemm_tn(const std::vector<Index>& offsets, Index k, Index n, const S* a, const S* b,
                        S* w, Index w_stride) const {
-    const auto& tiles = plan_tiles(offsets, n, /*split_rows=*/false, kMinWeightGradientTiles);
+    const detail::TilePlan plan(offsets, n, /*split_rows=*/false, kMinWeightGradientTiles,
+                                kTileRows, kColumnAlign);
     check_blas_sizes(k, n, offsets.back(), k, n, n);  // not inside the region
     const blas::SerialScope serial(gemm_ == Gemm::blas);
     parallel_for(
-        static_cast<Index>(tiles.size()),
+        plan.items(),
         [&](Index i) {
-          const Tile& t = tiles[static_cast<std::size_t>(i)];
+          detail::Tile t;
+          if (!plan.tile(i, t)) return;
           gemm(true, false, k, t.cols, t.rows, S(1), a + t.row * k, k, b + t.row * n + t.col, n,
                S(1), w + t.expert * w_stride + t.col, n);
         },
         offsets.back() * n * k);
   }
 
-  // Tiling: rows of an expert in near-equal tiles of at most kTileRows (big
-  // enough that a BLAS amortises packing B, small enough to balance the
-  // threads), then, while there are fewer than a minimum of tiles, columns in
-  // near-equal tiles that are a multiple of kColumnAlign wide.
+  // Tiling (detail::TilePlan): rows of an expert in near-equal tiles of at
+  // most kTileRows (big enough that a BLAS amortises packing B, small enough
+  // to balance the threads), then, while there are fewer than a minimum of
+  // tiles, columns in near-equal tiles that are a multiple of kColumnAlign
+  // wide.
   // - kMinTiles = 2 for the products that read the weights row by row: a
   //   column tile reads part of every 4 KiB page of a row-major weight, which
   //   defeats the hardware prefetcher, so decode batches (a few rows per
@@ -298,181 +299,26 @@ class Backend {
   }
 
  private:
-  struct Tile {
-    Index expert, row, rows, col, cols;
-  };
-
   // CBLAS takes int sizes. Checked before a parallel region: an exception
   // must not leave an OpenMP region (that would terminate the program).
   void check_blas_sizes(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) const {
     if (gemm_ != Gemm::blas) return;
-    detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
-                    "moe::cpu::Backend: a GEMM size or stride above INT_MAX (m=", m, ", n=", n,
-                    ", k=", k, "), expected what a CBLAS can index");
+    moe::detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
+                         "moe::cpu::Backend: a GEMM size or stride above INT_MAX (m=", m, ", n=", n,
+                         ", k=", k, "), expected what a CBLAS can index");
   }
 
   static Gemm resolve(Gemm gemm) {
-    detail::require(gemm != Gemm::blas || blas::kAvailable,
-                    "moe::cpu::Backend: gemm=blas, expected automatic or eigen (this build has no "
-                    "CBLAS: configure with MOE_USE_BLAS=ON and a BLAS installed, e.g. Debian's "
-                    "libopenblas-dev)");
+    moe::detail::require(
+        gemm != Gemm::blas || blas::kAvailable,
+        "moe::cpu::Backend: gemm=blas, expected automatic or eigen (this build has no "
+        "CBLAS: configure with MOE_USE_BLAS=ON and a BLAS installed, e.g. Debian's "
+        "libopenblas-dev)");
     return gemm == Gemm::automatic ? (blas::kAvailable ? Gemm::blas : Gemm::eigen) : gemm;
   }
 
-  // Work items for a grouped product; reuses its storage (no allocation once
-  // the largest routing has been seen).
-  const std::vector<Tile>& plan_tiles(const std::vector<Index>& offsets, Index n, bool split_rows,
-                                      Index min_tiles) const {
-    auto& tiles = tile_scratch_;
-    tiles.clear();
-    const Index E = static_cast<Index>(offsets.size()) - 1;
-    const auto row_parts = [&](Index rows) {  // an expert's row tiles
-      return rows == 0 ? 0 : split_rows ? (rows + kTileRows - 1) / kTileRows : 1;
-    };
-    Index row_tiles = 0;
-    for (Index e = 0; e < E; ++e) row_tiles += row_parts(offsets[e + 1] - offsets[e]);
-    if (row_tiles == 0) return tiles;
-    const Index max_col_tiles = std::max<Index>(1, n / kColumnAlign);
-    const Index col_tiles = std::min(max_col_tiles, (min_tiles + row_tiles - 1) / row_tiles);
-    // Column boundary i: n i / col_tiles rounded down to kColumnAlign (the
-    // last one is n), so tiles differ by at most kColumnAlign columns.
-    const auto boundary = [&](Index i) {
-      return i == col_tiles ? n : n * i / col_tiles / kColumnAlign * kColumnAlign;
-    };
-    tiles.reserve(static_cast<std::size_t>(row_tiles * col_tiles));
-    for (Index e = 0; e < E; ++e) {
-      const Index begin = offsets[e], rows = offsets[e + 1] - begin;
-      const Index parts = row_parts(rows);
-      for (Index p = 0; p < parts; ++p) {
-        const Index r0 = begin + rows * p / parts, r1 = begin + rows * (p + 1) / parts;
-        for (Index c = 0; c < col_tiles; ++c)
-          tiles.push_back({e, r0, r1 - r0, boundary(c), boundary(c + 1) - boundary(c)});
-      }
-    }
-    return tiles;
-  }
-
-  // C = beta C (the product of an empty sum).
-  template <class S>
-  static void scale(Index m, Index n, S beta, S* c, Index ldc) {
-    if (beta == S(1)) return;
-    for (Index i = 0; i < m; ++i)
-      for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == S(0) ? S(0) : beta * c[i * ldc + j];
-  }
-
-  // Few rows: stream B once, each element of B used for every row of A while
-  // it is in registers (skinny_rows) or L1 (the dot products for trans_b).
-  template <class S>
-  static void skinny_gemm(bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
-                          const S* b, Index ldb, S beta, S* c, Index ldc) {
-    using ConstRowMap = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>;
-    scale(m, n, beta, c, ldc);
-    if (!trans_b) {
-      // The row count as a compile-time constant (accumulators in registers):
-      // the one M in 1..kSkinnyRows that equals m.
-      const auto run_rows = [&]<int... M>(std::integer_sequence<int, M...>) {
-        (void)((m == M + 1 && (skinny_rows<M + 1>(n, k, alpha, a, lda, b, ldb, c, ldc), true)) ||
-               ...);
-      };
-      run_rows(std::make_integer_sequence<int, static_cast<int>(kSkinnyRows)>{});
-    } else {
-      // C_ij += alpha <A_i, B_j>: B's rows are read once, A's stay cached.
-      for (Index j = 0; j < n; ++j) {
-        const ConstRowMap bj(b + j * ldb, k);
-        for (Index i = 0; i < m; ++i) c[i * ldc + j] += alpha * ConstRowMap(a + i * lda, k).dot(bj);
-      }
-    }
-  }
-
-  // C (M, n) += alpha A (M, k) B (k, n), M <= kSkinnyRows, in chunks of
-  // kSkinnyDepth rows of B. Inside a chunk, each block of columns keeps its
-  // M x block accumulators in SIMD registers across the chunk, so C is read
-  // and written once per chunk, not once per row of B; the column blocks
-  // walk the chunk's 16 rows of B left to right (16 contiguous streams the
-  // prefetcher follows). Each element still sums over p in order.
-  template <int M, class S>
-  static void skinny_rows(Index n, Index k, S alpha, const S* a, Index lda, const S* b, Index ldb,
-                          S* c, Index ldc) {
-    using Packet = typename Eigen::internal::packet_traits<S>::type;
-    constexpr Index kLanes = Eigen::internal::packet_traits<S>::size;
-    // Packets per row so that M rows of accumulators, one row of B and the
-    // broadcast fit the vector registers (16 for SSE/AVX2, 32 for AVX-512).
-    constexpr int kPackets = std::clamp((kVectorRegisters - 1) / (M + 1), 1, 4);
-    constexpr Index kBlock = kLanes * kPackets;
-    namespace ei = Eigen::internal;
-    for (Index p0 = 0; p0 < k; p0 += kSkinnyDepth) {
-      const Index p1 = std::min(k, p0 + kSkinnyDepth);
-      Index j0 = 0;
-      for (; j0 + kBlock <= n; j0 += kBlock) {
-        Packet acc[M][kPackets];
-        for (int i = 0; i < M; ++i)
-          for (int v = 0; v < kPackets; ++v)
-            acc[i][v] = ei::ploadu<Packet>(c + i * ldc + j0 + v * kLanes);
-        for (Index p = p0; p < p1; ++p) {
-          const S* bp = b + p * ldb + j0;
-          Packet bv[kPackets];
-          for (int v = 0; v < kPackets; ++v) bv[v] = ei::ploadu<Packet>(bp + v * kLanes);
-          for (int i = 0; i < M; ++i) {
-            const Packet ai = ei::pset1<Packet>(alpha * a[i * lda + p]);
-            for (int v = 0; v < kPackets; ++v) acc[i][v] = ei::pmadd(ai, bv[v], acc[i][v]);
-          }
-        }
-        for (int i = 0; i < M; ++i)
-          for (int v = 0; v < kPackets; ++v) ei::pstoreu(c + i * ldc + j0 + v * kLanes, acc[i][v]);
-      }
-      for (; j0 < n; ++j0)  // the last columns, one at a time, in the same order
-        for (Index p = p0; p < p1; ++p)
-          for (int i = 0; i < M; ++i)
-            c[i * ldc + j0] = ei::pmadd(alpha * a[i * lda + p], b[p * ldb + j0], c[i * ldc + j0]);
-    }
-  }
-
-  static constexpr Index kSkinnyDepth = 16;
-
-  // Eigen's GEMM on this thread. Eigen threads a large product unless the
-  // calling thread's OpenMP team is larger than one or its nthreads ICV is 1,
-  // and it sizes its blocking (so the order of the sums) by the thread count.
-  // Setting this thread's ICV to 1 for the product keeps it on Eigen's serial
-  // path; the ICV is per thread. (A process-wide Eigen::setNbThreads(n > 1)
-  // overrides it: leave it unset for determinism.)
-  template <class S>
-  static void eigen_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const S* a,
-                         Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) {
-    using Mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    using Stride = Eigen::OuterStride<>;
-    Eigen::Map<Mat, 0, Stride> C(c, m, n, Stride(ldc));
-    SerialOpenMP serial;
-    if (beta == S(0)) {
-      C.setZero();
-    } else if (beta != S(1)) {
-      C *= beta;
-    }
-    const Eigen::Map<const Mat, 0, Stride> A(a, trans_a ? k : m, trans_a ? m : k, Stride(lda));
-    const Eigen::Map<const Mat, 0, Stride> B(b, trans_b ? n : k, trans_b ? k : n, Stride(ldb));
-    if (!trans_a && !trans_b) C.noalias() += alpha * (A * B);
-    if (!trans_a && trans_b) C.noalias() += alpha * (A * B.transpose());
-    if (trans_a && !trans_b) C.noalias() += alpha * (A.transpose() * B);
-    if (trans_a && trans_b) C.noalias() += alpha * (A.transpose() * B.transpose());
-  }
-
-  // This thread's OpenMP nthreads ICV at 1 for its lifetime (see eigen_gemm).
-  struct SerialOpenMP {
-#if defined(_OPENMP)
-    int saved = omp_get_max_threads();
-    SerialOpenMP() {
-      if (saved != 1) omp_set_num_threads(1);
-    }
-    ~SerialOpenMP() {
-      if (saved != 1) omp_set_num_threads(saved);
-    }
-    SerialOpenMP(const SerialOpenMP&) = delete;
-    SerialOpenMP& operator=(const SerialOpenMP&) = delete;
-#endif
-  };
-
   int threads_ = 0;
   Gemm gemm_ = Gemm::eigen;
-  mutable std::vector<Tile> tile_scratch_;  // reused: no allocation per call once sized
 };
 
 static_assert(BackendPolicy<Backend<float>>);

@@ -7,6 +7,7 @@
 // MOE_USE_BLAS found a CBLAS (MOE_HAVE_OPENBLAS when it is OpenBLAS); without
 // it every product runs on Eigen's own GEMM.
 
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -76,11 +77,12 @@ void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const 
 // The backend splits work over its own OpenMP threads in tiles that do not
 // depend on the thread count, so a BLAS that threaded each tile again would
 // oversubscribe the cores and change nothing but the speed.
-// - pthread OpenBLAS: its thread count is process-wide, so it is set to 1 for
-//   the scope and restored after it. Another thread calling OpenBLAS
-//   meanwhile also runs serially, and two scopes on two threads can
-//   interleave their restores, which costs speed, never results (OpenBLAS
-//   splits C, never the sum). Nested scopes are no-ops.
+// - pthread OpenBLAS: its thread count is process-wide. The first scope to
+//   open (in any thread) saves it and sets it to 1; the last to close
+//   restores it. So scopes of several threads at once (one layer serving
+//   several callers) and nested scopes keep OpenBLAS serial until all have
+//   closed, and the user's setting comes back afterwards. Another thread
+//   calling OpenBLAS meanwhile also runs serially.
 // - OpenMP OpenBLAS: nothing to do here. It is serial inside a parallel
 //   region, and its thread count is the caller's OpenMP ICV, which Backend
 //   sets per thread around a product (setting it here would also change the
@@ -93,22 +95,40 @@ class SerialScope {
   explicit SerialScope(bool active = true) {
 #if defined(MOE_HAVE_OPENBLAS)
     if (!active || openblas_get_parallel() != 1) return;  // 1: pthreads
-    saved_ = openblas_get_num_threads();
-    if (saved_ != 1) openblas_set_num_threads(1);
+    Shared& shared = state();
+    const std::lock_guard<std::mutex> lock(shared.mutex);
+    if (shared.open++ == 0) {
+      shared.saved = openblas_get_num_threads();
+      if (shared.saved != 1) openblas_set_num_threads(1);
+    }
+    active_ = true;
 #else
     (void)active;
 #endif
   }
   ~SerialScope() {
 #if defined(MOE_HAVE_OPENBLAS)
-    if (saved_ != 1) openblas_set_num_threads(saved_);
+    if (!active_) return;
+    Shared& shared = state();
+    const std::lock_guard<std::mutex> lock(shared.mutex);
+    if (--shared.open == 0 && shared.saved != 1) openblas_set_num_threads(shared.saved);
 #endif
   }
   SerialScope(const SerialScope&) = delete;
   SerialScope& operator=(const SerialScope&) = delete;
 
  private:
-  [[maybe_unused]] int saved_ = 1;
+  // The scopes open in this process and the thread count they restore.
+  struct Shared {
+    std::mutex mutex;
+    int open = 0;
+    int saved = 1;
+  };
+  static Shared& state() {
+    static Shared shared;
+    return shared;
+  }
+  [[maybe_unused]] bool active_ = false;
 };
 
 }  // namespace blas
