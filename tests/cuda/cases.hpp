@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moe/common.hpp"
@@ -159,8 +160,63 @@ std::vector<Outcome> run_cases(const Backend& backend) {
   return outcomes;
 }
 
+// One layer (TopK, DefaultEMA, GELU with biases) trained for one step, then
+// eval forwards of four batches: one after the other, and from four threads
+// at once, each with its own cache, several times. Returns the serial
+// outputs followed by the concurrent ones (each thread's last).
+template <class Backend>
+std::vector<std::vector<float>> serial_and_concurrent_eval(const Backend& backend) {
+  using Layer = moe::Layer<router::TopK, estimator::DefaultEMA, Backend, act::GELU>;
+  using Buffer = typename Backend::template Buffer<float>;
+  const Shape s{};
+  Layer layer({.d_model = s.d_model, .d_ff = s.d_ff, .experts = s.experts, .expert_bias = true},
+              router::TopK{.k = 2}, estimator::DefaultEMA{}, /*seed=*/3, backend);
+  constexpr int kBatches = 4, kRepeats = 5;
+  std::vector<Buffer> x(kBatches);
+  std::vector<Index> tokens(kBatches);
+  for (int b = 0; b < kBatches; ++b) {
+    tokens[b] = 11 + 9 * b;
+    x[b].resize(static_cast<std::size_t>(tokens[b] * s.d_model));
+    for (Index i = 0; i < tokens[b] * s.d_model; ++i)
+      x[b][static_cast<std::size_t>(i)] = input_value(10 + b, i);
+  }
+  {  // one training step, so that the EMA is not zero
+    Buffer y, dx;
+    y.resize(x[3].size());
+    dx.resize(x[3].size());
+    typename Layer::Cache cache;
+    auto grads = layer.make_gradients();
+    const MatrixView<const float> xv(x[3].data(), tokens[3], s.d_model);
+    layer.forward(xv, MatrixView<float>(y.data(), tokens[3], s.d_model), cache, Mode::train);
+    layer.backward(xv, cache, xv, MatrixView<float>(dx.data(), tokens[3], s.d_model), grads);
+  }
+  const auto eval = [&](int b, typename Layer::Cache& cache, Buffer& y) {
+    y.resize(x[b].size());
+    layer.forward(MatrixView<const float>(x[b].data(), tokens[b], s.d_model),
+                  MatrixView<float>(y.data(), tokens[b], s.d_model), cache, Mode::eval);
+    return std::vector<float>(y.data(), y.data() + y.size());
+  };
+  std::vector<std::vector<float>> out(2 * kBatches);
+  for (int b = 0; b < kBatches; ++b) {
+    typename Layer::Cache cache;
+    Buffer y;
+    out[b] = eval(b, cache, y);
+  }
+  std::vector<std::thread> threads;
+  for (int b = 0; b < kBatches; ++b) {
+    threads.emplace_back([&, b] {
+      typename Layer::Cache cache;
+      Buffer y;
+      for (int r = 0; r < kRepeats; ++r) out[kBatches + b] = eval(b, cache, y);
+    });
+  }
+  for (auto& t : threads) t.join();
+  return out;
+}
+
 // Defined in cuda_cases.cu (nvcc).
 int cuda_devices();
 std::vector<Outcome> run_on_cuda(bool bf16);
+std::vector<std::vector<float>> serial_and_concurrent_eval_on_cuda(bool bf16);
 
 }  // namespace moe::gpu_test

@@ -22,4 +22,9 @@ std::vector<Outcome> run_on_cuda(bool bf16) {
   return bf16 ? run_all<__nv_bfloat16>() : run_all<float>();
 }
 
+std::vector<std::vector<float>> serial_and_concurrent_eval_on_cuda(bool bf16) {
+  return bf16 ? serial_and_concurrent_eval(cuda::Backend<__nv_bfloat16>(0))
+              : serial_and_concurrent_eval(cuda::Backend<float>(0));
+}
+
 }  // namespace moe::gpu_test

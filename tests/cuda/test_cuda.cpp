@@ -87,11 +87,33 @@ TEST_CASE("the CPU reference of bf16 experts rounds their operands, and only the
     CHECK(bf16[i].y != fp32[i].y);  // the rounding takes effect
     moe::gpu_test::expect_close(bf16[i].y, fp32[i].y, 2e-2, "y");
   }
-  using moe::gpu_test::round_to_bf16;  // bf16 keeps 7 fraction bits: 1 + 2^-7 follows 1
-  CHECK(round_to_bf16(1.0f + 0x1p-9f) == 1.0f);                     // below half: down
-  CHECK(round_to_bf16(1.0f + 0x1p-8f) == 1.0f);                     // a tie: to even
-  CHECK(round_to_bf16(1.0f + 3 * 0x1p-8f) == 1.0f + 0x1p-6f);       // a tie: to even
+  using moe::gpu_test::round_to_bf16;            // bf16 keeps 7 fraction bits: 1 + 2^-7 follows 1
+  CHECK(round_to_bf16(1.0f + 0x1p-9f) == 1.0f);  // below half: down
+  CHECK(round_to_bf16(1.0f + 0x1p-8f) == 1.0f);  // a tie: to even
+  CHECK(round_to_bf16(1.0f + 3 * 0x1p-8f) == 1.0f + 0x1p-6f);         // a tie: to even
   CHECK(round_to_bf16(1.0f + 0x1p-8f + 0x1p-10f) == 1.0f + 0x1p-7f);  // above half: up
+}
+
+namespace {
+// Serial and concurrent outputs of serial_and_concurrent_eval: equal, bitwise.
+void check_concurrent(const std::vector<std::vector<float>>& out) {
+  const std::size_t batches = out.size() / 2;
+  for (std::size_t b = 0; b < batches; ++b) {
+    CAPTURE(b);
+    CHECK(!out[b].empty());
+    CHECK(nonzero(out[b]));
+    CHECK(out[batches + b] == out[b]);
+  }
+}
+}  // namespace
+
+TEST_CASE("the CPU reference of concurrent eval forwards: four threads, one layer") {
+  check_concurrent(moe::gpu_test::serial_and_concurrent_eval(moe::cpu::Backend<float>(2)));
+}
+
+TEST_CASE("the CUDA backend serves concurrent eval forwards on one layer, bitwise as serial") {
+  check_concurrent(moe::gpu_test::serial_and_concurrent_eval_on_cuda(false));
+  check_concurrent(moe::gpu_test::serial_and_concurrent_eval_on_cuda(true));
 }
 
 TEST_CASE("the CUDA backend (fp32 experts) matches the CPU backend to 1e-5") {

@@ -101,7 +101,7 @@ class Layer {
     const auto batch = batch_of(c);
     estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
     estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
-    keep_state(c);
+    detail::keep_state(backend_, state_, c.state);
     record_stats(c);
     c.filled = true;
   }
@@ -270,9 +270,9 @@ class Layer {
     auto& d_x_at_experts = dispatcher_.experts_side(ws.d_x_rows, ws.d_x_rows_at_experts);
     d_x_at_experts.resize(static_cast<std::size_t>(experts.rows() * d));
     const auto& x_at_experts = dispatcher_.experts_side(c.x_rows, c.x_rows_at_experts);
-    expert_backward<Activation>(backend_, experts, d, config_.d_ff, weights(),
-                                x_at_experts.data(), c.activations, d_out_at_experts.data(),
-                                ws.experts, gradients(grads), d_x_at_experts.data());
+    expert_backward<Activation>(backend_, experts, d, config_.d_ff, weights(), x_at_experts.data(),
+                                c.activations, d_out_at_experts.data(), ws.experts,
+                                gradients(grads), d_x_at_experts.data());
     dispatcher_.to_tokens(backend_, c.dispatch, d_x_at_experts, ws.d_x_rows, d);
   }
 
@@ -284,9 +284,9 @@ class Layer {
     const auto halves = state_["layer.dropout_seed"];
     const std::uint64_t seed =
         (static_cast<std::uint64_t>(halves[0]) << 32) | static_cast<std::uint64_t>(halves[1]);
-    const Dropout dropout{mode == Mode::train ? config_.dropout : 0.0,
-                          math::hash3(seed, kDropoutSeedStream,
-                                      static_cast<std::uint64_t>(train_forwards))};
+    const Dropout dropout{
+        mode == Mode::train ? config_.dropout : 0.0,
+        math::hash3(seed, kDropoutSeedStream, static_cast<std::uint64_t>(train_forwards))};
     if (mode == Mode::train) train_forwards += 1;
     return dropout;
   }
@@ -300,20 +300,6 @@ class Layer {
     const bool bias = config_.expert_bias;
     return {grads["experts.w1"].data(), bias ? grads["experts.b1"].data() : nullptr,
             grads["experts.w2"].data(), bias ? grads["experts.b2"].data() : nullptr};
-  }
-
-  // The state this forward used, for its backward: copied by the backend (on
-  // a GPU the EMA stays on the device) once the cache has the layout.
-  void keep_state(CacheData& c) const {
-    if (!c.state.same_layout(state_)) {
-      c.state = state_;
-      return;
-    }
-    const double* src = state_.flat().data();
-    double* dst = c.state.flat().data();
-    const Index n = state_.size();
-    backend_.parallel_for(
-        n, [=] MOE_HOST_DEVICE(Index i) { dst[i] = src[i]; }, n);
   }
 
   void record_stats(CacheData& c) const {
