@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The project's set-up and run commands on Debian 12 (see README.md):
-#   bash cmake/dev.sh examples   build and run the examples
-#   bash cmake/dev.sh tests      build and run the whole test suite (ctest)
-#   bash cmake/dev.sh sanitize   the test suite under -fsanitize=address,undefined
-#   bash cmake/dev.sh bench      build and run the benchmarks
-#   bash cmake/dev.sh bench-cuda build and run the GPU benchmark (needs nvcc and a GPU)
-#   bash cmake/dev.sh fuzz       libFuzzer on the safetensors reader for MOE_FUZZ_SECONDS
-#                                (60) seconds; skipped when clang++ or libFuzzer is missing
-# Missing Debian packages are installed when run as root; otherwise the exact
-# apt-get line is printed and the script stops.
+#   bash scripts/dev.sh examples   build and run the examples (extra arguments go
+#                                  to moe-train-lm, e.g. --quick)
+#   bash scripts/dev.sh tests      build and run the whole test suite (ctest)
+#   bash scripts/dev.sh sanitize   the test suite under -fsanitize=address,undefined,
+#                                  and the concurrency test under ThreadSanitizer
+#   bash scripts/dev.sh bench      build and run the CPU benchmarks
+#   bash scripts/dev.sh bench-cuda build and run the GPU benchmark (needs nvcc and a GPU)
+#   bash scripts/dev.sh fuzz       libFuzzer on the safetensors reader for MOE_FUZZ_SECONDS
+#                                  (60) seconds; skipped when clang++ or libFuzzer is missing
+# Each mode installs the Debian packages it needs, and no others, when run as
+# root; otherwise it prints the exact apt-get line and stops. The configure
+# lines are the CMake presets of CMakePresets.json.
 set -euo pipefail
 
 mode=${1:-}
@@ -50,27 +53,28 @@ if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   cuda_args=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
 fi
 
-configure() {  # configure <build dir> <cmake args...>
-  local dir=$1
+configure() {  # configure <preset> <cmake args...>
+  local preset=$1
   shift
-  cmake -S "$root" -B "$dir" -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" "$@" >/dev/null
+  (cd "$root" && cmake --preset "$preset" "${cuda_args[@]}" "$@" >/dev/null)
 }
 
 case "$mode" in
   examples)
-    # gnuplot draws the plots; without it the run still writes the CSVs.
+    # gnuplot draws the plots; without it the run still writes the CSVs. The
+    # preset hides doctest and Google Benchmark: the examples need neither.
     need_packages "${base_packages[@]}" nlohmann-json3-dev gnuplot-nox fortunes
-    configure "$root/build" -DMOE_BUILD_EXAMPLES=ON
-    cmake --build "$root/build" -j"$jobs" --target moe-train-lm moe-fit-teacher
+    configure examples
+    cmake --build "$root/build-examples" -j"$jobs" --target moe-train-lm moe-fit-teacher
     shift
     # Every recipe, compared; extra arguments go to moe-train-lm (e.g. --quick).
-    "$root/build/examples/moe-train-lm" --recipes all --out "$root/build/train_lm" "$@"
+    "$root/build-examples/examples/moe-train-lm" --recipes all --out "$root/build-examples/train_lm" "$@"
     ;;
   tests)
     # The benchmarks are built too (not run): with nvcc this compiles the
     # GPU benchmark's CUDA sources as well, so every .cu file is type-checked.
     need_packages "${base_packages[@]}" "${test_packages[@]}" libbenchmark-dev
-    configure "$root/build" -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON -DMOE_BUILD_BENCHMARKS=ON
+    configure tests
     cmake --build "$root/build" -j"$jobs"
     ctest --test-dir "$root/build" --output-on-failure -j"$jobs"
     ;;
@@ -80,9 +84,7 @@ case "$mode" in
     # plain run covers the BLAS engine; the tests run both engines there).
     # CUDA is off here: nvcc's objects are not instrumented, and the plain run
     # compiles them.
-    configure "$root/build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_USE_BLAS=OFF \
-      -DMOE_ENABLE_CUDA=OFF \
-      -DMOE_SANITIZE=address,undefined -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=ON
+    configure sanitize
     cmake --build "$root/build-sanitize" -j"$jobs"
     # Packaging tests rebuild the library without sanitizers, and bitwise resume
     # runs moe-train-lm 18 times: the plain run covers them.
@@ -90,24 +92,27 @@ case "$mode" in
       ctest --test-dir "$root/build-sanitize" --output-on-failure -j"$jobs" \
       -E "consumer_|compile_fail|headers_self_contained|train_lm_resume"
     ASAN_OPTIONS=detect_leaks=1 "$root/build-sanitize/examples/moe-fit-teacher" 200
+    # ThreadSanitizer on one layer serving several threads. Without OpenMP and
+    # BLAS (neither is instrumented): the only threads are the test's own.
+    configure tsan
+    cmake --build "$root/build-tsan" -j"$jobs" --target test_concurrency
+    TSAN_OPTIONS=halt_on_error=1 "$root/build-tsan/tests/test_concurrency"
     ;;
   bench)
     need_packages "${base_packages[@]}" libbenchmark-dev
-    configure "$root/build-bench" -DMOE_BUILD_BENCHMARKS=ON -DMOE_BUILD_TESTS=OFF \
-      -DMOE_BUILD_EXAMPLES=OFF -DCMAKE_CXX_FLAGS=-march=native
+    configure bench
     cmake --build "$root/build-bench" -j"$jobs" --target moe_bench
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS="$jobs" \
       "$root/build-bench/bench/moe_bench" --benchmark_counters_tabular=true
     ;;
   bench-cuda)
     need_packages "${base_packages[@]}" libbenchmark-dev
-    configure "$root/build-bench" -DMOE_BUILD_BENCHMARKS=ON -DMOE_BUILD_TESTS=OFF \
-      -DMOE_BUILD_EXAMPLES=OFF
-    if ! cmake --build "$root/build-bench" -j"$jobs" --target moe_bench_cuda; then
+    configure bench-cuda
+    if ! cmake --build "$root/build-bench-cuda" -j"$jobs" --target moe_bench_cuda; then
       echo "moe: bench-cuda needs nvcc (the CUDA toolkit); CMake found none" >&2
       exit 1
     fi
-    "$root/build-bench/bench/moe_bench_cuda" --benchmark_counters_tabular=true
+    "$root/build-bench-cuda/bench/moe_bench_cuda" --benchmark_counters_tabular=true
     ;;
   fuzz)
     need_packages "${base_packages[@]}" "${test_packages[@]}"
@@ -126,8 +131,7 @@ case "$mode" in
       exit 0
     fi
     build="$root/build-fuzz"
-    configure "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_ENABLE_CUDA=OFF \
-      -DMOE_BUILD_TESTS=ON -DMOE_BUILD_EXAMPLES=OFF -DMOE_BUILD_FUZZERS=ON
+    configure fuzz -DCMAKE_CXX_COMPILER="$cxx"
     cmake --build "$build" -j"$jobs" --target fuzz_safetensors fuzz_safetensors_driver
     # The corpus grows across runs in the build tree; the seeds are regenerated each time.
     "$build/tests/fuzz/fuzz_safetensors_driver" --write-seeds "$build/fuzz-corpus"
@@ -144,7 +148,7 @@ case "$mode" in
       "$build/fuzz.log" || true
     ;;
   *)
-    echo "usage: bash cmake/dev.sh examples|tests|sanitize|bench|fuzz" >&2
+    echo "usage: bash scripts/dev.sh examples|tests|sanitize|bench|bench-cuda|fuzz" >&2
     exit 2
     ;;
 esac

@@ -86,7 +86,7 @@ inline std::string read_file(const std::filesystem::path& path) {
 }
 
 // The default corpus: English quotations, verse and prose from Debian's
-// `fortunes` package (installed by `bash cmake/dev.sh examples`), a curated
+// `fortunes` package (installed by `bash scripts/dev.sh examples`), a curated
 // list of its files (about 1.4 MB). Overstrikes (c BACKSPACE c, old-style
 // bold/underline) are removed and the "%" separators become blank lines.
 // Without the package, the licence texts every Debian system carries
