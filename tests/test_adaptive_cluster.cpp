@@ -1,4 +1,4 @@
-// ACMoE's adaptive-clustering router (ALGORITHMS.md 3.3).
+// ACMoE's adaptive-clustering router (docs/algorithms.md 3.3).
 
 #include "support.hpp"
 

@@ -1,4 +1,4 @@
-// The gradient estimators of ALGORITHMS.md section 4: DefaultEMA (Default MoE)
+// The gradient estimators of docs/algorithms.md section 4: DefaultEMA (Default MoE)
 // and the DenseExact oracle, against hand-computed values, finite differences
 // and their relations to Sparse and to the dense mixture.
 

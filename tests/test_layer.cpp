@@ -21,7 +21,7 @@ namespace {
 template <class Act, class S = double>
 using TopKLayer = Layer<router::TopK, estimator::Sparse, cpu::Backend<S>, Act>;
 
-// y_t = sum_{i in A_t} G_ti E_i(x_t), written directly from ALGORITHMS.md with
+// y_t = sum_{i in A_t} G_ti E_i(x_t), written directly from docs/algorithms.md with
 // per-token Eigen products and a std::stable_sort for the top-k: no code
 // shared with the layer's routing, dispatch or combine.
 template <class Act, class S>

@@ -1,4 +1,4 @@
-// ReMoE's ReLU router with adaptive L1 (ALGORITHMS.md 3.2): finite differences
+// ReMoE's ReLU router with adaptive L1 (docs/algorithms.md 3.2): finite differences
 // with the L1 term, its value on a hand-computed case, the lambda trajectory,
 // and tokens that use no expert.
 

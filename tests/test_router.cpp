@@ -1,4 +1,4 @@
-// Known answers for the TopK router (ALGORITHMS.md 3.1) on a hand-computed
+// Known answers for the TopK router (docs/algorithms.md 3.1) on a hand-computed
 // 3-token, 4-expert case, and for the shared per-token math.
 
 #include "support.hpp"

@@ -1,4 +1,4 @@
-// k curricula and SMoE-Dropout's RandomFrozen router (ALGORITHMS.md 3.4).
+// k curricula and SMoE-Dropout's RandomFrozen router (docs/algorithms.md 3.4).
 
 #include <cfenv>
 

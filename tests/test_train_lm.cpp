@@ -143,7 +143,7 @@ TEST_CASE("train_lm: the whole model's backward matches finite differences, per 
   const RecipeOptions options{
       .d_model = 4, .d_ff = 3, .experts = 4, .k = 2, .layers = 2, .total_steps = 10};
   const Batch batch = make_batch(shape.context, shape.vocab, 7, 9);
-  // ACMoE's cluster weights take no gradient (ALGORITHMS.md 3.3) and DefaultEMA
+  // ACMoE's cluster weights take no gradient (docs/algorithms.md 3.3) and DefaultEMA
   // updates its state in every training forward: the layer tests check those.
   for (const std::string recipe : {"dense", "topk", "remoe", "smoe-dropout"}) {
     CAPTURE(recipe);

@@ -1,5 +1,5 @@
 #pragma once
-// Expert activation policies (ALGORITHMS.md section 1). An element-wise policy
+// Expert activation policies (docs/algorithms.md section 1). An element-wise policy
 // maps one GEMM1 output u to act(u); a gated policy (SwiGLU) maps the pair
 // (gate_j, up_j) taken from a GEMM1 output twice as wide, so every activation
 // runs the same two GEMMs per expert.

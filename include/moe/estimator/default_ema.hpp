@@ -1,6 +1,6 @@
 #pragma once
 // Default MoE (Panda et al., "Dense Backpropagation Improves Training for
-// Sparse Mixture-of-Experts", NeurIPS 2025; ALGORITHMS.md section 4).
+// Sparse Mixture-of-Experts", NeurIPS 2025; docs/algorithms.md section 4).
 // Each expert keeps a default output Ehat_i (buffer "estimator.ema" (E, d),
 // zero init, no gradient). In a training forward, before use:
 //   Ehat_i <- beta Ehat_i + (1 - beta) m_i,   m_i = mean_{t in S_i} E_i(x_t)

@@ -1,5 +1,5 @@
 #pragma once
-// DenseExact, the reference oracle (ALGORITHMS.md section 4): the forward value
+// DenseExact, the reference oracle (docs/algorithms.md section 4): the forward value
 // is Sparse's, but the layer computes every expert on every token, so the
 // backward supplies dL/dG_ti = <g_t, E_i(x_t)> for every i. Costs E/k times
 // Sparse; used to measure how close an estimator's router gradient is to the

@@ -1,5 +1,5 @@
 #pragma once
-// The standard sparse estimator (ALGORITHMS.md section 4):
+// The standard sparse estimator (docs/algorithms.md section 4):
 //   y_t = sum_{i in A_t} G_ti E_i(x_t),  dL/dG_ti = <g_t, E_i(x_t)> for i in A_t only.
 // Experts outside A_t contribute nothing to the forward and receive no gate
 // gradient and there is no state, so every hook is empty by definition.

@@ -18,8 +18,8 @@ void check_config(const LayerConfig& c) {
   require(c.experts >= 1, "moe::Layer: experts=", c.experts, ", expected >= 1");
   require(!c.expert_bias || Activation::kSupportsBias, "moe::Layer: expert_bias=true, ",
           "expected false for activation ", Activation::kName, " (it has no biases)");
-  require(std::isfinite(c.dropout) && c.dropout >= 0 && c.dropout < 1, "moe::Layer: dropout=",
-          c.dropout, ", expected 0 <= dropout < 1");
+  require(std::isfinite(c.dropout) && c.dropout >= 0 && c.dropout < 1,
+          "moe::Layer: dropout=", c.dropout, ", expected 0 <= dropout < 1");
   require(std::isfinite(c.capacity_factor) && c.capacity_factor >= 0,
           "moe::Layer: capacity_factor=", c.capacity_factor,
           ", expected 0 (dropless) or a positive finite value");

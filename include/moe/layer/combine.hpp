@@ -27,11 +27,16 @@ struct TokenPairs {
 };
 
 template <class S, template <class> class Buffer>
-TokenPairs<S> token_pairs(const Selection<S, Buffer>& selection, const Selection<S, Buffer>& computed,
-                          const Dispatch<Buffer>& tokens) {
-  return {selection.tokens,          selection.experts,         computed.token_offsets.data(),
-          selection.token_offsets.data(), computed.pair_expert.data(), tokens.pair_row.data(),
-          tokens.pair_token.data(),  selection.gates.data()};
+TokenPairs<S> token_pairs(const Selection<S, Buffer>& selection,
+                          const Selection<S, Buffer>& computed, const Dispatch<Buffer>& tokens) {
+  return {selection.tokens,
+          selection.experts,
+          computed.token_offsets.data(),
+          selection.token_offsets.data(),
+          computed.pair_expert.data(),
+          tokens.pair_row.data(),
+          tokens.pair_token.data(),
+          selection.gates.data()};
 }
 
 namespace detail {
@@ -91,8 +96,8 @@ void combine(const B& be, const TokenPairs<S>& pairs, const S* out_rows, Index d
 // E_i(x_t)> for every computed pair that has a row, 0 elsewhere.
 template <class B, class S>
 void combine_backward(const B& be, const Dispatch<B::template Buffer>& tokens,
-                      const TokenPairs<S>& pairs, const S* out_rows, const S* dy, Index d,
-                      S* d_out, S* d_gates) {
+                      const TokenPairs<S>& pairs, const S* out_rows, const S* dy, Index d, S* d_out,
+                      S* d_gates) {
   const TokenPairs<S> p = pairs;
   const Index rows = tokens.rows(), T = p.tokens, E = p.experts;
   const Index* row_pair = tokens.row_pair.data();

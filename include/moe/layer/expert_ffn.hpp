@@ -92,8 +92,8 @@ MOE_HOST_DEVICE S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
 
 // rows (n, cols) += bias of each row's expert (E, cols).
 template <class B, class S>
-void add_row_bias(const B& be, const Dispatch<B::template Buffer>& rows, Index cols,
-                  const S* bias, S* out) {
+void add_row_bias(const B& be, const Dispatch<B::template Buffer>& rows, Index cols, const S* bias,
+                  S* out) {
   const int* row_expert = rows.row_expert.data();
   be.parallel_for_rows(
       rows.rows(), cols,
@@ -263,7 +263,7 @@ void expert_backward(const B& be, const Dispatch<B::template Buffer>& rows, Inde
   S* d_hidden = scratch.d_hidden.data();
   S* d_pre = scratch.d_pre.data();
   const auto& offsets = rows.expert_offsets;
-  be.grouped_gemm(offsets, true, h, d, d_out, w.w2, h * d, S(0), d_hidden);  // dH = dO W2^T
+  be.grouped_gemm(offsets, true, h, d, d_out, w.w2, h * d, S(0), d_hidden);   // dH = dO W2^T
   be.grouped_gemm_tn(offsets, h, d, acts.hidden.data(), d_out, g.w2, h * d);  // dW2 += H^T dO
   if (g.b2 != nullptr) detail::add_column_sums(be, rows, d_out, d, g.b2);
   detail::activation_backward<Activation>(be, rows, h, acts, d_hidden, d_pre);

@@ -1,5 +1,5 @@
 #pragma once
-// Per-feature math of ACMoE's cluster weights (ALGORITHMS.md 3.3), shared by
+// Per-feature math of ACMoE's cluster weights (docs/algorithms.md 3.3), shared by
 // backends. For one feature q, over the tokens of each cluster k:
 //   mu_kq = mean x_tq,  s_kq = mean |x_tq - mu_kq|,  w_kq = 1 / (s_kq + 1e-4);
 // an empty cluster has s = 0. `stats` is (K, d) scratch, column q used.

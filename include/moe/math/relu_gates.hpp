@@ -1,5 +1,5 @@
 #pragma once
-// Per-token math of the ReLU router (ReMoE, ALGORITHMS.md 3.2), shared by
+// Per-token math of the ReLU router (ReMoE, docs/algorithms.md 3.2), shared by
 // backends: G = relu(z), A = {i : z_i > 0}, no top-k, no softmax.
 
 #include "moe/math/softmax.hpp"

@@ -1,5 +1,5 @@
 #pragma once
-// Per-token math of the TopK router (ALGORITHMS.md 3.1), shared by backends.
+// Per-token math of the TopK router (docs/algorithms.md 3.1), shared by backends.
 
 #include <cmath>
 

@@ -1,6 +1,6 @@
 #pragma once
 // The adaptive-clustering router (ACMoE, Nielsen et al., "Tight Clusters Make
-// Specialized Experts", ICLR 2025; ALGORITHMS.md 3.3). With c_t the previous
+// Specialized Experts", ICLR 2025; docs/algorithms.md 3.3). With c_t the previous
 // MoE layer's top-1 expert of token t (clusters k = 0..max_t c_t):
 //   m_k = feature weights of cluster k from this layer's input X (no gradient):
 //         w_kq = 1 / (MAD_kq + 1e-4), clamped at 10 mean(w), m_kq = w_kq / mean_k' w_k'q
@@ -221,7 +221,7 @@ struct AdaptiveCluster {
         E * d);
   }
 
-  // c_t from the context, then w, the clamp and m (ALGORITHMS.md 3.3). Public
+  // c_t from the context, then w, the clamp and m (docs/algorithms.md 3.3). Public
   // only because nvcc's device lambdas cannot live in private members.
   template <class B>
   void cluster_scales(const B& be, ConstMatrixView<typename B::Scalar> x,

@@ -1,6 +1,6 @@
 #pragma once
 // k curricula for top-k routers (SMoE-Dropout, Chen et al., "Sparse MoE as the
-// New Dropout", ICLR 2023; ALGORITHMS.md 3.4). A schedule maps the number of
+// New Dropout", ICLR 2023; docs/algorithms.md 3.4). A schedule maps the number of
 // optimiser steps done, t, to the k of the next training step; every schedule
 // starts at k_min (t = 0) and reaches k_max at t = total_steps.
 
@@ -54,7 +54,7 @@ struct Constant {
   void validate(Index experts) const { detail::check_range(kName, k, k, 1, experts); }
 };
 
-// The paper's curriculum (ALGORITHMS.md 3.4):
+// The paper's curriculum (docs/algorithms.md 3.4):
 //   k(t) = clip(round_half_even((k_max - k_min) t / T) + k_min, k_min, k_max).
 // The quotient is rounded exactly, in integers, so the .5 cases are exact.
 struct Linear {

@@ -1,6 +1,6 @@
 #pragma once
 // The adaptive L1 coefficient of ReMoE (Wang et al., "ReMoE: Fully
-// Differentiable Mixture-of-Experts with ReLU Routing", ICLR 2025; ALGORITHMS.md
+// Differentiable Mixture-of-Experts with ReLU Routing", ICLR 2025; docs/algorithms.md
 // 3.2): one lambda shared by every ReLU-routed layer of a model. After each
 // optimiser step, with S the fraction of zero gates over that step's training
 // forwards (averaged over layers and forwards) and the target S* = 1 - k/E:

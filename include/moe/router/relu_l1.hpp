@@ -1,6 +1,6 @@
 #pragma once
 // ReLU routing with a load-balanced, adaptive L1 penalty (ReMoE, Wang et al.,
-// ICLR 2025; ALGORITHMS.md 3.2):
+// ICLR 2025; docs/algorithms.md 3.2):
 //   z = W_r x (no bias),  G = relu(z),  A_t = {i : z_ti > 0}   (0..E experts per token)
 //   L1 = lambda * E / (k T^2) * sum_e n_e sum_t G_te,  n_e = #{t : G_te > 0} (no gradient)
 // in training forwards only, with lambda from a LambdaController shared by all

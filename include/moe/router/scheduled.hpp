@@ -4,7 +4,7 @@
 // set to any value for inference (self-slimming). The number of steps done is
 // layer state ("router.step"), so a checkpoint restores k exactly.
 //
-// RandomFrozen (SMoE-Dropout, Chen et al., ICLR 2023; ALGORITHMS.md 3.4) is the
+// RandomFrozen (SMoE-Dropout, Chen et al., ICLR 2023; docs/algorithms.md 3.4) is the
 // TopK preset: bias, W_r ~ N(0, 0.02^2), b_r = 0, both frozen (dL/dx still
 // flows), top-k on logits, softmax over the selected k, no aux loss.
 

@@ -1,5 +1,5 @@
 #pragma once
-// TopK softmax router (ALGORITHMS.md 3.1): Switch (Fedus et al. 2021), GShard,
+// TopK softmax router (docs/algorithms.md 3.1): Switch (Fedus et al. 2021), GShard,
 // Mixtral, and the Default MoE baseline (Panda et al. 2025).
 //   z = W_r x (+ b_r),  p = softmax(z),  A = top-k of z (ties: lower index),
 //   G = p (default), p / sum_A p (renormalize) or softmax(z_A) (softmax_over_selected).

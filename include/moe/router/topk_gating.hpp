@@ -1,5 +1,5 @@
 #pragma once
-// The top-k gating every top-k router shares (ALGORITHMS.md 3.1), from logits
+// The top-k gating every top-k router shares (docs/algorithms.md 3.1), from logits
 // on: p = softmax(z), A = top-k of z (ties: lower index), gates G by the chosen
 // normalisation, the Switch load-balancing loss and the z-loss; and back from
 // dL/dG to dL/dz. TopK computes its logits as W_r x (+ b_r), AdaptiveCluster

@@ -24,17 +24,16 @@ namespace moe {
 // sizes its destination.
 template <class D, class B>
 concept DispatchPolicy = BackendPolicy<B> &&
-    requires(const D& d, const B& be, const Selection<typename B::Scalar, B::template Buffer>& pairs,
-             Index capacity, typename D::template Cache<B>& cache,
+    requires(const D& d, const B& be,
+             const Selection<typename B::Scalar, B::template Buffer>& pairs, Index capacity,
+             typename D::template Cache<B>& cache,
              typename B::template Buffer<typename B::Scalar>& rows,
              typename B::template Buffer<typename B::Scalar>& spare, Index width) {
   { D::kName } -> std::convertible_to<const char*>;
   d.plan(be, pairs, capacity, cache);
   { std::as_const(cache).tokens() } -> std::same_as<const Dispatch<B::template Buffer>&>;
   { std::as_const(cache).experts() } -> std::same_as<const Dispatch<B::template Buffer>&>;
-  {
-    d.experts_side(rows, spare)
-    } -> std::same_as<typename B::template Buffer<typename B::Scalar>&>;
+  { d.experts_side(rows, spare) } -> std::same_as<typename B::template Buffer<typename B::Scalar>&>;
   d.to_experts(be, std::as_const(cache), std::as_const(rows), spare, width);
   d.to_tokens(be, std::as_const(cache), std::as_const(spare), rows, width);
 };

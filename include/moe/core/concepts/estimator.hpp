@@ -22,7 +22,7 @@ struct EstimatorBatch {
   Index rows = 0;                         // expert_offsets[E], known on the host
 };
 
-// A gradient estimator (ALGORITHMS.md section 4). It decides
+// A gradient estimator (docs/algorithms.md section 4). It decides
 //  - whether the layer computes every expert on every token (DenseExact) or
 //    only the selected pairs (kComputesAllExperts);
 //  - what the forward adds for experts outside A_t, from state it keeps in the
