@@ -1,7 +1,7 @@
-// GPU benchmark (issue 6): the layer against cuBLAS dense GEMMs of the same
-// active FLOPs, forward+backward, timed with CUDA events (cuda_timing.cu). Rows
-// report an error ("no CUDA device") where there is no GPU; results go into
-// bench/README.md when a run on a GPU happens.
+// GPU benchmark: the layer against cuBLAS dense GEMMs of the same active
+// FLOPs, forward+backward, timed with CUDA events (cuda_timing.cu). Rows
+// report an error ("no CUDA device") where there is no GPU; bench/README.md
+// has the results of the runs on a GPU.
 
 #include <benchmark/benchmark.h>
 

@@ -56,7 +56,7 @@ fi
 configure() {  # configure <preset> <cmake args...>
   local preset=$1
   shift
-  (cd "$root" && cmake --preset "$preset" "${cuda_args[@]}" "$@" >/dev/null)
+  (cd "$root" && cmake --preset "$preset" "$@" >/dev/null)
 }
 
 case "$mode" in
@@ -74,7 +74,7 @@ case "$mode" in
     # The benchmarks are built too (not run): with nvcc this compiles the
     # GPU benchmark's CUDA sources as well, so every .cu file is type-checked.
     need_packages "${base_packages[@]}" "${test_packages[@]}" libbenchmark-dev
-    configure tests
+    configure tests "${cuda_args[@]}"
     cmake --build "$root/build" -j"$jobs"
     ctest --test-dir "$root/build" --output-on-failure -j"$jobs"
     ;;
@@ -96,7 +96,13 @@ case "$mode" in
     # BLAS (neither is instrumented): the only threads are the test's own.
     configure tsan
     cmake --build "$root/build-tsan" -j"$jobs" --target test_concurrency
-    TSAN_OPTIONS=halt_on_error=1 "$root/build-tsan/tests/test_concurrency"
+    # Without address-space randomisation where setarch can: ThreadSanitizer's
+    # fixed memory map fails on kernels with many random mmap bits.
+    no_aslr=()
+    if command -v setarch >/dev/null && setarch "$(uname -m)" -R true 2>/dev/null; then
+      no_aslr=(setarch "$(uname -m)" -R)
+    fi
+    TSAN_OPTIONS=halt_on_error=1 "${no_aslr[@]}" "$root/build-tsan/tests/test_concurrency"
     ;;
   bench)
     need_packages "${base_packages[@]}" libbenchmark-dev
@@ -107,7 +113,7 @@ case "$mode" in
     ;;
   bench-cuda)
     need_packages "${base_packages[@]}" libbenchmark-dev
-    configure bench-cuda
+    configure bench-cuda "${cuda_args[@]}"
     if ! cmake --build "$root/build-bench-cuda" -j"$jobs" --target moe_bench_cuda; then
       echo "moe: bench-cuda needs nvcc (the CUDA toolkit); CMake found none" >&2
       exit 1

@@ -1,9 +1,12 @@
 // One layer, many callers: concurrent eval forwards from several threads,
-// each with its own cache, give the serial results bitwise; micro-batches in
-// flight (forward A, forward B, backward B, backward A) give each micro-batch
-// the gradients it gets alone, bitwise. Every router and estimator. Run under
-// ThreadSanitizer in CI (bash scripts/dev.sh sanitize).
+// each with its own cache, give the serial results bitwise (and run under
+// ThreadSanitizer in bash scripts/dev.sh sanitize, which reports any shared
+// write); micro-batches in flight (forward A, forward B, backward B, backward
+// A) give each micro-batch the outputs and gradients it gets one after the
+// other, bitwise, which fails if a backward reads the layer's live state
+// instead of its cache's. Every router and estimator.
 
+#include <latch>
 #include <thread>
 #include <vector>
 
@@ -87,13 +90,15 @@ TEST_CASE("concurrent eval forwards on one layer give the serial results bitwise
     const auto state_before = layer.state().flat();
     const std::vector<double> state_copy(state_before.begin(), state_before.end());
 
-    constexpr int kRepeats = 6;
+    constexpr int kRepeats = 20;
     std::vector<int> mismatches(xs.size(), 0);
     std::vector<std::thread> threads;
+    std::latch start(static_cast<std::ptrdiff_t>(xs.size()));  // all threads forward at once
     for (std::size_t i = 0; i < xs.size(); ++i) {
       threads.emplace_back([&, i] {
         typename L::Cache cache;  // one per thread
         Mat<float> y(xs[i].rows(), kModel);
+        start.arrive_and_wait();
         for (int repeat = 0; repeat < kRepeats; ++repeat) {
           layer.forward(xs[i], y, cache, Mode::eval);
           mismatches[i] += y != serial[i];

@@ -55,7 +55,8 @@ class Bf16OperandsBackend : public cpu::Backend<float> {
     return copy.data();
   }
 
-  mutable std::vector<float> a_, b_;  // the rounded operands of the current product
+  // The rounded operands of the current product: one backend per thread.
+  mutable std::vector<float> a_, b_;
 };
 static_assert(BackendPolicy<Bf16OperandsBackend>);
 

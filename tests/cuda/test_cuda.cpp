@@ -76,7 +76,7 @@ TEST_CASE("the CPU reference of every case is finite, non-trivial and repeatable
   CHECK(named("topk/sparse/swiglu T=1").y.size() == 24);
 }
 
-TEST_CASE("the CPU reference of bf16 experts rounds their operands, and only theirs") {
+TEST_CASE("the CPU reference of bf16 experts rounds the expert GEMMs' operands to bf16") {
   const auto fp32 = run_on_cpu();
   const auto bf16 = run_on_cpu_bf16();
   REQUIRE(bf16.size() == fp32.size());

@@ -3,7 +3,7 @@
 //
 // A layer is stored as its parameters, "<prefix>param.<name>" in the layer's
 // scalar type, and its state, "<prefix>state.<name>" in F64: together they
-// resume training bitwise (see README "Checkpoints"). Loading checks every
+// resume training bitwise (docs/checkpoints.md). Loading checks every
 // tensor (present, dtype, shape) before anything is written, so a file that
 // does not fit leaves the buffer or layer unchanged.
 
@@ -117,8 +117,9 @@ template <class L>
 struct PolicyNames {
   static std::vector<std::pair<std::string, std::string>> get() { return {}; }
 };
-template <class Router, class Estimator, class Backend, class Activation>
-struct PolicyNames<moe::Layer<Router, Estimator, Backend, Activation>> {
+// Any dispatcher: a file is the same model however its experts were placed.
+template <class Router, class Estimator, class Backend, class Activation, class Dispatcher>
+struct PolicyNames<moe::Layer<Router, Estimator, Backend, Activation, Dispatcher>> {
   static std::vector<std::pair<std::string, std::string>> get() {
     return {{"router", Router::kName},
             {"estimator", Estimator::kName},

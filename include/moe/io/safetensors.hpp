@@ -1,5 +1,5 @@
 #pragma once
-// The safetensors file format (https://github.com/huggingface/safetensors):
+// The safetensors file format (Hugging Face's tensor file format):
 //
 //   [u64 little-endian N] [N bytes of JSON header] [data buffer]
 //

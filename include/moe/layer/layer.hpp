@@ -14,6 +14,7 @@
 // combine, estimator; the pieces are layer/{selection, expert_ffn, combine,
 // cache}.hpp and the dispatch policy.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>

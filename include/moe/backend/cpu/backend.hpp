@@ -122,27 +122,10 @@ class Backend {
   template <class S>
   void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const S* a, Index lda,
             const S* b, Index ldb, S beta, S* c, Index ldc) const {
-    if (m == 0 || n == 0) return;
-    if (k == 0) {
-      detail::scale(m, n, beta, c, ldc);
-      return;
-    }
-    if (!trans_a && m <= kSkinnyRows) {
-      detail::skinny_gemm<static_cast<int>(kSkinnyRows)>(trans_b, m, n, k, alpha, a, lda, b, ldb,
-                                                         beta, c, ldc);
-      return;
-    }
-    if constexpr (blas::kHasGemm<S>) {  // compiled only where the BLAS has this type
-      if (gemm_ == Gemm::blas) {
-        check_blas_sizes(m, n, k, lda, ldb, ldc);
-        blas::SerialScope serial;
-        [[maybe_unused]] detail::SerialOpenMP
-            serial_icv;  // an OpenMP OpenBLAS threads by this thread's ICV
-        blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-        return;
-      }
-    }
-    detail::eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    const bool on_blas = runs_on_blas<S>(trans_a, m, n, k);
+    if (on_blas) check_blas_sizes(m, n, k, lda, ldb, ldc);
+    const blas::SerialScope serial(on_blas);
+    product(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
   static constexpr Index kSkinnyRows = 8;
@@ -161,8 +144,8 @@ class Backend {
         [&](Index tile) {
           const Index r0 = tile * kRowTile;
           const Index rows = std::min(kRowTile, m - r0);
-          gemm(false, trans_b, rows, n, k, alpha, a + r0 * lda, lda, b, ldb, beta, c + r0 * ldc,
-               ldc);
+          product(false, trans_b, rows, n, k, alpha, a + r0 * lda, lda, b, ldb, beta, c + r0 * ldc,
+                  ldc);
         },
         m * n * k);
   }
@@ -173,7 +156,7 @@ class Backend {
   //   C_e (n_e, n) = A_e (n_e, k) * op(B_e) + beta * C_e,  B_e = b + e * b_stride,
   // op(B_e) of shape (k, n): B_e stored (k, n), or (n, k) when trans_b.
   // Work items are (expert, row tile, column tile) tiles of C, fixed for a
-  // given routing (see plan_tiles).
+  // given routing (see detail::TilePlan).
   template <class S>
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
@@ -187,8 +170,8 @@ class Backend {
           detail::Tile t;
           if (!plan.tile(i, t)) return;
           const S* bt = b + t.expert * b_stride + (trans_b ? t.col * k : t.col);
-          gemm(false, trans_b, t.rows, t.cols, k, S(1), a + t.row * k, k, bt, trans_b ? k : n, beta,
-               c + t.row * n + t.col, n);
+          product(false, trans_b, t.rows, t.cols, k, S(1), a + t.row * k, k, bt, trans_b ? k : n,
+                  beta, c + t.row * n + t.col, n);
         },
         offsets.back() * n * k);
   }
@@ -208,8 +191,8 @@ class Backend {
         [&](Index i) {
           detail::Tile t;
           if (!plan.tile(i, t)) return;
-          gemm(true, false, k, t.cols, t.rows, S(1), a + t.row * k, k, b + t.row * n + t.col, n,
-               S(1), w + t.expert * w_stride + t.col, n);
+          product(true, false, k, t.cols, t.rows, S(1), a + t.row * k, k, b + t.row * n + t.col, n,
+                  S(1), w + t.expert * w_stride + t.col, n);
         },
         offsets.back() * n * k);
   }
@@ -299,6 +282,40 @@ class Backend {
   }
 
  private:
+  // Whether gemm() hands this product to the BLAS (not empty, not skinny).
+  template <class S>
+  bool runs_on_blas(bool trans_a, Index m, Index n, Index k) const {
+    return blas::kHasGemm<S> && gemm_ == Gemm::blas && m > 0 && n > 0 && k > 0 &&
+           (trans_a || m > kSkinnyRows);
+  }
+
+  // gemm() on the calling thread, inside the caller's serial-BLAS scope: the
+  // tiles of one grouped product share their caller's scope instead of
+  // opening (and locking) one each. Sizes are checked by the caller.
+  template <class S>
+  void product(bool trans_a, bool trans_b, Index m, Index n, Index k, S alpha, const S* a,
+               Index lda, const S* b, Index ldb, S beta, S* c, Index ldc) const {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {
+      detail::scale(m, n, beta, c, ldc);
+      return;
+    }
+    if (!trans_a && m <= kSkinnyRows) {
+      detail::skinny_gemm<static_cast<int>(kSkinnyRows)>(trans_b, m, n, k, alpha, a, lda, b, ldb,
+                                                         beta, c, ldc);
+      return;
+    }
+    if constexpr (blas::kHasGemm<S>) {  // compiled only where the BLAS has this type
+      if (gemm_ == Gemm::blas) {
+        // An OpenMP OpenBLAS threads by this thread's ICV.
+        [[maybe_unused]] detail::SerialOpenMP serial_icv;
+        blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+      }
+    }
+    detail::eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
   // CBLAS takes int sizes. Checked before a parallel region: an exception
   // must not leave an OpenMP region (that would terminate the program).
   void check_blas_sizes(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) const {

@@ -22,6 +22,13 @@ namespace moe {
 // where both sides are one (one process), else `spare`. to_experts() fills
 // the experts' side from the tokens' side, to_tokens() the reverse; each
 // sizes its destination.
+//
+// A dispatcher over processes (experts sharded by an all-to-all) needs more
+// than this, and will add it here: the range of experts a process holds
+// (which the parameters' layout and the expert weights follow), a sum over
+// processes for the routers' and estimators' per-expert terms, dropout keys
+// that are unique across processes, a capacity agreed across processes, and
+// one order of collective calls on every process.
 template <class D, class B>
 concept DispatchPolicy = BackendPolicy<B> &&
     requires(const D& d, const B& be,
