@@ -1,12 +1,20 @@
 #pragma once
 // k curricula for top-k routers (SMoE-Dropout, Chen et al., "Sparse MoE as the
-// New Dropout", ICLR 2023; docs/algorithms.md 3.4). A schedule maps the number of
-// optimiser steps done, t, to the k of the next training step; every schedule
-// starts at k_min (t = 0) and reaches k_max at t = total_steps.
+// New Dropout", ICLR 2023; docs/algorithms.md 3.4). A schedule maps t, the
+// number of optimiser steps done, to the k of the next training step.
+//
+// Each curriculum of the paper's code (calculate_gate_number) computes
+// exactly that curve over T = total_steps: round is half to even (Python's),
+// cos and pow are IEEE double as there, and every value is clipped to
+// [k_min, k_max]. Past T [choice]: the linear, cosine and multi-step curves
+// hold their value at T (the cosine formula would turn back after 3 T, and
+// the paper's multi-step indexing runs out at T); exp_increase keeps
+// following its formula, which only approaches k_max.
 
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <vector>
 
 #include "moe/core/config.hpp"
 #include "moe/core/error.hpp"
@@ -29,20 +37,33 @@ inline void check_range(const char* name, int k_min, int k_max, std::uint64_t to
   moe::detail::require(k_min >= 1 && k_min <= k_max && k_max <= experts,
                        "moe::router::schedule::", name, ": (k_min, k_max)=(", k_min, ", ", k_max,
                        "), expected 1 <= k_min <= k_max <= experts=", experts);
-  moe::detail::require(total >= 1, "moe::router::schedule::", name, ": total_steps=", total,
-                       ", expected >= 1");
+  moe::detail::require(total >= 1 && total <= (std::uint64_t{1} << 53),
+                       "moe::router::schedule::", name, ": total_steps=", total,
+                       ", expected 1 <= total_steps <= 2^53");
 }
-// Round half to even, as Python's round() in the paper's scripts.
-inline int round_half_even(double v) {
+// Round half to even, as Python's round() in the paper's code.
+inline long long round_half_even(double v) {
   const double floor_v = std::floor(v);
   const double frac = v - floor_v;
   auto n = static_cast<long long>(floor_v);
   if (frac > 0.5 || (frac == 0.5 && n % 2 != 0)) ++n;
-  return static_cast<int>(n);
+  return n;
 }
-inline int clip(int k, int lo, int hi) { return k < lo ? lo : (k > hi ? hi : k); }
-inline double progress(std::uint64_t t, std::uint64_t total) {
-  return t >= total ? 1.0 : static_cast<double>(t) / static_cast<double>(total);
+// round_half_even(num / den) for whole numbers, exactly (Python divides ints
+// with one correct rounding, so its .5 quotients are exact too).
+inline long long round_quotient(std::uint64_t num, std::uint64_t den) {
+  std::uint64_t q = num / den;
+  const std::uint64_t twice_rem = 2 * (num % den);
+  if (twice_rem > den || (twice_rem == den && q % 2 == 1)) ++q;
+  return static_cast<long long>(q);
+}
+inline int clip(long long k, int lo, int hi) {
+  return static_cast<int>(k < lo ? lo : (k > hi ? hi : k));
+}
+inline std::uint64_t capped(std::uint64_t t, std::uint64_t total) { return t < total ? t : total; }
+// cos(pi t / (2 T)), computed as the paper's np.cos(np.pi * t / (2 * T)).
+inline double quarter_cosine(std::uint64_t t, std::uint64_t total) {
+  return std::cos(3.141592653589793 * static_cast<double>(t) / static_cast<double>(2 * total));
 }
 }  // namespace detail
 
@@ -54,80 +75,117 @@ struct Constant {
   void validate(Index experts) const { detail::check_range(kName, k, k, 1, experts); }
 };
 
-// The paper's curriculum (docs/algorithms.md 3.4):
-//   k(t) = clip(round_half_even((k_max - k_min) t / T) + k_min, k_min, k_max).
-// The quotient is rounded exactly, in integers, so the .5 cases are exact.
+// linear_increase, the paper's default: round((k_max - k_min) t / T) + k_min.
 struct Linear {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 0;  // required: the curriculum's length
+  std::uint64_t total_steps = 0;  // required: the curriculum's length T
   static constexpr const char* kName = "Linear";
   int k_at(std::uint64_t t) const {
-    const std::uint64_t span = static_cast<std::uint64_t>(k_max - k_min);
-    const std::uint64_t capped = t > total_steps ? total_steps : t;  // clip: k_max after T
-    const std::uint64_t num = span * capped;
-    std::uint64_t q = num / total_steps;
-    const std::uint64_t twice_rem = 2 * (num % total_steps);
-    if (twice_rem > total_steps || (twice_rem == total_steps && q % 2 == 1)) ++q;
-    return detail::clip(static_cast<int>(q) + k_min, k_min, k_max);
+    const auto span = static_cast<std::uint64_t>(k_max - k_min);
+    return detail::clip(
+        detail::round_quotient(span * detail::capped(t, total_steps), total_steps) + k_min, k_min,
+        k_max);
   }
   void validate(Index experts) const {
     detail::check_range(kName, k_min, k_max, total_steps, experts);
   }
 };
 
-// k_min + (k_max - k_min) (1 - cos(pi t / T)) / 2, rounded half to even.
-struct Cosine {
+// linear_decrease: round((k_min - k_max) t / T) + k_max.
+struct LinearDecrease {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 0;  // required: the curriculum's length
-  static constexpr const char* kName = "Cosine";
+  std::uint64_t total_steps = 0;
+  static constexpr const char* kName = "LinearDecrease";
   int k_at(std::uint64_t t) const {
-    const double p = detail::progress(t, total_steps);
-    const double k = k_min + (k_max - k_min) * 0.5 * (1.0 - std::cos(3.14159265358979323846 * p));
-    return detail::clip(detail::round_half_even(k), k_min, k_max);
+    // round(-x) = -round(x) for half to even.
+    const auto span = static_cast<std::uint64_t>(k_max - k_min);
+    return detail::clip(
+        k_max - detail::round_quotient(span * detail::capped(t, total_steps), total_steps), k_min,
+        k_max);
   }
   void validate(Index experts) const {
     detail::check_range(kName, k_min, k_max, total_steps, experts);
   }
 };
 
-// k_min (k_max / k_min)^(t / T), rounded half to even: slow start, fast end.
-struct Exponential {
+// cosine_increase: round((k_min - k_max) cos(pi t / (2 T))) + k_max.
+struct CosineIncrease {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 0;  // required: the curriculum's length
-  static constexpr const char* kName = "Exponential";
+  std::uint64_t total_steps = 0;
+  static constexpr const char* kName = "CosineIncrease";
   int k_at(std::uint64_t t) const {
-    const double p = detail::progress(t, total_steps);
-    const double k = k_min * std::pow(static_cast<double>(k_max) / k_min, p);
-    return detail::clip(detail::round_half_even(k), k_min, k_max);
+    const double c = detail::quarter_cosine(detail::capped(t, total_steps), total_steps);
+    return detail::clip(detail::round_half_even(static_cast<double>(k_min - k_max) * c) + k_max,
+                        k_min, k_max);
   }
   void validate(Index experts) const {
     detail::check_range(kName, k_min, k_max, total_steps, experts);
   }
 };
 
-// `stages` equal stretches of T / stages steps each, k rising evenly from
-// k_min (first stage) to k_max (last stage).
-struct Step {
+// cosine_decrease: round((k_max - k_min) cos(pi t / (2 T))) + k_min.
+struct CosineDecrease {
   int k_min = 8, k_max = 16;
-  std::uint64_t total_steps = 0;  // required: the curriculum's length
-  int stages = 4;
-  static constexpr const char* kName = "Step";
+  std::uint64_t total_steps = 0;
+  static constexpr const char* kName = "CosineDecrease";
   int k_at(std::uint64_t t) const {
-    if (stages == 1) return k_max;
-    const std::uint64_t capped = t >= total_steps ? total_steps - 1 : t;
-    const int stage = static_cast<int>(capped * static_cast<std::uint64_t>(stages) / total_steps);
-    const double k = k_min + static_cast<double>(k_max - k_min) * stage / (stages - 1);
-    return detail::clip(detail::round_half_even(k), k_min, k_max);
+    const double c = detail::quarter_cosine(detail::capped(t, total_steps), total_steps);
+    return detail::clip(detail::round_half_even(static_cast<double>(k_max - k_min) * c) + k_min,
+                        k_min, k_max);
   }
   void validate(Index experts) const {
     detail::check_range(kName, k_min, k_max, total_steps, experts);
-    moe::detail::require(stages >= 1, "moe::router::schedule::Step: stages=", stages,
-                         ", expected >= 1");
   }
 };
 
-static_assert(KSchedulePolicy<Constant> && KSchedulePolicy<Linear> && KSchedulePolicy<Cosine> &&
-              KSchedulePolicy<Exponential> && KSchedulePolicy<Step>);
+// exp_increase: round((k_min - k_max) 0.99^floor(t / i)) + k_max with
+// i = max(1, floor(T / 300)) (the paper's code divides by floor(T / 300),
+// which is 0 below T = 300).
+struct ExpIncrease {
+  int k_min = 8, k_max = 16;
+  std::uint64_t total_steps = 0;
+  static constexpr const char* kName = "ExpIncrease";
+  int k_at(std::uint64_t t) const {
+    const std::uint64_t interval = total_steps / 300 > 0 ? total_steps / 300 : 1;
+    const double decay = std::pow(0.99, static_cast<double>(t / interval));
+    return detail::clip(detail::round_half_even(static_cast<double>(k_min - k_max) * decay) + k_max,
+                        k_min, k_max);
+  }
+  void validate(Index experts) const {
+    detail::check_range(kName, k_min, k_max, total_steps, experts);
+  }
+};
+
+// multi_step_increase / multi_step_decrease: an explicit list of n values,
+// k = values[min(floor(n t / T), n - 1)], clipped. The paper's lists are
+// increasing() = {1, 2, 4, 8, 16} and decreasing() = {16, 8, 4, 2, 1}.
+struct MultiStep {
+  int k_min = 1, k_max = 16;
+  std::uint64_t total_steps = 0;
+  std::vector<int> values = increasing();
+  static constexpr const char* kName = "MultiStep";
+  static std::vector<int> increasing() { return {1, 2, 4, 8, 16}; }
+  static std::vector<int> decreasing() { return {16, 8, 4, 2, 1}; }
+  int k_at(std::uint64_t t) const {
+    const auto n = static_cast<std::uint64_t>(values.size());
+    const std::uint64_t index = n * detail::capped(t, total_steps) / total_steps;
+    return detail::clip(values[static_cast<std::size_t>(index < n ? index : n - 1)], k_min, k_max);
+  }
+  void validate(Index experts) const {
+    detail::check_range(kName, k_min, k_max, total_steps, experts);
+    moe::detail::require(!values.empty(),
+                         "moe::router::schedule::MultiStep: values is empty, expected at least one "
+                         "k");
+    for (std::size_t i = 0; i < values.size(); ++i)
+      moe::detail::require(values[i] >= 1, "moe::router::schedule::MultiStep: values[", i,
+                           "]=", values[i], ", expected >= 1");
+  }
+};
+
+static_assert(KSchedulePolicy<Constant> && KSchedulePolicy<Linear> &&
+              KSchedulePolicy<LinearDecrease> && KSchedulePolicy<CosineIncrease> &&
+              KSchedulePolicy<CosineDecrease> && KSchedulePolicy<ExpIncrease> &&
+              KSchedulePolicy<MultiStep>);
 
 }  // namespace schedule
 }  // namespace moe::router
