@@ -53,6 +53,18 @@ TEST_CASE("cluster weights M on 6 tokens: two clusters and an empty one") {
   const auto params = router_params(r, 4, 2, 1);
   const auto run = run_router(r, params, x, 4, c);
   REQUIRE(run.cache.clusters == 3);
+  // The statistics a researcher reads: mu, MAD and counts per cluster.
+  const double mu[3][2] = {{2, 0}, {0, 0}, {4. / 3, 1. / 3}};
+  const double mad[3][2] = {{2. / 3, 0}, {0, 0}, {16. / 9, 8. / 9}};
+  CHECK(std::vector<Index>(run.cache.count.begin(), run.cache.count.end()) ==
+        std::vector<Index>{3, 0, 3});
+  for (int k = 0; k < 3; ++k)
+    for (int q = 0; q < 2; ++q) {
+      CHECK(run.cache.mean[static_cast<std::size_t>(k * 2 + q)] ==
+            doctest::Approx(mu[k][q]).epsilon(1e-14));
+      CHECK(run.cache.mad[static_cast<std::size_t>(k * 2 + q)] ==
+            doctest::Approx(mad[k][q]).epsilon(1e-14));
+    }
   const double eps = 1e-4;
   const double w[3][2] = {
       {1 / (2. / 3 + eps), 1 / eps}, {1 / eps, 1 / eps}, {1 / (16. / 9 + eps), 1 / (8. / 9 + eps)}};
@@ -62,8 +74,18 @@ TEST_CASE("cluster weights M on 6 tokens: two clusters and an empty one") {
       CAPTURE(k);
       CAPTURE(q);
       CHECK(scale(run, k, q, 2) == doctest::Approx(w[k][q] / column).epsilon(1e-12));
+      CHECK(run.cache.weights[static_cast<std::size_t>(k * 2 + q)] ==
+            doctest::Approx(w[k][q]).epsilon(1e-12));
+      CHECK(run.cache.clamped[static_cast<std::size_t>(k * 2 + q)] ==
+            run.cache.weights[static_cast<std::size_t>(k * 2 + q)]);  // nothing clamped
     }
   }
+  // Token t's M is its cluster's row of m.
+  const auto m = Router::token_scales(run.cache, 6, 2);
+  for (int t = 0; t < 6; ++t)
+    for (int q = 0; q < 2; ++q)
+      CHECK(m[static_cast<std::size_t>(t * 2 + q)] ==
+            scale(run, c[static_cast<std::size_t>(t)], q, 2));
 }
 
 TEST_CASE("cluster weights M: the clamp at 10 x mean(w)") {
@@ -84,6 +106,9 @@ TEST_CASE("cluster weights M: the clamp at 10 x mean(w)") {
   const auto run = run_router(r, params, x, 4, c);
   const double w_rest = 1 / 1.0001, mean = (1e4 + 11 * w_rest) / 12, cap = 10 * mean;
   REQUIRE(cap < 1e4);
+  CHECK(run.cache.cap == doctest::Approx(cap).epsilon(1e-12));
+  CHECK(run.cache.weights[0] == doctest::Approx(1e4).epsilon(1e-12));  // before the clamp
+  CHECK(run.cache.clamped[0] == doctest::Approx(cap).epsilon(1e-12));  // after it
   CHECK(scale(run, 0, 0, 6) == doctest::Approx(cap / ((cap + w_rest) / 2)).epsilon(1e-12));
   CHECK(scale(run, 1, 0, 6) == doctest::Approx(w_rest / ((cap + w_rest) / 2)).epsilon(1e-12));
   for (int q = 1; q < 6; ++q) {
@@ -114,7 +139,7 @@ TEST_CASE("logits: z_tj = sum_q m_{c_t q} x_tq ehat_jq; M = 1 without a previous
           const double m = clustered && c[t] >= 0 ? scale(run, c[t], q, d) : 1.0;
           z += m * x(t, q) * e(j, q) / norm;
         }
-        CHECK(run.cache.logits[static_cast<std::size_t>(t * E + j)] ==
+        CHECK(run.sel.logits[static_cast<std::size_t>(t * E + j)] ==
               doctest::Approx(z).epsilon(1e-12));
       }
   }
@@ -141,15 +166,15 @@ TEST_CASE("dx through the clustered logits (M held fixed) matches finite differe
     RouterRun probe;
     probe.sel.tokens = T;
     probe.sel.experts = E;
-    router::TopKGating::resize_logits(probe.cache, T, E);
+    router::TopKGating::resize_logits(probe.sel, T, E);
     for (Index t = 0; t < T; ++t)
       for (Index j = 0; j < E; ++j) {
         double z = 0;
         for (Index q = 0; q < d; ++q)
           z += (c[t] >= 0 ? scale(run, c[t], q, d) : 1.0) * xp(t, q) * unit[j * d + q];
-        probe.cache.logits[static_cast<std::size_t>(t * E + j)] = z;
+        probe.sel.logits[static_cast<std::size_t>(t * E + j)] = z;
       }
-    r.gating().forward(B(1), T, E, probe.sel, probe.cache);
+    r.gating().forward(B(1), Mode::train, T, E, probe.sel, probe.cache);
     double l = 0;
     for (Index i = 0; i < T * E; ++i)
       l += rg.data()[i] * probe.sel.gates[static_cast<std::size_t>(i)];

@@ -107,7 +107,7 @@ TEST_CASE("DefaultEMA equals Sparse where gates are zero off the selection") {
   check_ema_adds_nothing(relu());
   check_ema_adds_nothing(cluster());  // softmax over the selected
   check_ema_adds_nothing(frozen());   // softmax over the selected
-  check_ema_adds_nothing(router::TopK{.k = 2, .renormalize = true});
+  check_ema_adds_nothing(router::TopK{.k = 2, .softmax_over_selected = true});
 }
 
 namespace {

@@ -2,6 +2,8 @@
 // and the DenseExact oracle, against hand-computed values, finite differences
 // and their relations to Sparse and to the dense mixture.
 
+#include <algorithm>
+
 #include "support.hpp"
 
 using namespace moe;
@@ -13,20 +15,23 @@ using B = cpu::Backend<double>;
 
 // One hand-built batch: 4 tokens, 2 experts, d = 2; rows are expert-sorted.
 struct FakeBatch {
-  std::vector<double> gates, out;
+  std::vector<double> gates, probabilities, out;  // no probabilities: a router without softmax
   std::vector<Index> token_offsets, expert_offsets, row_token;
   std::vector<int> pair_expert;
   EstimatorBatch<double> view() const {
-    return {4,
-            2,
-            2,
-            gates.data(),
-            token_offsets.data(),
-            pair_expert.data(),
-            expert_offsets.data(),
-            row_token.data(),
-            out.data(),
-            expert_offsets.empty() ? 0 : expert_offsets.back()};
+    EstimatorBatch<double> b;
+    b.tokens = 4;
+    b.experts = 2;
+    b.d_model = 2;
+    b.gates = gates.data();
+    b.probabilities = probabilities.empty() ? nullptr : probabilities.data();
+    b.token_offsets = token_offsets.data();
+    b.pair_expert = pair_expert.data();
+    b.expert_offsets = expert_offsets.data();
+    b.row_token = row_token.data();
+    b.expert_out = out.data();
+    b.rows = expert_offsets.empty() ? 0 : expert_offsets.back();
+    return b;
   }
 };
 
@@ -41,6 +46,7 @@ TensorBuffer<double> ema_state(const estimator::DefaultEMA& est) {
 TEST_CASE("DefaultEMA: the EMA after three updates, an empty expert and an eval forward") {
   estimator::DefaultEMA est{.beta = 0.5};
   auto state = ema_state(est);
+  estimator::DefaultEMA::Cache<B> cache;  // the batch means and which experts moved
   const auto ema = [&](Index e, Index j) { return state.matrix("estimator.ema")(e, j); };
   FakeBatch b;
   b.gates = {.6, .4, .7, .3, .2, .8, .5, .5};  // (T, E)
@@ -51,32 +57,39 @@ TEST_CASE("DefaultEMA: the EMA after three updates, an empty expert and an eval 
   b.expert_offsets = {0, 2, 2};
   b.row_token = {0, 1};
   b.out = {1, 2, 3, 4};
-  est.update_state(B(1), Mode::train, b.view(), state);
+  est.update_state(B(1), Mode::train, b.view(), state, cache);
   CHECK(ema(0, 0) == 1.0);  // 0.5 * 0 + 0.5 * mean(1, 3)
   CHECK(ema(0, 1) == 1.5);
   CHECK(ema(1, 0) == 0.0);  // empty expert: skipped, not decayed
   CHECK(ema(1, 1) == 0.0);
+  CHECK(cache.updated == std::vector<int>{1, 0});
+  CHECK(cache.batch_mean[0] == 2.0);  // m_0 = mean(1, 3), mean(2, 4)
+  CHECK(cache.batch_mean[1] == 3.0);
 
   // Step 2: expert 0 row [5, 6] (token 0), expert 1 row [2, 2] (token 2).
   b.expert_offsets = {0, 1, 2};
   b.row_token = {0, 2};
   b.out = {5, 6, 2, 2};
-  est.update_state(B(1), Mode::train, b.view(), state);
+  est.update_state(B(1), Mode::train, b.view(), state, cache);
   CHECK(ema(0, 0) == 3.0);  // 0.5 * 1 + 0.5 * 5
   CHECK(ema(0, 1) == 3.75);
   CHECK(ema(1, 0) == 1.0);
   CHECK(ema(1, 1) == 1.0);
 
+  CHECK(cache.updated == std::vector<int>{1, 1});
+  CHECK(cache.batch_mean[2] == 2.0);  // m_1 = [2, 2]
+
   // An eval forward never updates.
-  est.update_state(B(1), Mode::eval, b.view(), state);
+  est.update_state(B(1), Mode::eval, b.view(), state, cache);
   CHECK(ema(0, 0) == 3.0);
   CHECK(ema(1, 0) == 1.0);
+  CHECK(cache.updated == std::vector<int>{0, 0});
 
   // Step 3: expert 0 empty, expert 1 row [4, 0].
   b.expert_offsets = {0, 0, 1};
   b.row_token = {3};
   b.out = {4, 0};
-  est.update_state(B(1), Mode::train, b.view(), state);
+  est.update_state(B(1), Mode::train, b.view(), state, cache);
   CHECK(ema(0, 0) == 3.0);
   CHECK(ema(0, 1) == 3.75);
   CHECK(ema(1, 0) == 2.5);
@@ -87,6 +100,7 @@ TEST_CASE("DefaultEMA ScoreWeighted: m_i = sum p_ti E_i(x_t) / sum p_ti") {
   estimator::DefaultEMA est{.beta = 0.0,
                             .weighting = estimator::DefaultEMA::Weighting::score_weighted};
   auto state = ema_state(est);
+  estimator::DefaultEMA::Cache<B> cache;
   FakeBatch b;
   b.gates = {.6, .4, .2, .8, .5, .5, .1, .9};
   b.token_offsets = {0, 1, 2, 3, 4};
@@ -94,12 +108,19 @@ TEST_CASE("DefaultEMA ScoreWeighted: m_i = sum p_ti E_i(x_t) / sum p_ti") {
   b.expert_offsets = {0, 2, 3};
   b.row_token = {0, 1, 3};
   b.out = {1, 0, 0, 1, 3, 3};
-  est.update_state(B(1), Mode::train, b.view(), state);
+  est.update_state(B(1), Mode::train, b.view(), state, cache);
   // Expert 0: (0.6 [1, 0] + 0.2 [0, 1]) / 0.8 = [0.75, 0.25]; expert 1: [3, 3].
   const auto m = state.matrix("estimator.ema");
   CHECK(m(0, 0) == doctest::Approx(0.75));
   CHECK(m(0, 1) == doctest::Approx(0.25));
   CHECK(m(1, 0) == doctest::Approx(3.0));
+  // Given the router's probabilities p (renormalised gates differ from p on
+  // A), the weights are p, not the gates: p_00 = 0.2, p_10 = 0.6, so
+  // m_0 = (0.2 [1, 0] + 0.6 [0, 1]) / 0.8 = [0.25, 0.75].
+  b.probabilities = {.2, .8, .6, .4, .5, .5, .1, .9};
+  est.update_state(B(1), Mode::train, b.view(), state, cache);
+  CHECK(m(0, 0) == doctest::Approx(0.25));
+  CHECK(m(0, 1) == doctest::Approx(0.75));
 }
 
 TEST_CASE("DefaultEMA forward adds G_ti Ehat_i for unselected experts and its gate gradient") {
@@ -161,7 +182,7 @@ TEST_CASE_TEMPLATE("DefaultEMA backward matches finite differences", Act, act::R
   }
 }
 
-TEST_CASE("DefaultEMA changes the plain-softmax router gradient and nothing else's") {
+TEST_CASE("DefaultEMA changes plain and renormalised TopK, not a softmax over the selected") {
   const auto x = random_matrix<double>(12, 6, 1), dy = random_matrix<double>(12, 6, 2);
   for (int normalization = 0; normalization < 3; ++normalization) {
     CAPTURE(normalization);
@@ -185,13 +206,69 @@ TEST_CASE("DefaultEMA changes the plain-softmax router gradient and nothing else
     const auto w2 = g2["router.weight"];
     double w_gap = 0;
     for (std::size_t i = 0; i < w1.size(); ++i) w_gap = std::max(w_gap, std::abs(w1[i] - w2[i]));
-    if (normalization == 0) {  // dense gates: the EMA term is real
+    if (normalization < 2) {  // G~ = p off A_t: the EMA term is real
       CHECK(y_gap > 1e-3);
       CHECK(w_gap > 1e-6);
-    } else {  // gates are 0 off A_t: identical to Sparse
+      // y_t = Sparse's + sum_{i not in A_t} p_ti Ehat_i, p from the cache.
+      const auto p = c1.probabilities();
+      const auto ehat = ema.state().matrix("estimator.ema");
+      Mat<double> expected = y2;
+      for (Index t = 0; t < 12; ++t) {
+        const auto chosen = c1.selected_experts(t);
+        for (Index i = 0; i < 4; ++i) {
+          if (std::find(chosen.begin(), chosen.end(), i) != chosen.end()) continue;
+          for (Index j = 0; j < 6; ++j) expected(t, j) += p(t, i) * ehat(i, j);
+        }
+      }
+      CHECK((y1 - expected).norm() <= 1e-12 * y1.norm());
+    } else {  // no G~: identical to Sparse
       CHECK(y_gap == 0);
       CHECK(w_gap == 0);
       CHECK(dx1 == dx2);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("DenseExact with renormalised TopK: the dense gradient flows through p", Act,
+                   act::ReLU, act::SwiGLU) {
+  // The unselected experts' dL/dG~ = <g_t, E_i(x_t)> reaches z through G~ = p,
+  // so the oracle's router gradient differs from Sparse's (the selected
+  // entries are the same); with a softmax over the selected it adds nothing.
+  const LayerConfig cfg{.d_model = 6, .d_ff = 4, .experts = 5};
+  const auto x = random_matrix<double>(11, 6, 1), dy = random_matrix<double>(11, 6, 2);
+  for (const bool renormalize : {true, false}) {
+    CAPTURE(renormalize);
+    const router::TopK topk{.k = 2,
+                            .renormalize = renormalize,
+                            .softmax_over_selected = !renormalize,
+                            .bias = true,
+                            .aux_coef = 0};
+    L<estimator::DenseExact, Act> oracle(cfg, topk, {}, 8);
+    L<estimator::Sparse, Act> sparse(cfg, topk, {}, 8);
+    Mat<double> y(11, 6), dx_o(11, 6), dx_s(11, 6);
+    typename decltype(oracle)::Cache co;
+    typename decltype(sparse)::Cache cs;
+    oracle.forward(x, y, co, Mode::eval);
+    sparse.forward(x, y, cs, Mode::eval);
+    auto go = oracle.make_gradients(), gs = sparse.make_gradients();
+    oracle.backward(x, co, dy, dx_o, go);
+    sparse.backward(x, cs, dy, dx_s, gs);
+    double gap = 0;
+    for (std::size_t i = 0; i < go["router.weight"].size(); ++i)
+      gap = std::max(gap, std::abs(go["router.weight"][i] - gs["router.weight"][i]));
+    if (renormalize) {
+      CHECK(gap > 1e-6);
+      // The oracle supplies dL/dG off the selection too: <dy_t, E_i(x_t)>.
+      const auto dg = co.gate_gradients();
+      const auto chosen = co.selected_experts(0);
+      for (Index i = 0; i < 5; ++i) {
+        CAPTURE(i);
+        CHECK(dg(0, i) != 0);
+        if (std::find(chosen.begin(), chosen.end(), i) == chosen.end())
+          CHECK(cs.gate_gradients()(0, i) == 0);  // Sparse: none
+      }
+    } else {
+      CHECK(gap <= 1e-12);
     }
   }
 }

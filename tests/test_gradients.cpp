@@ -90,13 +90,18 @@ void check_case(const Case& c, int normalization, cpu::Gemm engine) {
   const auto x = random_matrix<double>(c.tokens, c.d_model, 11);
   const auto r = random_matrix<double>(c.tokens, c.d_model, 12);
 
-  const Mode mode = c.dropout > 0 ? Mode::train : Mode::eval;
-  for (const auto& report : check_gradients(layer, x, r, mode)) {
-    CAPTURE(report.block);
-    CAPTURE(report.relative());
-    CAPTURE(report.scale);
-    CHECK(report.passes());
+  // Training forwards carry the aux and z-loss and dropout; eval forwards
+  // neither (and take the activation's unfused path).
+  for (const Mode mode : {Mode::train, Mode::eval}) {
+    CAPTURE(mode == Mode::train ? "train" : "eval");
+    for (const auto& report : check_gradients(layer, x, r, mode)) {
+      CAPTURE(report.block);
+      CAPTURE(report.relative());
+      CAPTURE(report.scale);
+      CHECK(report.passes());
+    }
   }
+  const Mode mode = c.dropout > 0 ? Mode::train : Mode::eval;
   // The case must exercise what it claims.
   typename L::Cache cache;
   Mat<double> y(c.tokens, c.d_model);
@@ -162,7 +167,8 @@ TEST_CASE("the finite-difference check detects a wrong gradient") {
 }
 
 // With R = 0 the loss is the router's auxiliary loss alone, so its gradient
-// is checked on its own and not hidden under the gates' larger gradient.
+// is checked on its own and not hidden under the gates' larger gradient. A
+// training loss: eval forwards have none (checked below).
 TEST_CASE_TEMPLATE("aux and z-loss gradients alone match finite differences", Act, act::GELU,
                    act::SwiGLU) {
   for (int normalization = 0; normalization < 3; ++normalization) {
@@ -182,12 +188,22 @@ TEST_CASE_TEMPLATE("aux and z-loss gradients alone match finite differences", Ac
       L layer({.d_model = 5, .d_ff = 3, .experts = 5}, topk, {}, 99);
       const auto x = random_matrix<double>(9, 5, 21);
       const Mat<double> r = Mat<double>::Zero(9, 5);
-      for (const auto& report : check_gradients(layer, x, r, Mode::eval)) {
+      for (const auto& report : check_gradients(layer, x, r, Mode::train)) {
         CAPTURE(report.block);
         CAPTURE(report.relative());
         CHECK(report.passes());
         if (report.block == "router.weight") CHECK(report.scale > 1e-3);  // not vacuous
       }
+      // Eval: no aux or z-loss, so with R = 0 nothing at all flows back.
+      using Cache = typename decltype(layer)::Cache;
+      Cache cache;
+      Mat<double> y(9, 5), dx(9, 5);
+      layer.forward(x, y, cache, Mode::eval);
+      CHECK(cache.stats().aux_loss == 0);
+      auto grads = layer.make_gradients();
+      layer.backward(x, cache, r, dx, grads);
+      CHECK(dx.norm() == 0);
+      for (double g : grads.flat()) CHECK(g == 0);
     }
   }
 }

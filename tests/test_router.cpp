@@ -1,6 +1,8 @@
 // Known answers for the TopK router (docs/algorithms.md 3.1) on a hand-computed
 // 3-token, 4-expert case, and for the shared per-token math.
 
+#include <algorithm>
+
 #include "support.hpp"
 
 using namespace moe;
@@ -19,7 +21,8 @@ struct RouterRun {
 //   t0: z = ln[1, 2, 3, 4] -> p = [.1, .2, .3, .4], top-2 = {3, 2}
 //   t1: z = ln[4, 3, 2, 1] -> p = [.4, .3, .2, .1], top-2 = {0, 1}
 //   t2: z = [0, 0, 0, 0]   -> p = .25 each, a 4-way tie: top-2 = {0, 1}
-RouterRun run_router(const router::TopK& topk, TensorBuffer<double>& params, Mat<double>& x) {
+RouterRun run_router(const router::TopK& topk, TensorBuffer<double>& params, Mat<double>& x,
+                     Mode mode = Mode::train) {
   LayerConfig config{.d_model = 4, .d_ff = 1, .experts = 4};
   auto layout = std::make_shared<TensorLayout>();
   topk.add_parameters(*layout, config);
@@ -33,7 +36,7 @@ RouterRun run_router(const router::TopK& topk, TensorBuffer<double>& params, Mat
   RouterRun run;
   run.sel.tokens = 3;
   run.sel.experts = 4;
-  topk.forward(B(1), Mode::train, ConstMatrixView<double>(x), params, {}, run.sel, run.cache);
+  topk.forward(B(1), mode, ConstMatrixView<double>(x), params, {}, run.sel, run.cache);
   return run;
 }
 
@@ -57,12 +60,16 @@ TEST_CASE("TopK gates and aux loss on a hand-computed 3-token, 4-expert case") {
     // aux = 0.01 * 4 / (2 * 9) * (2 + 2 + 1 + 1) * .75 = 0.01.
     CHECK(run.sel.aux_loss == doctest::Approx(0.01).epsilon(1e-14));
   }
-  SUBCASE("renormalize (Mixtral) and softmax over selected give p_i / sum_A p_j") {
+  SUBCASE("renormalize (Mixtral) and softmax over selected give p_i / sum_A p_j on A") {
     for (int mode = 0; mode < 2; ++mode) {
       router::TopK topk{.k = 2, .renormalize = mode == 0, .softmax_over_selected = mode == 1};
       auto run = run_router(topk, params, x);
-      const double expected[3][4] = {
-          {0, 0, 3. / 7, 4. / 7}, {4. / 7, 3. / 7, 0, 0}, {.5, .5, 0, 0}};
+      // Off A: renormalised gates keep G~ = p (Default MoE's dense gate),
+      // a softmax over the selected has none.
+      const double off = mode == 0 ? 1 : 0;
+      const double expected[3][4] = {{off * .1, off * .2, 3. / 7, 4. / 7},
+                                     {4. / 7, 3. / 7, off * .2, off * .1},
+                                     {.5, .5, off * .25, off * .25}};
       for (int t = 0; t < 3; ++t)
         for (int e = 0; e < 4; ++e)
           CHECK(run.sel.gates[t * 4 + e] == doctest::Approx(expected[t][e]).epsilon(1e-14));
@@ -72,6 +79,29 @@ TEST_CASE("TopK gates and aux loss on a hand-computed 3-token, 4-expert case") {
     auto run = run_router(router::TopK{.k = 2, .aux_coef = 0, .z_coef = 0.5}, params, x);
     const double l10 = std::log(10.0), l4 = std::log(4.0);
     CHECK(run.sel.aux_loss == doctest::Approx(0.5 * (2 * l10 * l10 + l4 * l4) / 3).epsilon(1e-14));
+    CHECK(run.sel.z_loss == run.sel.aux_loss);
+    CHECK(run.sel.load_balance_loss == 0);
+  }
+  SUBCASE("the parts add up: aux = load balancing + z-loss") {
+    auto run = run_router(router::TopK{.k = 2, .aux_coef = 0.01, .z_coef = 0.5}, params, x);
+    CHECK(run.sel.load_balance_loss == doctest::Approx(0.01).epsilon(1e-14));
+    CHECK(run.sel.aux_loss == run.sel.load_balance_loss + run.sel.z_loss);
+    CHECK(run.sel.l1_loss == 0);
+  }
+  SUBCASE("eval forwards carry no training loss, and their backward adds none") {
+    const router::TopK topk{.k = 2, .aux_coef = 0.5, .z_coef = 0.5};
+    auto run = run_router(topk, params, x, Mode::eval);
+    CHECK(run.sel.aux_loss == 0);
+    CHECK(run.sel.load_balance_loss == 0);
+    CHECK(run.sel.z_loss == 0);
+    // dL/dG = 0: without training losses, dL/dz is 0 too.
+    const std::vector<double> dg(12, 0.0);
+    std::vector<double> dz(12, 7.0);
+    router::TopKGating::backward(B(1), run.sel, run.cache, dg.data(), dz.data());
+    for (double v : dz) CHECK(v == 0);
+    auto train = run_router(topk, params, x, Mode::train);
+    router::TopKGating::backward(B(1), train.sel, train.cache, dg.data(), dz.data());
+    CHECK(std::any_of(dz.begin(), dz.end(), [](double v) { return v != 0; }));
   }
   SUBCASE("k = 1 and k = E") {
     auto one = run_router(router::TopK{.k = 1, .aux_coef = 1}, params, x);
@@ -84,6 +114,43 @@ TEST_CASE("TopK gates and aux loss on a hand-computed 3-token, 4-expert case") {
           std::vector<int>{3, 2, 1, 0});
     // c = 3 for every e: aux = 4 / (4 * 9) * 3 * 4 * .75 = 1 (its minimum, balanced).
     CHECK(all.sel.aux_loss == doctest::Approx(1.0).epsilon(1e-14));
+  }
+}
+
+// dL/dz from dL/dG for every entry, on and off the selection (Default MoE and
+// DenseExact supply the entries off it), against central differences of
+// sum_j dg_j G_j(z) with A fixed (z has no near ties, so small steps keep A).
+TEST_CASE("the gates' backward over every entry matches central differences") {
+  const int E = 6, k = 2;
+  const double z0[E] = {0.3, -1.2, 1.7, 0.1, 2.4, -0.5};
+  const double dg[E] = {0.7, -0.4, 1.1, 0.25, -0.9, 0.6};
+  const double zero[E] = {0, 0, 0, 0, 0, 0};
+  const char* names[] = {"plain softmax", "renormalize", "softmax_over_selected"};
+  for (int n = 0; n < 3; ++n) {
+    CAPTURE(names[n]);
+    const auto norm = static_cast<math::GateNormalization>(n);
+    const auto objective = [&](const double* z) {
+      double p[E], g[E];
+      int chosen[k];
+      math::topk_gates_forward(z, E, k, norm, p, chosen, g);
+      double f = 0;
+      for (int j = 0; j < E; ++j) f += dg[j] * g[j];
+      return f;
+    };
+    double p[E], g[E], dz[E];
+    int chosen[k];
+    math::topk_gates_forward(z0, E, k, norm, p, chosen, g);
+    math::topk_gates_backward(p, g, chosen, E, k, norm, dg, zero, 0.0, dz);
+    for (int j = 0; j < E; ++j) {
+      double zp[E], zm[E];
+      std::copy(z0, z0 + E, zp);
+      std::copy(z0, z0 + E, zm);
+      const double h = 1e-6;
+      zp[j] += h;
+      zm[j] -= h;
+      CAPTURE(j);
+      CHECK(dz[j] == doctest::Approx((objective(zp) - objective(zm)) / (2 * h)).epsilon(1e-8));
+    }
   }
 }
 

@@ -4,14 +4,16 @@
 // Each expert keeps a default output Ehat_i (buffer "estimator.ema" (E, d),
 // zero init, no gradient). In a training forward, before use:
 //   Ehat_i <- beta Ehat_i + (1 - beta) m_i,   m_i = mean_{t in S_i} E_i(x_t)
-// (ScoreWeighted: m_i = sum p_ti E_i(x_t) / sum p_ti, with the router's gates
-// G_ti as p_ti: equal for TopK's plain softmax, the gates where DefaultEMA
-// matters), skipped when S_i is empty; no update in eval. A pair dropped by
-// a capacity limit is in A_t, so it gets neither an output nor Ehat_i. The forward and the router
-// gradient become dense:
-//   y_t += sum_{i not in A_t} G_ti Ehat_i,  dL/dG_ti = <g_t, Ehat_i> for i not in A_t.
-// Only meaningful with dense gates (TopK with the plain softmax): with ReLU
-// or softmax-over-selected gates G_ti = 0 off A_t and it equals Sparse.
+// (score_weighted: m_i = sum p_ti E_i(x_t) / sum p_ti, with p the router's
+// softmax over all E, or its gates where it has none, as ReLU routing),
+// skipped when S_i is empty; no update in eval. A pair dropped by a capacity
+// limit is in A_t, so it gets neither an output nor Ehat_i. The forward and
+// the router gradient become dense:
+//   y_t += sum_{i not in A_t} G~_ti Ehat_i,  dL/dG~_ti = <g_t, Ehat_i> for i not in A_t,
+// where G~ are the router's dense gates off A_t: p for TopK's plain softmax
+// and for its renormalised gates (renormalisation rescales only the
+// selected ones). With ReLU gates or a softmax over the selected there is no
+// G~ (it is 0), and DefaultEMA adds nothing to the output or the gradient.
 
 #include <cmath>
 
@@ -41,17 +43,36 @@ struct DefaultEMA {
     layout.add("estimator.ema", {cfg.experts, cfg.d_model});
   }
 
+  // What a forward leaves to read: m_i, this batch's mean output of expert i
+  // (the EMA's input), and whether the EMA took it (a training forward, and i
+  // had tokens).
+  template <class B>
+  struct Cache {
+    typename B::template Buffer<double> batch_mean;  // (E, d), valid where updated
+    typename B::template Buffer<int> updated;        // (E) 1 where Ehat_i moved, else 0
+  };
+
   // The EMA step, per expert over its rows in row (token) order.
   template <class B>
   void update_state(const B& be, Mode mode, const EstimatorBatch<typename B::Scalar>& batch,
-                    TensorBuffer<double>& state) const {
-    if (mode != Mode::train) return;
+                    TensorBuffer<double>& state, Cache<B>& cache) const {
+    const Index d = batch.d_model, E = batch.experts;
+    cache.batch_mean.resize(static_cast<std::size_t>(E * d));
+    cache.updated.resize(static_cast<std::size_t>(E));
+    int* updated = cache.updated.data();
+    if (mode != Mode::train) {
+      be.parallel_for(
+          E, [=] MOE_HOST_DEVICE(Index e) { updated[e] = 0; }, E);
+      return;
+    }
     double* ema = state["estimator.ema"].data();
+    double* mean = cache.batch_mean.data();
     const auto* out = batch.expert_out;
-    const auto* gates = batch.gates;
+    // The score of each row's token for its expert: p, or the gates where
+    // the router has no probabilities.
+    const auto* scores = batch.probabilities != nullptr ? batch.probabilities : batch.gates;
     const Index* offsets = batch.expert_offsets;
     const Index* row_token = batch.row_token;
-    const Index d = batch.d_model, E = batch.experts;
     const double b = beta;
     const bool weighted = weighting == Weighting::score_weighted;
     be.parallel_for_rows(
@@ -60,22 +81,25 @@ struct DefaultEMA {
           const Index r0 = offsets[e], r1 = offsets[e + 1];
           double total = 0;
           for (Index r = r0; r < r1; ++r)
-            total += weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
-          if (r1 == r0 || total <= 0) return;  // S_i empty: keep Ehat_i [choice]
+            total += weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
+          const bool update = r1 > r0 && total > 0;  // S_i empty: keep Ehat_i [choice]
+          if (begin == 0) updated[e] = update ? 1 : 0;
+          if (!update) return;
           double* ema_e = ema + e * d;
           for (Index j = begin; j < end; ++j) {
             double sum = 0;
             for (Index r = r0; r < r1; ++r) {
-              const double w = weighted ? static_cast<double>(gates[row_token[r] * E + e]) : 1.0;
+              const double w = weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
               sum += w * static_cast<double>(out[r * d + j]);
             }
-            ema_e[j] = math::ema_update(ema_e[j], b, sum / total);
+            mean[e * d + j] = sum / total;
+            ema_e[j] = math::ema_update(ema_e[j], b, mean[e * d + j]);
           }
         },
         batch.rows * d);
   }
 
-  // y_t += sum_{i not in A_t} G_ti Ehat_i.
+  // y_t += sum_{i not in A_t} G~_ti Ehat_i.
   template <class B>
   void add_unselected_outputs(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
                               const TensorBuffer<double>& state, typename B::Scalar* y) const {
@@ -98,7 +122,7 @@ struct DefaultEMA {
         batch.tokens * E * d);
   }
 
-  // dL/dG_ti = <g_t, Ehat_i> for i not in A_t.
+  // dL/dG~_ti = <g_t, Ehat_i> for i not in A_t.
   template <class B>
   void add_unselected_gate_gradients(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
                                      const TensorBuffer<double>& state,

@@ -22,8 +22,11 @@ struct DenseExact {
   void add_state(TensorLayout&, const LayerConfig&) const {}
 
   template <class B>
+  struct Cache {};  // nothing to read beyond the layer's cache
+
+  template <class B>
   void update_state(const B&, Mode, const EstimatorBatch<typename B::Scalar>&,
-                    TensorBuffer<double>&) const {}
+                    TensorBuffer<double>&, Cache<B>&) const {}
 
   template <class B>
   void add_unselected_outputs(const B&, const EstimatorBatch<typename B::Scalar>&,

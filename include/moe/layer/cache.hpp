@@ -8,28 +8,32 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
+#include "moe/core/error.hpp"
 #include "moe/core/routing.hpp"
 #include "moe/core/tensor_buffer.hpp"
+#include "moe/core/view.hpp"
 #include "moe/layer/expert_ffn.hpp"
 
 namespace moe {
 
-template <class Router, class Backend, class Dispatcher>
+template <class Router, class Estimator, class Backend, class Dispatcher>
 class LayerCache;
 
 namespace detail {
 
 // The cache's contents. Plain data, written by the layer only (through
 // CacheAccess); users read a cache through LayerCache's accessors.
-template <class Router, class Backend, class Dispatcher>
+template <class Router, class Estimator, class Backend, class Dispatcher>
 struct LayerCacheData {
   using S = typename Backend::Scalar;
   template <class U>
   using Buffer = typename Backend::template Buffer<U>;
 
   bool filled = false;
-  std::uint64_t owner = 0;  // the id of the layer that filled it
+  bool backward_done = false;  // a backward ran on this forward (its gradients are readable)
+  std::uint64_t owner = 0;     // the id of the layer that filled it
   Index tokens = 0, d_model = 0, d_ff = 0, experts = 0;
 
   Selection<S, Backend::template Buffer> selection;  // the router's A_t and gates
@@ -38,6 +42,7 @@ struct LayerCacheData {
   Selection<S, Backend::template Buffer> all_pairs;
   Buffer<int> top1;  // (T) each token's first-ranked selected expert, -1 if none
   typename Router::template Cache<Backend> router;
+  typename Estimator::template Cache<Backend> estimator;
   typename Dispatcher::template Cache<Backend> dispatch;
 
   // Rows (rows, d) on the tokens' side of the dispatch, and their experts'
@@ -62,12 +67,12 @@ struct LayerCacheData {
 
 // The layer's way into a cache.
 struct CacheAccess {
-  template <class R, class B, class D>
-  static LayerCacheData<R, B, D>& data(LayerCache<R, B, D>& cache) {
+  template <class R, class E, class B, class D>
+  static LayerCacheData<R, E, B, D>& data(LayerCache<R, E, B, D>& cache) {
     return cache.data_;
   }
-  template <class R, class B, class D>
-  static const LayerCacheData<R, B, D>& data(const LayerCache<R, B, D>& cache) {
+  template <class R, class E, class B, class D>
+  static const LayerCacheData<R, E, B, D>& data(const LayerCache<R, E, B, D>& cache) {
     return cache.data_;
   }
 };
@@ -89,21 +94,103 @@ void keep_state(const B& be, const TensorBuffer<double>& state, TensorBuffer<dou
 
 }  // namespace detail
 
-template <class Router, class Backend, class Dispatcher>
+// A forward's results, read-only, in the layouts of docs/layer.md. Views
+// point into the cache (backend memory: on a GPU, managed memory the host
+// can read once the forward returned); they stay valid until the cache's
+// next forward. T tokens, E experts, P selected pairs.
+template <class Router, class Estimator, class Backend, class Dispatcher>
 class LayerCache {
  public:
+  using Scalar = typename Backend::Scalar;
+
   // Whether a forward filled it (a forward that threw leaves it unfilled).
   bool filled() const { return data_.filled; }
   Index tokens() const { return data_.tokens; }
-  // What the forward reports about routing.
+  Index experts() const { return data_.experts; }
+  // Counts, losses and sparsity of the forward (RoutingStats).
   const RoutingStats& stats() const { return data_.stats; }
+
+  // (T, E) the router's logits z.
+  ConstMatrixView<Scalar> logits() const { return matrix(data_.selection.logits); }
+  // (T, E) p = softmax(z) over all E; (0, 0) for a router without one (ReLU).
+  ConstMatrixView<Scalar> probabilities() const { return matrix(data_.selection.probabilities); }
+  // (T, E) the gates G: on each token's selection the weights of the combine;
+  // off it the dense gates G~ an estimator may use (docs/algorithms.md 4).
+  ConstMatrixView<Scalar> gates() const { return matrix(data_.selection.gates); }
+
+  // The selection as CSR over tokens: token t's experts, best first, are
+  // selected_experts()[selection_offsets()[t] .. selection_offsets()[t + 1]).
+  std::span<const Index> selection_offsets() const {
+    return {data_.selection.token_offsets.data(), data_.selection.token_offsets.size()};
+  }
+  std::span<const int> selected_experts() const {
+    return {data_.selection.pair_expert.data(), data_.selection.pair_expert.size()};
+  }
+  // Token t's selected experts, best first.
+  std::span<const int> selected_experts(Index t) const {
+    detail::require(data_.filled && t >= 0 && t < data_.tokens,
+                    "moe::LayerCache::selected_experts: t=", t,
+                    ", expected 0 <= t < tokens()=", data_.tokens, " of a filled cache");
+    const Index* offsets = data_.selection.token_offsets.data();
+    return selected_experts().subspan(static_cast<std::size_t>(offsets[t]),
+                                      static_cast<std::size_t>(offsets[t + 1] - offsets[t]));
+  }
   // Each token's top-1 expert (-1 for a token with no expert): what the next
   // layer's AdaptiveCluster router takes as its previous assignment.
   std::span<const int> top1_assignment() const { return {data_.top1.data(), data_.top1.size()}; }
 
+  // Per selected pair (in selected_experts() order): 1 when the capacity
+  // limit kept it, 0 when it dropped it. Computed when asked.
+  std::vector<std::uint8_t> kept_mask() const {
+    const auto& sel = data_.selection;
+    const auto& computed = Estimator::kComputesAllExperts ? data_.all_pairs : sel;
+    const auto& pair_row = data_.dispatch.tokens().pair_row;
+    std::vector<std::uint8_t> kept(static_cast<std::size_t>(sel.pairs()));
+    for (Index t = 0; t < data_.tokens; ++t) {
+      const Index first = sel.token_offsets[t], computed_first = computed.token_offsets[t];
+      for (Index i = 0; i < sel.token_offsets[t + 1] - first; ++i)
+        kept[static_cast<std::size_t>(first + i)] = pair_row[computed_first + i] >= 0 ? 1 : 0;
+    }
+    return kept;
+  }
+
+  // The router's own cache: for AdaptiveCluster the cluster statistics
+  // (count, mean, mad, weights, cap, clamped, scales; see its header).
+  const typename Router::template Cache<Backend>& router_cache() const { return data_.router; }
+  // The estimator's: for DefaultEMA the batch means m_i and which experts'
+  // EMA moved (batch_mean, updated).
+  const typename Estimator::template Cache<Backend>& estimator_cache() const {
+    return data_.estimator;
+  }
+
+  // After a backward of this forward: (T, E) dL/dG, the combine's entries and
+  // the estimator's (DefaultEMA's and DenseExact's entries off the
+  // selection), and (T, E) dL/dz, the router's logits' gradient (its losses
+  // included).
+  ConstMatrixView<Scalar> gate_gradients() const {
+    require_backward("gate_gradients");
+    return matrix(data_.workspace.d_gates);
+  }
+  ConstMatrixView<Scalar> logit_gradients() const {
+    require_backward("logit_gradients");
+    return matrix(data_.workspace.d_logits);
+  }
+
  private:
   friend struct detail::CacheAccess;
-  detail::LayerCacheData<Router, Backend, Dispatcher> data_;
+
+  template <class Buffer>
+  ConstMatrixView<Scalar> matrix(const Buffer& b) const {
+    return b.size() == 0 ? ConstMatrixView<Scalar>(nullptr, 0, 0)
+                         : ConstMatrixView<Scalar>(b.data(), data_.tokens, data_.experts);
+  }
+  void require_backward(const char* what) const {
+    detail::require(data_.backward_done, "moe::LayerCache::", what,
+                    ": no backward has run on this cache's forward, expected layer.backward(x, "
+                    "cache, ...) first");
+  }
+
+  detail::LayerCacheData<Router, Estimator, Backend, Dispatcher> data_;
 };
 
 }  // namespace moe

@@ -47,7 +47,7 @@ class Layer {
  public:
   using Scalar = typename Backend::Scalar;
   using Parameters = TensorBuffer<Scalar>;
-  using Cache = LayerCache<Router, Backend, Dispatcher>;
+  using Cache = LayerCache<Router, Estimator, Backend, Dispatcher>;
   // GEMM1 output columns per hidden unit: gated activations read (gate, up).
   static constexpr Index kInputWidth = moe::kInputWidth<Activation>;
 
@@ -100,7 +100,7 @@ class Layer {
     combine(backend_, token_pairs(c.selection, pairs, tokens), c.out_rows.data(), config_.d_model,
             tokens.rows(), y.data());
     const auto batch = batch_of(c);
-    estimator_.update_state(backend_, mode, batch, state_);  // before use (Default MoE)
+    estimator_.update_state(backend_, mode, batch, state_, c.estimator);  // before use
     estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
     detail::keep_state(backend_, state_, c.state);
     record_stats(c);
@@ -131,12 +131,22 @@ class Layer {
     router_.backward(backend_, x, std::as_const(params_), std::as_const(c.selection),
                      std::as_const(c.router), ws.d_gates.data(), dx.data(), grads,
                      ws.d_logits.data());
+    c.backward_done = true;
   }
 
   // Called once after each optimiser step with the number of steps done:
   // stateful policies (k schedules, the ReLU router's lambda) advance here.
   void end_step(std::uint64_t step) {
     router_.end_step(step);
+    router_.save_state(state_);
+  }
+
+  // Resumes a k schedule at `steps` optimiser steps done (Scheduled routers:
+  // RandomFrozen), without an optimiser step: the next training forward uses
+  // the schedule's k for it, and the state records it.
+  void set_schedule_step(std::uint64_t steps) requires requires(Router& r) { r.set_step(steps); }
+  {
+    router_.set_step(steps);
     router_.save_state(state_);
   }
 
@@ -186,7 +196,7 @@ class Layer {
   }
 
  private:
-  using CacheData = detail::LayerCacheData<Router, Backend, Dispatcher>;
+  using CacheData = detail::LayerCacheData<Router, Estimator, Backend, Dispatcher>;
   using Pairs = Selection<Scalar, Backend::template Buffer>;
 
   static constexpr std::uint64_t kRouterSeedStream = 1;
@@ -232,6 +242,7 @@ class Layer {
   // The cache starts over: unfilled until this forward completes.
   void begin(CacheData& c, Index tokens) const {
     c.filled = false;
+    c.backward_done = false;
     c.owner = id_.value();
     c.tokens = tokens;
     c.d_model = config_.d_model;
@@ -308,13 +319,18 @@ class Layer {
     const auto& sel = c.selection;
     auto& stats = c.stats;
     stats.tokens_per_expert = c.dispatch.tokens().rows_per_expert;
+    stats.routed_per_expert = c.dispatch.tokens().selected_per_expert;
     if constexpr (Estimator::kComputesAllExperts) {  // report the routed load, not the oracle's
       stats.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
       for (Index p = 0; p < sel.pairs(); ++p) ++stats.tokens_per_expert[sel.pair_expert[p]];
+      stats.routed_per_expert = stats.tokens_per_expert;  // no capacity with the oracle
     }
     stats.selected_pairs = sel.pairs();
     stats.dropped_pairs = c.dispatch.tokens().dropped;
     stats.aux_loss = sel.aux_loss;
+    stats.load_balance_loss = sel.load_balance_loss;
+    stats.z_loss = sel.z_loss;
+    stats.l1_loss = sel.l1_loss;
     stats.zero_gate_fraction =
         1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
   }
@@ -377,6 +393,8 @@ class Layer {
     b.experts = config_.experts;
     b.d_model = config_.d_model;
     b.gates = c.selection.gates.data();
+    b.probabilities =
+        c.selection.probabilities.size() > 0 ? c.selection.probabilities.data() : nullptr;
     b.token_offsets = c.selection.token_offsets.data();
     b.pair_expert = c.selection.pair_expert.data();
     b.expert_offsets = tokens.row_offsets.data();

@@ -2,7 +2,7 @@
 // Per-feature math of ACMoE's cluster weights (docs/algorithms.md 3.3), shared by
 // backends. For one feature q, over the tokens of each cluster k:
 //   mu_kq = mean x_tq,  s_kq = mean |x_tq - mu_kq|,  w_kq = 1 / (s_kq + 1e-4);
-// an empty cluster has s = 0. `stats` is (K, d) scratch, column q used.
+// an empty cluster has mu = s = 0.
 
 #include <cmath>
 
@@ -13,13 +13,14 @@ namespace moe::math {
 inline constexpr double kClusterSpreadEpsilon = 1e-4;  // ACMoE's 1e-4 in w = 1/(s + eps)
 inline constexpr double kClusterClampFactor = 10.0;    // w clamped at 10 * mean(w)
 
-// w_kq for every cluster k of feature q: x (T, d), cluster (T) in [-1, K),
-// count (K) tokens per cluster; writes w[k * d + q]. `mean` is scratch (K, d).
+// For every cluster k of feature q: x (T, d), cluster (T) in [-1, K), count (K)
+// tokens per cluster. Writes mean[k * d + q] = mu_kq, mad[k * d + q] = s_kq
+// and w[k * d + q] = 1 / (s_kq + 1e-4).
 template <class S>
 MOE_HOST_DEVICE void cluster_feature_weights(const S* x, const int* cluster, Index T, Index d,
                                              Index K, const Index* count, Index q, double* mean,
-                                             double* w) {
-  for (Index k = 0; k < K; ++k) mean[k * d + q] = 0, w[k * d + q] = 0;
+                                             double* mad, double* w) {
+  for (Index k = 0; k < K; ++k) mean[k * d + q] = 0, mad[k * d + q] = 0;
   for (Index t = 0; t < T; ++t)
     if (cluster[t] >= 0) mean[cluster[t] * d + q] += static_cast<double>(x[t * d + q]);
   for (Index k = 0; k < K; ++k)
@@ -27,22 +28,26 @@ MOE_HOST_DEVICE void cluster_feature_weights(const S* x, const int* cluster, Ind
   for (Index t = 0; t < T; ++t)
     if (cluster[t] >= 0) {
       const Index k = cluster[t];
-      w[k * d + q] += std::fabs(static_cast<double>(x[t * d + q]) - mean[k * d + q]);
+      mad[k * d + q] += std::fabs(static_cast<double>(x[t * d + q]) - mean[k * d + q]);
     }
   for (Index k = 0; k < K; ++k) {
-    const double spread = count[k] > 0 ? w[k * d + q] / static_cast<double>(count[k]) : 0.0;
-    w[k * d + q] = 1.0 / (spread + kClusterSpreadEpsilon);
+    if (count[k] > 0) mad[k * d + q] /= static_cast<double>(count[k]);
+    w[k * d + q] = 1.0 / (mad[k * d + q] + kClusterSpreadEpsilon);
   }
 }
 
 // Clamp at `cap` (10 x the pre-clamp mean of all w) and divide by the column
-// mean over clusters: m_kq = w_kq / mean_k' w_k'q. Writes m[k * d + q].
+// mean over clusters: m_kq = w_kq / mean_k' w_k'q. Writes clamped[k * d + q]
+// = min(w_kq, cap) and m[k * d + q].
 MOE_HOST_DEVICE inline void cluster_feature_scales(const double* w, Index d, Index K, Index q,
-                                                   double cap, double* m) {
+                                                   double cap, double* clamped, double* m) {
   double column = 0;
-  for (Index k = 0; k < K; ++k) column += w[k * d + q] < cap ? w[k * d + q] : cap;
+  for (Index k = 0; k < K; ++k) {
+    clamped[k * d + q] = w[k * d + q] < cap ? w[k * d + q] : cap;
+    column += clamped[k * d + q];
+  }
   column /= static_cast<double>(K);
-  for (Index k = 0; k < K; ++k) m[k * d + q] = (w[k * d + q] < cap ? w[k * d + q] : cap) / column;
+  for (Index k = 0; k < K; ++k) m[k * d + q] = clamped[k * d + q] / column;
 }
 
 }  // namespace moe::math

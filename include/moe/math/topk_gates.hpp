@@ -7,9 +7,11 @@
 
 namespace moe::math {
 
+// How the gates G follow from p = softmax(z). Off the selection A, G is the
+// dense gate Default MoE uses for an unselected expert (G~ = p, or none).
 enum class GateNormalization : int {
   full_softmax = 0,          // G_i = p_i (Switch, Default MoE); p is dense over all E
-  renormalize = 1,           // G_i = p_i / sum_{j in A} p_j (Mixtral), 0 off A
+  renormalize = 1,           // G_i = p_i / sum_{j in A} p_j (Mixtral) on A, p_i off A
   softmax_over_selected = 2  // G = softmax(z_A) (SMoE-Dropout, ACMoE), 0 off A
 };
 
@@ -30,12 +32,13 @@ MOE_HOST_DEVICE S topk_gates_forward(const S* z, int E, int k, GateNormalization
     for (int j = 0; j < E; ++j) g[j] = p[j];
     return lse;
   }
-  for (int j = 0; j < E; ++j) g[j] = S(0);
   if (norm == GateNormalization::renormalize) {
+    for (int j = 0; j < E; ++j) g[j] = p[j];  // G~ = p off A
     S sum = 0;
     for (int i = 0; i < k; ++i) sum += p[chosen[i]];
     for (int i = 0; i < k; ++i) g[chosen[i]] = p[chosen[i]] / sum;
   } else {
+    for (int j = 0; j < E; ++j) g[j] = S(0);
     const S m = z[chosen[0]];  // the largest selected logit
     S sum = 0;
     for (int i = 0; i < k; ++i) sum += std::exp(z[chosen[i]] - m);
@@ -51,7 +54,8 @@ template <class S>
 MOE_HOST_DEVICE void topk_gates_backward(const S* p, const S* g, const int* chosen, int E, int k,
                                          GateNormalization norm, const S* dg, const S* aux_grad,
                                          S zc, S* dz) {
-  // Everything that reaches p: the gates (full softmax) and the aux loss.
+  // Everything that reaches p: the gates (full softmax; renormalised ones on
+  // A through s = sum_A p, off A as G~ = p) and the aux loss.
   S dot = 0;
   for (int j = 0; j < E; ++j) {
     S dp = aux_grad[j];
@@ -65,6 +69,8 @@ MOE_HOST_DEVICE void topk_gates_backward(const S* p, const S* g, const int* chos
         s += p[chosen[i]];
       }
       dp += (dg[j] - gdg) / s;
+    } else if (norm == GateNormalization::renormalize) {
+      dp += dg[j];  // G~_j = p_j
     }
     dz[j] = dp;
     dot += p[j] * dp;

@@ -42,11 +42,17 @@ struct AdaptiveCluster {
     template <class U>
     using Buffer = typename B::template Buffer<U>;
     using S = typename B::Scalar;
+    // The cluster statistics of the forward (docs/algorithms.md 3.3), for
+    // reading too; K = 0 leaves them empty (M = 1).
     Index clusters = 0;          // K, 0 without a previous assignment
     Buffer<int> cluster;         // (T) c_t, -1 for none
     Buffer<Index> count;         // (K) tokens per cluster
-    Buffer<double> weights;      // (K, d) w_kq, then scratch
-    Buffer<double> scales;       // (K, d) m_kq
+    Buffer<double> mean;         // (K, d) mu_kq
+    Buffer<double> mad;          // (K, d) s_kq, the mean absolute deviation
+    Buffer<double> weights;      // (K, d) w_kq = 1 / (s_kq + 1e-4), before the clamp
+    double cap = 0;              // the clamp, 10 mean(w)
+    Buffer<double> clamped;      // (K, d) min(w_kq, cap)
+    Buffer<double> scales;       // (K, d) m_kq; token t's M is row c_t (1 where c_t = -1)
     Buffer<S> scaled_x;          // (T, d) m_{c_t} * x_t
     Buffer<S> unit;              // (E, d) ehat_j
     Buffer<S> norm;              // (E) |e_j|
@@ -118,7 +124,7 @@ struct AdaptiveCluster {
   }
 
   template <class B>
-  void forward(const B& be, Mode /*mode*/, ConstMatrixView<typename B::Scalar> x,
+  void forward(const B& be, Mode mode, ConstMatrixView<typename B::Scalar> x,
                const TensorBuffer<typename B::Scalar>& params, const ForwardContext& context,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
     using S = typename B::Scalar;
@@ -161,10 +167,10 @@ struct AdaptiveCluster {
           },
           E * d);
     }
-    TopKGating::resize_logits(cache, T, E);
+    TopKGating::resize_logits(sel, T, E);
     be.gemm_rows(true, T, E, d, S(1), cache.scaled_x.data(), d, cache.unit.data(), d, S(0),
-                 cache.logits.data(), E);  // z = x~ Ehat^T
-    gating().forward(be, T, E, sel, cache);
+                 sel.logits.data(), E);  // z = x~ Ehat^T
+    gating().forward(be, mode, T, E, sel, cache);
   }
 
   template <class B>
@@ -221,6 +227,22 @@ struct AdaptiveCluster {
         E * d);
   }
 
+  // Each token's feature weights M_t = m_{c_t}, (tokens, d) row-major, from a
+  // forward's cache: 1 for a token without a cluster, and everywhere without
+  // a previous assignment. Computed on the host when asked.
+  template <class B>
+  static std::vector<double> token_scales(const Cache<B>& cache, Index tokens, Index d) {
+    std::vector<double> m(static_cast<std::size_t>(tokens * d), 1.0);
+    if (cache.clusters == 0) return m;
+    for (Index t = 0; t < tokens; ++t) {
+      const int c = cache.cluster[static_cast<std::size_t>(t)];
+      if (c < 0) continue;
+      for (Index q = 0; q < d; ++q)
+        m[static_cast<std::size_t>(t * d + q)] = cache.scales[static_cast<std::size_t>(c * d + q)];
+    }
+    return m;
+  }
+
   // c_t from the context, then w, the clamp and m (docs/algorithms.md 3.3). Public
   // only because nvcc's device lambdas cannot live in private members.
   template <class B>
@@ -250,26 +272,30 @@ struct AdaptiveCluster {
     cache.count.assign(static_cast<std::size_t>(K), 0);
     for (int c : previous)
       if (c >= 0) ++cache.count[static_cast<std::size_t>(c)];
-    cache.weights.resize(static_cast<std::size_t>(K * d));
-    cache.scales.resize(static_cast<std::size_t>(K * d));
+    for (auto* buffer : {&cache.mean, &cache.mad, &cache.weights, &cache.clamped, &cache.scales})
+      buffer->resize(static_cast<std::size_t>(K * d));
     const auto* xs = x.data();
     const int* c = cache.cluster.data();
     const Index* count = cache.count.data();
+    double* mu = cache.mean.data();
+    double* mad = cache.mad.data();
     double* w = cache.weights.data();
-    double* scratch = cache.scales.data();
     be.parallel_for(
         d,
         [=] MOE_HOST_DEVICE(Index q) {
-          math::cluster_feature_weights(xs, c, T, d, K, count, q, scratch, w);
+          math::cluster_feature_weights(xs, c, T, d, K, count, q, mu, mad, w);
         },
         T * d * 2);
     double mean = 0;  // pre-clamp mean over all (k, q), in a fixed order
     for (Index i = 0; i < K * d; ++i) mean += w[i];
     mean /= static_cast<double>(K * d);
     const double cap = math::kClusterClampFactor * mean;
+    cache.cap = cap;
+    double* clamped = cache.clamped.data();
     double* m = cache.scales.data();
     be.parallel_for(
-        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_scales(w, d, K, q, cap, m); },
+        d,
+        [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_scales(w, d, K, q, cap, clamped, m); },
         K * d);
   }
 

@@ -28,7 +28,6 @@ struct ReluL1 {
 
   template <class B>
   struct Cache {
-    typename B::template Buffer<typename B::Scalar> logits;   // (T, E)
     typename B::template Buffer<Index> active;                // (T) |A_t|
     typename B::template Buffer<typename B::Scalar> l1_grad;  // (E) dL1/dG_te
     typename B::template Buffer<typename B::Scalar> l1_term;  // (E) expert e's share of L1
@@ -73,14 +72,15 @@ struct ReluL1 {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
     const int EE = static_cast<int>(E);
-    cache.logits.resize(static_cast<std::size_t>(T * E));
+    sel.logits.resize(static_cast<std::size_t>(T * E));
+    sel.probabilities.resize(0);  // no softmax: G = relu(z)
     cache.active.resize(static_cast<std::size_t>(T));
     cache.l1_grad.resize(static_cast<std::size_t>(E));
     cache.l1_term.resize(static_cast<std::size_t>(E));
     sel.gates.resize(static_cast<std::size_t>(T * E));
     sel.token_offsets.resize(static_cast<std::size_t>(T + 1));
 
-    S* z = cache.logits.data();
+    S* z = sel.logits.data();
     be.gemm_rows(true, T, E, d, S(1), x.data(), d, params["router.weight"].data(), d, S(0), z, E);
     S* g = sel.gates.data();
     Index* active = cache.active.data();
@@ -118,7 +118,8 @@ struct ReluL1 {
         [=] MOE_HOST_DEVICE(Index e, S column) { l1_term[e] = l1_grad[e] * column; }, T * E);
     double l1 = 0;
     for (Index e = 0; e < E; ++e) l1 += static_cast<double>(l1_term[e]);
-    sel.aux_loss = l1;
+    sel.load_balance_loss = sel.z_loss = 0;
+    sel.l1_loss = sel.aux_loss = l1;
     if (train) {
       controller->record(1.0 - static_cast<double>(pairs) /
                                    (static_cast<double>(T) * static_cast<double>(E)));
@@ -134,7 +135,7 @@ struct ReluL1 {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
     const int EE = static_cast<int>(E);
-    const S* z = cache.logits.data();
+    const S* z = sel.logits.data();
     const S* l1_grad = cache.l1_grad.data();
     be.parallel_for(
         T,

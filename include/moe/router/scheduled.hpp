@@ -86,6 +86,11 @@ class Scheduled {
   // After `steps` optimiser steps, the next training step uses k_at(steps).
   void end_step(std::uint64_t steps) {
     router_.end_step(steps);
+    set_step(steps);
+  }
+  // Resume the curriculum at `steps` steps done, without an optimiser step
+  // (Layer::set_schedule_step also records it in the layer's state).
+  void set_step(std::uint64_t steps) {
     steps_done_ = steps;
     router_.k = schedule_.k_at(steps);
   }

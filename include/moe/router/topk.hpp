@@ -5,6 +5,8 @@
 //   G = p (default), p / sum_A p (renormalize) or softmax(z_A) (softmax_over_selected).
 //   aux = aux_coef * E / (k T^2) * sum_e c_e sum_t p_te   (Switch load balancing)
 //       + z_coef * mean_t logsumexp(z_t)^2                (router z-loss, ST-MoE)
+// in training forwards only. G off A is p for the plain and renormalised
+// gates: Default MoE's dense gate for the experts a token did not select.
 
 #include <cmath>
 #include <cstdint>
@@ -81,13 +83,13 @@ struct TopK {
   }
 
   template <class B>
-  void forward(const B& be, Mode /*mode*/, ConstMatrixView<typename B::Scalar> x,
+  void forward(const B& be, Mode mode, ConstMatrixView<typename B::Scalar> x,
                const TensorBuffer<typename B::Scalar>& params, const ForwardContext& /*context*/,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
-    TopKGating::resize_logits(cache, T, E);
-    S* z = cache.logits.data();
+    TopKGating::resize_logits(sel, T, E);
+    S* z = sel.logits.data();
     be.gemm_rows(true, T, E, d, S(1), x.data(), d, params["router.weight"].data(), d, S(0), z,
                  E);  // z = x W_r^T
     if (bias) {
@@ -99,7 +101,7 @@ struct TopK {
           },
           T * E);
     }
-    gating().forward(be, T, E, sel, cache);
+    gating().forward(be, mode, T, E, sel, cache);
   }
 
   template <class B>

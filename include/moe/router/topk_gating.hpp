@@ -1,9 +1,10 @@
 #pragma once
-// The top-k gating every top-k router shares (docs/algorithms.md 3.1), from logits
-// on: p = softmax(z), A = top-k of z (ties: lower index), gates G by the chosen
-// normalisation, the Switch load-balancing loss and the z-loss; and back from
-// dL/dG to dL/dz. TopK computes its logits as W_r x (+ b_r), AdaptiveCluster
-// as cluster-weighted cosine scores; both hand them to TopKGating.
+// The top-k gating every top-k router shares (docs/algorithms.md 3.1), from
+// logits on: p = softmax(z), A = top-k of z (ties: lower index), gates G by
+// the chosen normalisation, and in training forwards the Switch
+// load-balancing loss and the z-loss; and back from dL/dG to dL/dz. TopK
+// computes its logits as W_r x (+ b_r), AdaptiveCluster as cluster-weighted
+// cosine scores; both write them to sel.logits and hand over to TopKGating.
 
 #include "moe/core/concepts.hpp"
 #include "moe/math/topk_gates.hpp"
@@ -16,35 +17,35 @@ struct TopKGating {
   double aux_coef = 0.0;
   double z_coef = 0.0;
 
-  // Filled by the router's logits and by forward; backward reads the options
-  // stored here, not the router's current ones (k may change in between).
+  // Filled by forward; backward reads the options stored here, not the
+  // router's current ones (k may change in between). In eval forwards there
+  // are no training losses: aux_grad is 0 and z_coef 0.
   template <class B>
   struct Cache {
     int k = 0;
     math::GateNormalization normalization = math::GateNormalization::full_softmax;
     double z_coef = 0;
-    typename B::template Buffer<typename B::Scalar> logits;    // (T, E)
-    typename B::template Buffer<typename B::Scalar> probs;     // (T, E) softmax over all E
     typename B::template Buffer<typename B::Scalar> lse;       // (T) logsumexp(z_t)
     typename B::template Buffer<typename B::Scalar> aux_grad;  // (E) dAux/dp_te, same for all t
     typename B::template Buffer<typename B::Scalar> aux_term;  // (E) expert e's share of aux
   };
 
-  template <class B>
-  static void resize_logits(Cache<B>& cache, Index T, Index E) {
-    cache.logits.resize(static_cast<std::size_t>(T * E));
+  template <class S, template <class> class Buffer>
+  static void resize_logits(Selection<S, Buffer>& sel, Index T, Index E) {
+    sel.logits.resize(static_cast<std::size_t>(T * E));
   }
 
-  // cache.logits (T, E) -> sel (gates, pairs, aux loss).
+  // sel.logits (T, E) -> sel (probabilities, gates, pairs, losses).
   template <class B>
-  void forward(const B& be, Index T, Index E,
+  void forward(const B& be, Mode mode, Index T, Index E,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
     using S = typename B::Scalar;
     const int kk = k, EE = static_cast<int>(E);
+    const bool train = mode == Mode::train;
     cache.k = k;
     cache.normalization = normalization;
-    cache.z_coef = z_coef;
-    cache.probs.resize(static_cast<std::size_t>(T * E));
+    cache.z_coef = train ? z_coef : 0.0;
+    sel.probabilities.resize(static_cast<std::size_t>(T * E));
     cache.lse.resize(static_cast<std::size_t>(T));
     cache.aux_grad.resize(static_cast<std::size_t>(E));
     cache.aux_term.resize(static_cast<std::size_t>(E));
@@ -52,8 +53,8 @@ struct TopKGating {
     sel.token_offsets.resize(static_cast<std::size_t>(T + 1));
     sel.pair_expert.resize(static_cast<std::size_t>(T * k));
 
-    const S* z = cache.logits.data();
-    S* p = cache.probs.data();
+    const S* z = sel.logits.data();
+    S* p = sel.probabilities.data();
     S* g = sel.gates.data();
     S* lse = cache.lse.data();
     int* chosen = sel.pair_expert.data();
@@ -72,12 +73,29 @@ struct TopKGating {
         },
         T * E * (8 + kk));
 
-    // Switch load balancing: c_e counts selections (no gradient), so the
-    // gradient w.r.t. p_te is the constant aux_grad_e = alpha E c_e / (k T^2).
-    // Each expert's term is reduced in token order, then the E terms in
-    // expert order: deterministic for any thread count.
+    losses(be, train, T, E, sel, cache);
+  }
+
+  // Switch load balancing: c_e counts selections (no gradient), so the
+  // gradient w.r.t. p_te is the constant aux_grad_e = alpha E c_e / (k T^2).
+  // Each expert's term is reduced in token order, then the E terms in
+  // expert order: deterministic for any thread count. Then the z-loss.
+  // Training losses only: an eval forward has none, and its backward adds none.
+  template <class B>
+  void losses(const B& be, bool train, Index T, Index E,
+              Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
+    using S = typename B::Scalar;
     S* aux_grad = cache.aux_grad.data();
     S* aux_term = cache.aux_term.data();
+    sel.load_balance_loss = sel.z_loss = sel.l1_loss = sel.aux_loss = 0;
+    if (!train) {
+      be.parallel_for(
+          E, [=] MOE_HOST_DEVICE(Index e) { aux_grad[e] = S(0); }, E);
+      return;
+    }
+    const int kk = k;
+    const int* chosen = sel.pair_expert.data();
+    const S* p = sel.probabilities.data();
     const S scale =
         static_cast<S>(aux_coef * static_cast<double>(E) /
                        (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
@@ -88,14 +106,14 @@ struct TopKGating {
     be.parallel_sum_rows(
         E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return p[t * E + e]; },
         [=] MOE_HOST_DEVICE(Index e, S column) { aux_term[e] = aux_grad[e] * column; }, T * E);
-    double aux = 0;
-    for (Index e = 0; e < E; ++e) aux += static_cast<double>(aux_term[e]);
+    for (Index e = 0; e < E; ++e) sel.load_balance_loss += static_cast<double>(aux_term[e]);
     if (z_coef > 0) {
+      const S* lse = cache.lse.data();
       double zl = 0;
       for (Index t = 0; t < T; ++t) zl += static_cast<double>(lse[t]) * static_cast<double>(lse[t]);
-      aux += z_coef * zl / static_cast<double>(T);
+      sel.z_loss = z_coef * zl / static_cast<double>(T);
     }
-    sel.aux_loss = aux;
+    sel.aux_loss = sel.load_balance_loss + sel.z_loss;
   }
 
   // dL/dG (every entry) -> dL/dz (T, E), the aux and z-loss gradients included.
@@ -106,7 +124,7 @@ struct TopKGating {
     using S = typename B::Scalar;
     const Index T = sel.tokens, E = sel.experts;
     const int kk = cache.k, EE = static_cast<int>(E);
-    const S* p = cache.probs.data();
+    const S* p = sel.probabilities.data();
     const S* g = sel.gates.data();
     const S* lse = cache.lse.data();
     const S* aux_grad = cache.aux_grad.data();

@@ -13,7 +13,8 @@ namespace moe {
 template <class S>
 struct EstimatorBatch {
   Index tokens = 0, experts = 0, d_model = 0;
-  const S* gates = nullptr;               // (T, E) the router's gates G_te
+  const S* gates = nullptr;               // (T, E) the router's gates G_te (off A_t: G~_te)
+  const S* probabilities = nullptr;       // (T, E) the router's p_te, or null (no softmax)
   const Index* token_offsets = nullptr;   // (T + 1) the router's selection A_t, as CSR
   const int* pair_expert = nullptr;       // (P)
   const Index* expert_offsets = nullptr;  // (E + 1) rows of expert e
@@ -29,16 +30,19 @@ struct EstimatorBatch {
 //    layer's state buffer (add_state, update_state in training forwards);
 //  - which entries of dL/dG the backward adds beyond the computed pairs (the
 //    layer always supplies dL/dG_te = <g_t, E_e(x_t)> for computed pairs).
+// Its per-batch Cache (in the layer's cache) holds what a researcher may
+// read after a forward, e.g. DefaultEMA's batch means.
 template <class Est, class B>
 concept EstimatorPolicy = BackendPolicy<B> &&
     requires(const Est& est, const B& be, const LayerConfig& cfg, TensorLayout& layout, Mode mode,
              const EstimatorBatch<typename B::Scalar>& batch, TensorBuffer<double>& state,
-             typename B::Scalar* y, const typename B::Scalar* dy, typename B::Scalar* dgates) {
+             typename Est::template Cache<B>& cache, typename B::Scalar* y,
+             const typename B::Scalar* dy, typename B::Scalar* dgates) {
   { Est::kName } -> std::convertible_to<const char*>;
   { Est::kComputesAllExperts } -> std::convertible_to<bool>;
   est.validate(cfg);
   est.add_state(layout, cfg);
-  est.update_state(be, mode, batch, state);
+  est.update_state(be, mode, batch, state, cache);
   est.add_unselected_outputs(be, batch, std::as_const(state), y);
   est.add_unselected_gate_gradients(be, batch, std::as_const(state), dy, dgates);
 };
