@@ -7,8 +7,9 @@
 #                                  and the concurrency test under ThreadSanitizer
 #   bash scripts/dev.sh bench      build and run the CPU benchmarks
 #   bash scripts/dev.sh bench-cuda build and run the GPU benchmark (needs nvcc and a GPU)
-#   bash scripts/dev.sh fuzz       libFuzzer on the safetensors reader for MOE_FUZZ_SECONDS
-#                                  (60) seconds; skipped when clang++ or libFuzzer is missing
+#   bash scripts/dev.sh fuzz       libFuzzer on the safetensors reader, then on the layer's
+#                                  entry points, MOE_FUZZ_SECONDS (60) seconds each; skipped
+#                                  when clang++ or libFuzzer is missing
 # Each mode installs the Debian packages it needs, and no others, when run as
 # root; otherwise it prints the exact apt-get line and stops. The configure
 # lines are the CMake presets of CMakePresets.json.
@@ -88,7 +89,10 @@ case "$mode" in
     cmake --build "$root/build-sanitize" -j"$jobs"
     # Packaging tests rebuild the library without sanitizers, and bitwise resume
     # runs moe-train-lm 18 times: the plain run covers them.
-    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    # allocator_may_return_null: a test asks for more memory than exists and
+    # expects moe::Error (std::bad_alloc), not ASan's abort.
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
+      UBSAN_OPTIONS=print_stacktrace=1 \
       ctest --test-dir "$root/build-sanitize" --output-on-failure -j"$jobs" \
       -E "consumer_|compile_fail|headers_self_contained|train_lm_resume"
     ASAN_OPTIONS=detect_leaks=1 "$root/build-sanitize/examples/moe-fit-teacher" 200
@@ -138,20 +142,27 @@ case "$mode" in
     fi
     build="$root/build-fuzz"
     configure fuzz -DCMAKE_CXX_COMPILER="$cxx"
-    cmake --build "$build" -j"$jobs" --target fuzz_safetensors fuzz_safetensors_driver
+    cmake --build "$build" -j"$jobs" --target fuzz_safetensors fuzz_safetensors_driver fuzz_layer
     # The corpus grows across runs in the build tree; the seeds are regenerated each time.
     "$build/tests/fuzz/fuzz_safetensors_driver" --write-seeds "$build/fuzz-corpus"
+    mkdir -p "$build/fuzz-layer-corpus"
     seconds=${MOE_FUZZ_SECONDS:-60}
-    echo "moe: fuzzing the safetensors reader for $seconds s (log: $build/fuzz.log)"
-    if ! "$build/tests/fuzz/fuzz_safetensors" -max_total_time="$seconds" -timeout=10 \
-      -rss_limit_mb=2048 -print_final_stats=1 -dict="$root/tests/fuzz/safetensors.dict" \
-      -artifact_prefix="$build/" "$build/fuzz-corpus" >"$build/fuzz.log" 2>&1; then
-      tail -n 60 "$build/fuzz.log" >&2
-      echo "moe: fuzzing found a crash; the input is in $build/ (crash-*, timeout-*, oom-*)" >&2
-      exit 1
-    fi
-    grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb)|Done [0-9]+ runs" \
-      "$build/fuzz.log" || true
+    run_fuzzer() {  # run_fuzzer <target> <corpus> <libFuzzer flags...>
+      local target=$1 corpus=$2
+      shift 2
+      echo "moe: fuzzing $target for $seconds s (log: $build/$target.log)"
+      if ! "$build/tests/fuzz/$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 -artifact_prefix="$build/$target-" "$@" "$corpus" \
+        >"$build/$target.log" 2>&1; then
+        tail -n 60 "$build/$target.log" >&2
+        echo "moe: fuzzing $target found a crash; the input is in $build/ ($target-crash-*, ...)" >&2
+        exit 1
+      fi
+      grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb)|Done [0-9]+ runs" \
+        "$build/$target.log" || true
+    }
+    run_fuzzer fuzz_safetensors "$build/fuzz-corpus" -dict="$root/tests/fuzz/safetensors.dict"
+    run_fuzzer fuzz_layer "$build/fuzz-layer-corpus"
     ;;
   *)
     echo "usage: bash scripts/dev.sh examples|tests|sanitize|bench|bench-cuda|fuzz" >&2

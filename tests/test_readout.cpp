@@ -217,8 +217,41 @@ TEST_CASE("DefaultEMA: the batch means and which experts moved") {
             doctest::Approx(sum / static_cast<double>(count)).epsilon(1e-9));
     }
   }
+  // An eval forward computes the batch means too, and takes none of them.
+  const std::vector<double> train_means(est.batch_mean.begin(), est.batch_mean.end());
+  const std::vector<double> ema_after(layer.state()["estimator.ema"].begin(),
+                                      layer.state()["estimator.ema"].end());
   layer.forward(x, y, cache, Mode::eval);
   for (int u : cache.estimator_cache().updated) CHECK(u == 0);
+  CHECK(std::vector<double>(cache.estimator_cache().batch_mean.begin(),
+                            cache.estimator_cache().batch_mean.end()) == train_means);
+  CHECK(std::equal(ema_after.begin(), ema_after.end(), layer.state()["estimator.ema"].begin()));
+}
+
+TEST_CASE("ACMoE statistics: a forward without clusters leaves none from the one before") {
+  using A = Layer<router::AdaptiveCluster, estimator::Sparse, cpu::Backend<double>, act::ReLU>;
+  A layer({.d_model = kD, .d_ff = 4, .experts = kE}, router::AdaptiveCluster{}, {}, 10);
+  const auto x = random_matrix<double>(kT, kD, 9);
+  std::vector<int> clusters(kT);
+  for (Index t = 0; t < kT; ++t) clusters[static_cast<std::size_t>(t)] = static_cast<int>(t % 3);
+  A::Cache cache;
+  Mat<double> y(kT, kD);
+  layer.forward(x, y, cache, Mode::train, {.previous_assignment = clusters});
+  CHECK(cache.router_cache().clusters == 3);
+  CHECK(cache.router_cache().mean.size() == static_cast<std::size_t>(3 * kD));
+  layer.forward(x, y, cache, Mode::train);  // the first MoE layer: M = 1
+  CHECK(cache.router_cache().clusters == 0);
+  CHECK(cache.router_cache().mean.size() == 0);
+  CHECK(cache.router_cache().scales.size() == 0);
+  const auto m = router::AdaptiveCluster::token_scales(cache.router_cache(), kT, kD);
+  for (double v : m) CHECK(v == 1.0);
+}
+
+TEST_CASE("a cache no forward filled has nothing to read") {
+  TopKLayer<>::Cache cache;
+  CHECK_THROWS_WITH_AS(cache.logits(), doctest::Contains("filled()=false"), Error);
+  CHECK_THROWS_AS(cache.selected_experts(), Error);
+  CHECK_THROWS_AS(cache.kept_mask(), Error);
 }
 
 TEST_CASE("after a backward: dL/dG, and dL/dz through the softmax") {

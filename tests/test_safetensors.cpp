@@ -5,6 +5,7 @@
 
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <cstring>
@@ -589,6 +590,25 @@ TEST_CASE("a file that does not fit leaves the layer unchanged") {
           std::string::npos);
     unchanged();
   }
+  SUBCASE("a NaN or Inf weight or EMA value") {
+    for (const char* name : {"param.experts.w2", "state.estimator.ema"}) {
+      CAPTURE(name);
+      FloatLayer poisoned(kConfig, {}, {}, 5);
+      train(poisoned, 2);
+      if (std::string(name) == "param.experts.w2")
+        poisoned.parameters()["experts.w2"][3] = std::numeric_limits<float>::infinity();
+      else
+        poisoned.state()["estimator.ema"][3] = std::nan("");
+      SafetensorsWriter w;
+      io::add_layer(w, poisoned);
+      const std::string what =
+          error_of([&] { io::load_layer(Safetensors::parse(w.serialize()), target); });
+      CAPTURE(what);
+      CHECK(what.find("[3]=") != std::string::npos);
+      CHECK(what.find("expected finite values") != std::string::npos);
+      unchanged();
+    }
+  }
   SUBCASE("another scalar type") {
     Layer<router::TopK, estimator::DefaultEMA, cpu::Backend<double>, act::GELU> twin(kConfig);
     SafetensorsWriter w;
@@ -655,7 +675,7 @@ TEST_CASE("a file that does not fit leaves the layer unchanged") {
     CHECK(what.find("end past the data buffer") != std::string::npos);
     CHECK(error_of([&] {
             io::load_layer(dir.path() / "missing.safetensors", target);
-          }).find("cannot open: No such file or directory") != std::string::npos);
+          }).find("cannot stat: No such file or directory") != std::string::npos);
     unchanged();
   }
   SUBCASE("state values a layer cannot hold (valid format)") {
@@ -745,7 +765,7 @@ TEST_CASE("reading a file names the path") {
   ScratchDir dir;
   const fs::path missing = dir.path() / "nope.safetensors";
   CHECK(error_of([&] { (void)Safetensors::read(missing); }) ==
-        "moe::io::Safetensors '" + missing.string() + "': cannot open: No such file or directory");
+        "moe::io::Safetensors '" + missing.string() + "': cannot stat: No such file or directory");
   CHECK(error_of([&] { (void)Safetensors::read(dir.path()); }).find("not a regular file") !=
         std::string::npos);
   const fs::path empty = dir.path() / "empty.safetensors";
@@ -766,6 +786,41 @@ TEST_CASE("reading a file names the path") {
   CHECK(error_of([&] {
           file.get<float>("v", {3});
         }).find("moe::io::Safetensors '" + good.string() + "': tensor 'v' has shape [2]") !=
+        std::string::npos);
+}
+
+TEST_CASE("a FIFO is refused without blocking, and a header is checked before any data is read") {
+  ScratchDir dir;
+  // Opening a FIFO for reading blocks until a writer comes: read() looked
+  // before it opened (this test hung before).
+  const fs::path fifo = dir.path() / "fifo.safetensors";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  CHECK(error_of([&] { (void)Safetensors::read(fifo); }).find("not a regular file") !=
+        std::string::npos);
+  // A 64 GiB file (sparse: no disk) whose header is bad: refused by its
+  // header, before its data is allocated or read (read() used to read every
+  // byte into memory first, and failed with std::bad_alloc here).
+  const fs::path huge = dir.path() / "huge.safetensors";
+  {
+    const Bytes header = bytes_of(std::string("\x02\0\0\0\0\0\0\0{x", 10));
+    std::ofstream out(huge, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(header.data()),
+              static_cast<std::streamsize>(header.size()));
+  }
+  fs::resize_file(huge, std::uintmax_t{64} << 30);
+  const std::string what = error_of([&] { (void)Safetensors::read(huge); });
+  CAPTURE(what);
+  CHECK(what.find("not valid JSON") != std::string::npos);
+  // A valid header of a file that ends early: the data is missing.
+  const fs::path short_file = dir.path() / "short.safetensors";
+  {
+    Bytes bytes = small_file();
+    bytes.resize(bytes.size() - 3);
+    std::ofstream out(short_file, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
+  }
+  CHECK(error_of([&] { (void)Safetensors::read(short_file); }).find("end past the data buffer") !=
         std::string::npos);
 }
 

@@ -735,6 +735,16 @@ TEST_CASE("schedules reject bad options") {
                        doctest::Contains("values is empty"), Error);
   CHECK_THROWS_WITH_AS((sched::MultiStep{1, 8, 10, {1, 0}}).validate(8),
                        doctest::Contains("values[1]=0"), Error);
+  // A Scheduled router asks for k before anything validates the schedule: no
+  // division by zero or empty list read, and the layer refuses it.
+  CHECK(sched::MultiStep{}.k_at(0) == 1);
+  CHECK((sched::MultiStep{1, 8, 10, {}}).k_at(3) == 1);
+  CHECK(sched::CosineIncrease{.k_min = 2, .k_max = 4}.k_at(5) == 2);
+  using Frozen = Layer<router::RandomFrozen<sched::MultiStep>, estimator::Sparse,
+                       cpu::Backend<double>, act::ReLU>;
+  CHECK_THROWS_WITH_AS(
+      Frozen({.d_model = 4, .d_ff = 4, .experts = 16}, router::random_frozen(sched::MultiStep{})),
+      doctest::Contains("total_steps=0"), Error);
 }
 
 namespace {

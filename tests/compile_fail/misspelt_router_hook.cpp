@@ -19,11 +19,16 @@ struct StepCountingRouter {
 
   moe::Index nominal_k() const { return topk.nominal_k(); }
   void validate(const moe::LayerConfig& config) const { topk.validate(config); }
+  void check_context(const moe::ForwardContext& context, moe::Index tokens,
+                     const moe::LayerConfig& config) const {
+    topk.check_context(context, tokens, config);
+  }
   void add_parameters(moe::TensorLayout& layout, const moe::LayerConfig& config) const {
     topk.add_parameters(layout, config);
   }
   template <class S>
-  void init(moe::TensorBuffer<S>& params, const moe::LayerConfig& config, std::uint64_t seed) const {
+  void init(moe::TensorBuffer<S>& params, const moe::LayerConfig& config,
+            std::uint64_t seed) const {
     topk.init(params, config, seed);
   }
   template <class B, class... Args>

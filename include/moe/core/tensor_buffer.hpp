@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <memory>
 #include <memory_resource>
+#include <new>
 #include <span>
 #include <string>
 #include <string_view>
@@ -37,12 +38,36 @@ struct TensorSpec {
 // a parameter buffer and every gradient buffer made from it.
 class TensorLayout {
  public:
+  // Every size is checked: a shape whose element count, or a layout whose
+  // total, would not fit an Index (so neither a byte count) is an error.
   void add(std::string name, std::vector<Index> shape, bool trainable = true) {
     detail::require(find(name) == nullptr, "moe::TensorLayout::add: duplicate tensor name '", name,
                     "'");
+    Index size = 1;
+    for (Index s : shape) {
+      detail::require(s >= 0 && (s == 0 || size <= kMaxElements / s), "moe::TensorLayout::add: '",
+                      name, "' of shape ", shape_string(shape), " has more than 2^", kMaxBits,
+                      " elements, expected a size the layer can allocate");
+      size *= s;
+    }
+    detail::require(total_ <= kMaxElements - size, "moe::TensorLayout::add: '", name,
+                    "' brings the buffer past 2^", kMaxBits, " elements (", total_, " + ", size,
+                    "), expected a size the layer can allocate");
     TensorSpec spec{std::move(name), std::move(shape), total_, trainable};
-    total_ += spec.size();
+    total_ += size;
     specs_.push_back(std::move(spec));
+  }
+
+  // At most 2^kMaxBits elements in a buffer: the bytes of 8-byte values fit
+  // in an Index and a size_t.
+  static constexpr int kMaxBits = 59;
+  static constexpr Index kMaxElements = Index{1} << kMaxBits;
+
+  static std::string shape_string(const std::vector<Index>& shape) {
+    std::string out = "(";
+    for (std::size_t i = 0; i < shape.size(); ++i)
+      out += (i ? ", " : "") + std::to_string(shape[i]);
+    return out + ")";
   }
 
   // Lookups take a string_view: a name never becomes a std::string (which
@@ -135,7 +160,13 @@ class ResourceArray {
 
  private:
   void allocate(std::size_t n) {
-    data_ = n == 0 ? nullptr : static_cast<T*>(memory_->allocate(n * sizeof(T), alignof(T)));
+    try {
+      data_ = n == 0 ? nullptr : static_cast<T*>(memory_->allocate(n * sizeof(T), alignof(T)));
+    } catch (const std::bad_alloc&) {
+      throw Error(detail::concat("moe::TensorBuffer: cannot allocate ", n * sizeof(T), " bytes (",
+                                 n, " values of ", sizeof(T),
+                                 " bytes), expected a size this machine's memory holds"));
+    }
     size_ = n;  // after the allocation, which may throw
   }
   void release() {
@@ -164,8 +195,7 @@ class TensorBuffer {
   TensorBuffer() : layout_(std::make_shared<const TensorLayout>()) {}
   explicit TensorBuffer(std::shared_ptr<const TensorLayout> layout,
                         std::pmr::memory_resource* memory = std::pmr::new_delete_resource())
-      : layout_(std::move(layout)),
-        data_(static_cast<std::size_t>(layout_->total_size()), memory) {}
+      : layout_(std::move(layout)), data_(allocate(*layout_, memory)) {}
 
   // A zero buffer with the same layout in the same memory: the gradient
   // buffer of a parameter set.
@@ -195,6 +225,21 @@ class TensorBuffer {
   void set_zero() { std::fill(data_.data(), data_.data() + data_.size(), T(0)); }
 
  private:
+  // The values of a layout, or an error that names its largest tensor.
+  static detail::ResourceArray<T> allocate(const TensorLayout& layout,
+                                           std::pmr::memory_resource* memory) {
+    try {
+      return detail::ResourceArray<T>(static_cast<std::size_t>(layout.total_size()), memory);
+    } catch (const Error& e) {
+      const TensorSpec* largest = nullptr;
+      for (const auto& s : layout.specs())
+        if (largest == nullptr || s.size() > largest->size()) largest = &s;
+      if (largest == nullptr) throw;
+      throw Error(detail::concat(e.what(), "; the largest tensor is '", largest->name, "' ",
+                                 TensorLayout::shape_string(largest->shape)));
+    }
+  }
+
   template <class P>
   static MatrixView<P> matrix_of(const TensorSpec& s, P* base) {
     Index cols = s.shape.empty() ? 1 : s.shape.back();
@@ -211,4 +256,21 @@ class TensorBuffer {
   detail::ResourceArray<T> data_;
 };
 
+namespace detail {
+
+// Every value of `buffer` finite, or an error naming the first that is not
+// (its tensor and index), from `where`.
+template <class T>
+void require_finite(const TensorBuffer<T>& buffer, const std::string& where) {
+  for (const TensorSpec& spec : buffer.layout().specs()) {
+    const auto values = buffer[spec.name];
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      const double v = static_cast<double>(values[i]);
+      require(v - v == 0.0, where, ": ", spec.name, "[", i, "]=", v,
+              ", expected finite values (NaN and Inf are refused)");
+    }
+  }
+}
+
+}  // namespace detail
 }  // namespace moe

@@ -44,36 +44,71 @@ struct DefaultEMA {
   }
 
   // What a forward leaves to read: m_i, this batch's mean output of expert i
-  // (the EMA's input), and whether the EMA took it (a training forward, and i
-  // had tokens).
+  // (the EMA's input in a training forward; computed in eval too), whether
+  // the EMA took it (a training forward, i had tokens, and m_i was finite),
+  // and whether it was refused for a NaN or Inf.
   template <class B>
   struct Cache {
-    typename B::template Buffer<double> batch_mean;  // (E, d), valid where updated
+    typename B::template Buffer<double> batch_mean;  // (E, d); rows of experts without tokens: 0
     typename B::template Buffer<int> updated;        // (E) 1 where Ehat_i moved, else 0
+    typename B::template Buffer<int> non_finite;     // (E) 1 where m_i had a NaN or Inf
   };
 
-  // The EMA step, per expert over its rows in row (token) order.
+  // The EMA step of a training forward: m_i per expert over its rows in row
+  // (token) order, then Ehat_i <- beta Ehat_i + (1 - beta) m_i for the
+  // experts with tokens whose m_i is finite. An expert whose outputs hold a
+  // NaN or Inf keeps its Ehat_i (and is flagged in cache.non_finite): one bad
+  // batch never poisons the state for the forwards after it.
   template <class B>
   void update_state(const B& be, Mode mode, const EstimatorBatch<typename B::Scalar>& batch,
                     TensorBuffer<double>& state, Cache<B>& cache) const {
     const Index d = batch.d_model, E = batch.experts;
     cache.batch_mean.resize(static_cast<std::size_t>(E * d));
     cache.updated.resize(static_cast<std::size_t>(E));
+    cache.non_finite.resize(static_cast<std::size_t>(E));
     int* updated = cache.updated.data();
+    int* non_finite = cache.non_finite.data();
+    batch_means(be, batch, cache);  // in eval too: readable, not taken
     if (mode != Mode::train) {
       be.parallel_for(
-          E, [=] MOE_HOST_DEVICE(Index e) { updated[e] = 0; }, E);
+          E, [=] MOE_HOST_DEVICE(Index e) { updated[e] = non_finite[e] = 0; }, E);
       return;
     }
+    const double* mean = cache.batch_mean.data();
+    be.parallel_sum_rows(
+        E, d,
+        [=] MOE_HOST_DEVICE(Index e, Index j) { return math::is_finite(mean[e * d + j]) ? 0 : 1; },
+        [=] MOE_HOST_DEVICE(Index e, int bad) {
+          non_finite[e] = updated[e] && bad > 0 ? 1 : 0;
+          updated[e] = updated[e] && bad == 0 ? 1 : 0;
+        },
+        E * d);
     double* ema = state["estimator.ema"].data();
+    const double b = beta;
+    be.parallel_for_rows(
+        E, d,
+        [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
+          if (!updated[e]) return;
+          for (Index j = begin; j < end; ++j)
+            ema[e * d + j] = math::ema_update(ema[e * d + j], b, mean[e * d + j]);
+        },
+        E * d);
+  }
+
+  // cache.batch_mean = m_i (0 for an expert without tokens) and
+  // cache.updated = whether S_i is non-empty.
+  template <class B>
+  void batch_means(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
+                   Cache<B>& cache) const {
+    const Index d = batch.d_model, E = batch.experts;
     double* mean = cache.batch_mean.data();
+    int* updated = cache.updated.data();
     const auto* out = batch.expert_out;
     // The score of each row's token for its expert: p, or the gates where
     // the router has no probabilities.
     const auto* scores = batch.probabilities != nullptr ? batch.probabilities : batch.gates;
     const Index* offsets = batch.expert_offsets;
     const Index* row_token = batch.row_token;
-    const double b = beta;
     const bool weighted = weighting == Weighting::score_weighted;
     be.parallel_for_rows(
         E, d,
@@ -84,8 +119,10 @@ struct DefaultEMA {
             total += weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
           const bool update = r1 > r0 && total > 0;  // S_i empty: keep Ehat_i [choice]
           if (begin == 0) updated[e] = update ? 1 : 0;
-          if (!update) return;
-          double* ema_e = ema + e * d;
+          if (!update) {
+            for (Index j = begin; j < end; ++j) mean[e * d + j] = 0;
+            return;
+          }
           for (Index j = begin; j < end; ++j) {
             double sum = 0;
             for (Index r = r0; r < r1; ++r) {
@@ -93,7 +130,6 @@ struct DefaultEMA {
               sum += w * static_cast<double>(out[r * d + j]);
             }
             mean[e * d + j] = sum / total;
-            ema_e[j] = math::ema_update(ema_e[j], b, mean[e * d + j]);
           }
         },
         batch.rows * d);

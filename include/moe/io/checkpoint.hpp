@@ -86,8 +86,8 @@ void add_layer(SafetensorsWriter& writer, const Layer& layer, const std::string&
 
 // Restores parameters and state from "<prefix>param.*" and "<prefix>state.*".
 // Every tensor is checked first (present, dtype, shape; no tensor the layer
-// lacks), the state is validated by Layer::load_state, and the parameters
-// are written last: on any Error the layer is unchanged.
+// lacks; every value finite), the state is validated by Layer::load_state,
+// and the parameters are written last: on any Error the layer is unchanged.
 template <CheckpointableLayer Layer>
 void load_layer(const Safetensors& file, Layer& layer, const std::string& prefix = "") {
   using Scalar = typename Layer::Scalar;
@@ -103,6 +103,7 @@ void load_layer(const Safetensors& file, Layer& layer, const std::string& prefix
   // Staged in copies: the layer changes only once everything has loaded.
   TensorBuffer<Scalar> params = layer.parameters().zeros_like();
   load_buffer(file, params_at, params);
+  moe::detail::require_finite(params, file.source() + " (parameters)");
   TensorBuffer<double> state = layer.state().zeros_like();
   load_buffer(file, state_at, state);
   layer.load_state(state);  // checks the values, strong guarantee

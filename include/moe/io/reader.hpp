@@ -101,34 +101,40 @@ class Safetensors {
                        "moe::io::Safetensors (in memory)");
   }
 
-  // Reads the whole file, then parses it; every error names the path.
+  // Reads and checks the header first, then the data; every error names the
+  // path. The file's type is checked before it is opened (opening a FIFO
+  // would block until a writer came), and a file whose header does not fit
+  // its size is refused before its data is read or allocated.
   static Safetensors read(const std::filesystem::path& path) {
     const std::string where = detail::concat("moe::io::Safetensors '", path.string(), "'");
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0)
+      throw Error(detail::concat(where, ": cannot stat: ", detail::errno_text(errno)));
+    detail::require(S_ISREG(st.st_mode), where, ": not a regular file");
+    // O_NONBLOCK: should the path have become a FIFO since the stat, open
+    // returns at once (and the fstat below refuses it).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw Error(detail::concat(where, ": cannot open: ", detail::errno_text(errno)));
-    std::vector<std::byte> bytes;
+    Safetensors file;
+    file.where_ = where;
     try {
-      struct stat st {};
       if (::fstat(fd, &st) != 0)
         throw Error(detail::concat(where, ": cannot stat: ", detail::errno_text(errno)));
       detail::require(S_ISREG(st.st_mode), where, ": not a regular file");
-      bytes.resize(static_cast<std::size_t>(st.st_size));
-      std::size_t done = 0;
-      while (true) {
-        if (done == bytes.size()) bytes.resize(bytes.size() + 65536);  // the file grew
-        const ::ssize_t n = ::read(fd, bytes.data() + done, bytes.size() - done);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) throw Error(detail::concat(where, ": cannot read: ", detail::errno_text(errno)));
-        if (n == 0) break;
-        done += static_cast<std::size_t>(n);
+      const auto size = static_cast<std::uint64_t>(st.st_size);
+      file.read_bytes(fd, std::min<std::uint64_t>(size, 8));
+      if (size >= 8) {  // else parse_header says what is wrong
+        const std::uint64_t n = detail::load_u64_le(file.bytes_.data());
+        if (n <= kMaxHeaderBytes && n <= size - 8) file.read_bytes(fd, 8 + n);
       }
-      bytes.resize(done);
+      file.parse_header(size);
+      file.read_bytes(fd, size);
     } catch (...) {
       ::close(fd);
       throw;
     }
     ::close(fd);
-    return parse_owned(std::move(bytes), where);
+    return file;
   }
 
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -245,13 +251,28 @@ class Safetensors {
     Safetensors file;
     file.where_ = std::move(where);
     file.bytes_ = std::move(bytes);
-    file.parse_header();
+    file.parse_header(file.bytes_.size());
     return file;
   }
 
-  void parse_header() {
+  // Reads from fd until bytes_ holds `total` bytes (the file's first bytes).
+  void read_bytes(int fd, std::uint64_t total) {
+    std::size_t done = bytes_.size();
+    bytes_.resize(static_cast<std::size_t>(total));
+    while (done < bytes_.size()) {
+      const ::ssize_t n = ::read(fd, bytes_.data() + done, bytes_.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) throw Error(detail::concat(where_, ": cannot read: ", detail::errno_text(errno)));
+      detail::require(n > 0, where_, ": the file ended after ", done, " bytes, expected ",
+                      bytes_.size(), " (it shrank while being read)");
+      done += static_cast<std::size_t>(n);
+    }
+  }
+
+  // Checks the header of a file of `size` bytes; bytes_ holds at least its
+  // first 8 + header-length bytes (all of them when the length fits).
+  void parse_header(std::uint64_t size) {
     const std::string& w = where_;
-    const std::uint64_t size = bytes_.size();
     detail::require(size >= 8, w, ": ", size,
                     " bytes, expected at least 8 (the little-endian u64 header length)");
     const std::uint64_t n = detail::load_u64_le(bytes_.data());

@@ -34,6 +34,7 @@ struct LayerCacheData {
   bool filled = false;
   bool backward_done = false;  // a backward ran on this forward (its gradients are readable)
   std::uint64_t owner = 0;     // the id of the layer that filled it
+  std::uint64_t parameters_version = 0;  // the layer's parameters as this forward saw them
   Index tokens = 0, d_model = 0, d_ff = 0, experts = 0;
 
   Selection<S, Backend::template Buffer> selection;  // the router's A_t and gates
@@ -121,9 +122,11 @@ class LayerCache {
   // The selection as CSR over tokens: token t's experts, best first, are
   // selected_experts()[selection_offsets()[t] .. selection_offsets()[t + 1]).
   std::span<const Index> selection_offsets() const {
+    require_filled("selection_offsets()");
     return {data_.selection.token_offsets.data(), data_.selection.token_offsets.size()};
   }
   std::span<const int> selected_experts() const {
+    require_filled("selected_experts()");
     return {data_.selection.pair_expert.data(), data_.selection.pair_expert.size()};
   }
   // Token t's selected experts, best first.
@@ -142,6 +145,7 @@ class LayerCache {
   // Per selected pair (in selected_experts() order): 1 when the capacity
   // limit kept it, 0 when it dropped it. Computed when asked.
   std::vector<std::uint8_t> kept_mask() const {
+    require_filled("kept_mask()");
     const auto& sel = data_.selection;
     const auto& computed = Estimator::kComputesAllExperts ? data_.all_pairs : sel;
     const auto& pair_row = data_.dispatch.tokens().pair_row;
@@ -181,8 +185,16 @@ class LayerCache {
 
   template <class Buffer>
   ConstMatrixView<Scalar> matrix(const Buffer& b) const {
+    require_filled("a (T, E) view");
     return b.size() == 0 ? ConstMatrixView<Scalar>(nullptr, 0, 0)
                          : ConstMatrixView<Scalar>(b.data(), data_.tokens, data_.experts);
+  }
+  // The views read the last forward: a cache that no forward filled (or
+  // whose forward threw) has none to read.
+  void require_filled(const char* what) const {
+    detail::require(data_.filled, "moe::LayerCache: ", what,
+                    " of a cache that no forward filled (cache.filled()=false), expected a "
+                    "forward first");
   }
   void require_backward(const char* what) const {
     detail::require(data_.backward_done, "moe::LayerCache::", what,

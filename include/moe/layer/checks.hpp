@@ -3,7 +3,9 @@
 // and buffers of forward and backward calls. Each failure is a moe::Error
 // naming the argument, its value and what was expected.
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "moe/core/config.hpp"
 #include "moe/core/error.hpp"
@@ -25,6 +27,25 @@ void check_config(const LayerConfig& c) {
           ", expected 0 (dropless) or a positive finite value");
 }
 
+// Whether the memory of two views (or spans) shares a byte.
+template <class A, class B>
+bool overlaps(const A& a, const B& b) {
+  const auto begin_a = reinterpret_cast<std::uintptr_t>(a.data());
+  const auto begin_b = reinterpret_cast<std::uintptr_t>(b.data());
+  const auto bytes_a = static_cast<std::uintptr_t>(a.size()) * sizeof(*a.data());
+  const auto bytes_b = static_cast<std::uintptr_t>(b.size()) * sizeof(*b.data());
+  return bytes_a > 0 && bytes_b > 0 && begin_a < begin_b + bytes_b && begin_b < begin_a + bytes_a;
+}
+
+// The forward's buffers hold up to T E rows (every pair) of max(d, w d_ff)
+// values: that must stay a size the layer can index and allocate.
+inline void check_batch_size(const LayerConfig& config, Index tokens, Index input_width) {
+  const Index limit = Index{1} << 59, E = config.experts;
+  const Index row = std::max(config.d_model, input_width * config.d_ff);
+  require(tokens <= limit / E / row, "moe::Layer::forward: x.rows()=", tokens, " with experts=", E,
+          " and rows of ", row, " values needs buffers past 2^59 values, expected a smaller batch");
+}
+
 template <class S>
 void check_forward_arguments(const LayerConfig& config, ConstMatrixView<S> x, MatrixView<S> y) {
   const Index T = x.rows(), d = config.d_model;
@@ -32,9 +53,9 @@ void check_forward_arguments(const LayerConfig& config, ConstMatrixView<S> x, Ma
   require(T >= 1, "moe::Layer::forward: x.rows()=", T, ", expected at least 1 token");
   require(y.rows() == T && y.cols() == d, "moe::Layer::forward: y is (", y.rows(), ", ", y.cols(),
           "), expected (", T, ", ", d, ") like x");
-  require(x.data() != y.data(),
-          "moe::Layer::forward: y aliases x, expected separate buffers (x is read again by "
-          "backward)");
+  require(!overlaps(x, y),
+          "moe::Layer::forward: y aliases x (their memory overlaps), expected separate buffers (x "
+          "is read again by backward)");
 }
 
 // A cache filled by a layer of this shape (Cache: LayerCacheData).

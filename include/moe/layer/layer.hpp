@@ -71,6 +71,7 @@ class Layer {
   // PyTorch nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
   // and biases; the router initialises its own weights. Deterministic in seed.
   void initialize() {
+    ++parameters_version_;
     router_.init(params_, config_, math::hash3(seed_, kRouterSeedStream, 0));
     const double bound1 = 1.0 / std::sqrt(static_cast<double>(config_.d_model));
     const double bound2 = 1.0 / std::sqrt(static_cast<double>(config_.d_ff));
@@ -89,6 +90,7 @@ class Layer {
                const ForwardContext& context = {}) {
     check_forward(x, y);
     router_.validate(config_);  // runtime k may have changed since construction
+    router_.check_context(context, x.rows(), config_);
     auto& c = detail::CacheAccess::data(cache);
     begin(c, x.rows());
     router_.forward(backend_, mode, x, std::as_const(params_), context, c.selection, c.router);
@@ -159,7 +161,8 @@ class Layer {
 
   // Replaces the state (e.g. from a checkpoint) and hands policies their part
   // back (the shared lambda, the schedule's k). Strong guarantee: everything
-  // is checked, and the policies take their part, before the state changes,
+  // is checked (every value finite: a NaN in the EMA would poison every later
+  // forward), and the policies take their part, before the state changes,
   // so on an error the layer is unchanged (policies validate before they
   // change anything).
   void load_state(const TensorBuffer<double>& state) {
@@ -169,6 +172,7 @@ class Layer {
     detail::require_whole(state["layer.train_forwards"][0], 53, where, "layer.train_forwards");
     detail::require_whole(state["layer.dropout_seed"][0], 32, where, "layer.dropout_seed[0]");
     detail::require_whole(state["layer.dropout_seed"][1], 32, where, "layer.dropout_seed[1]");
+    detail::require_finite(state, where);
     router_.restore(state);
     std::copy(state.flat().begin(), state.flat().end(), state_.flat().begin());
   }
@@ -176,7 +180,14 @@ class Layer {
   // A zero gradient buffer with the parameters' layout.
   Parameters make_gradients() const { return params_.zeros_like(); }
 
-  Parameters& parameters() { return params_; }
+  // The parameters for writing (an optimiser's step, a checkpoint's load):
+  // each call counts as a change, so a backward refuses a cache whose forward
+  // saw other weights. Read them through the const overload
+  // (std::as_const(layer).parameters()) between a forward and its backward.
+  Parameters& parameters() {
+    ++parameters_version_;
+    return params_;
+  }
   const Parameters& parameters() const { return params_; }
   const LayerConfig& config() const { return config_; }
   Router& router() { return router_; }
@@ -185,13 +196,16 @@ class Layer {
   const Backend& backend() const { return backend_; }
   const Dispatcher& dispatcher() const { return dispatcher_; }
 
-  // Pairs one expert may take: ceil(c T k / E), or -1 when dropless. Never
-  // more than T pairs can reach one expert, which also bounds huge factors.
+  // Pairs one expert may take: ceil(c T k / E), at least 1, or -1 when
+  // dropless. Never more than T pairs can reach one expert, which also bounds
+  // huge factors.
   Index capacity(Index tokens) const {
     if (config_.capacity_factor <= 0) return -1;
     const double pairs =
         std::ceil(config_.capacity_factor * static_cast<double>(tokens) *
                   static_cast<double>(router_.nominal_k()) / static_cast<double>(config_.experts));
+    // At least one pair: a tiny factor whose product underflows to 0 would drop everything.
+    if (pairs < 1) return 1;
     return pairs >= static_cast<double>(tokens) ? tokens : static_cast<Index>(pairs);
   }
 
@@ -244,6 +258,7 @@ class Layer {
     c.filled = false;
     c.backward_done = false;
     c.owner = id_.value();
+    c.parameters_version = parameters_version_;
     c.tokens = tokens;
     c.d_model = config_.d_model;
     c.d_ff = config_.d_ff;
@@ -342,7 +357,11 @@ class Layer {
   }
 
   void check_forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) const {
+    detail::check_batch_size(config_, x.rows(), kInputWidth);
     detail::check_forward_arguments<Scalar>(config_, x, y);
+    detail::require(!detail::overlaps(y, params_.flat()),
+                    "moe::Layer::forward: y overlaps the layer's parameters, expected a buffer of "
+                    "its own");
     check_finite("forward", "x", x);
   }
 
@@ -355,6 +374,11 @@ class Layer {
     detail::require(c.owner == id_.value(), "moe::Layer::backward: cache filled by layer #",
                     c.owner, ", expected this layer #", id_.value(),
                     " (a copy of a layer is a new layer with its own caches)");
+    detail::require(c.parameters_version == parameters_version_,
+                    "moe::Layer::backward: the parameters were taken for writing "
+                    "(layer.parameters()) since this cache's forward, expected the weights of the "
+                    "forward: run the forward again (read them through "
+                    "std::as_const(layer).parameters() in between)");
     detail::check_backward_arguments<Scalar>(config_, c.tokens, x, dy, dx);
     detail::require(grads.same_layout(params_), "moe::Layer::backward: grads has size ",
                     grads.size(), " and another layout, expected layer.make_gradients() (size ",
@@ -362,9 +386,20 @@ class Layer {
     detail::require(grads.memory()->is_equal(*backend_.memory_resource()),
                     "moe::Layer::backward: grads lives in another memory than the ", Backend::kName,
                     " backend's, expected layer.make_gradients()");
-    detail::require(dx.data() != x.data(),
-                    "moe::Layer::backward: dx aliases x, expected separate buffers (x is read "
-                    "after dx is written)");
+    // What the backward writes (dx, grads) must not overlap what it reads
+    // after writing (x, the parameters) or each other.
+    using detail::overlaps;
+    detail::require(!overlaps(dx, x),
+                    "moe::Layer::backward: dx aliases x (their memory overlaps), expected separate "
+                    "buffers (x is read after dx is written)");
+    detail::require(!overlaps(dx, params_.flat()) && !overlaps(dx, grads.flat()),
+                    "moe::Layer::backward: dx overlaps the parameters or grads, expected a buffer "
+                    "of its own");
+    detail::require(!overlaps(grads.flat(), params_.flat()),
+                    "moe::Layer::backward: grads overlaps the layer's parameters, expected "
+                    "layer.make_gradients() (gradients would be added into the weights)");
+    detail::require(!overlaps(x, grads.flat()),
+                    "moe::Layer::backward: x overlaps grads, expected separate buffers");
     check_finite("backward", "dy", dy);
   }
 
@@ -426,6 +461,7 @@ class Layer {
   std::uint64_t seed_ = 0;
   TensorBuffer<double> state_;  // non-parameter state: counters, estimator buffers, ...
   Parameters params_;
+  std::uint64_t parameters_version_ = 0;  // counts parameters() taken for writing
 };
 
 }  // namespace moe

@@ -10,4 +10,8 @@ MOE_HOST_DEVICE inline double ema_update(double old, double beta, double sample)
   return beta * old + (1.0 - beta) * sample;
 }
 
+// Not NaN nor +-Inf: v - v is 0 for every finite v only (and works alike in
+// device code, where std::isfinite may be missing).
+MOE_HOST_DEVICE inline bool is_finite(double v) { return v - v == 0.0; }
+
 }  // namespace moe::math

@@ -2,7 +2,10 @@
 // AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay,
 //   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
 //   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p).
-// The small optimizer of the examples and tests; state in double.
+// The small optimizer of the examples and tests; state in double. Its
+// options are checked at construction and at every step (options() may
+// change them between steps), and its moments belong to the one parameter
+// buffer it first stepped.
 
 #include <cmath>
 #include <cstdint>
@@ -24,20 +27,14 @@ struct AdamWOptions {
 
 class AdamW {
  public:
-  explicit AdamW(AdamWOptions options = {}) : options_(options) {
-    detail::require(options.lr >= 0 && std::isfinite(options.lr),
-                    "moe::optim::AdamW: lr=", options.lr, ", expected a finite value >= 0");
-    detail::require(options.beta1 >= 0 && options.beta1 < 1,
-                    "moe::optim::AdamW: beta1=", options.beta1, ", expected 0 <= beta1 < 1");
-    detail::require(options.beta2 >= 0 && options.beta2 < 1,
-                    "moe::optim::AdamW: beta2=", options.beta2, ", expected 0 <= beta2 < 1");
-    detail::require(options.eps > 0, "moe::optim::AdamW: eps=", options.eps, ", expected > 0");
-  }
+  explicit AdamW(AdamWOptions options = {}) : options_(options) { validate(options_); }
 
-  AdamWOptions& options() { return options_; }  // e.g. a learning-rate schedule sets lr
+  // e.g. a learning-rate schedule sets lr; checked again at the next step.
+  AdamWOptions& options() { return options_; }
 
   template <class T>
   void step(TensorBuffer<T>& params, const TensorBuffer<T>& grads) {
+    validate(options_);
     detail::require(params.same_layout(grads),
                     "moe::optim::AdamW::step: grads has another layout than params (size ",
                     grads.size(), " vs ", params.size(), ")");
@@ -47,8 +44,10 @@ class AdamW {
       m_.assign(p.size(), 0.0);
       v_.assign(p.size(), 0.0);
     }
-    detail::require(m_.size() == p.size(), "moe::optim::AdamW::step: params of size ", p.size(),
-                    ", expected the size this optimizer has moments for (", m_.size(),
+    if (bound_ == nullptr) bound_ = p.data();  // the first step, or the first after restore()
+    detail::require(m_.size() == p.size() && bound_ == p.data(),
+                    "moe::optim::AdamW::step: params of size ", p.size(),
+                    ", expected the buffer this optimizer has moments for (size ", m_.size(),
                     "): one AdamW per parameter buffer");
     ++steps_;
     const auto [lr, beta1, beta2, eps, weight_decay] = options_;
@@ -75,21 +74,41 @@ class AdamW {
   std::span<const double> first_moment() const { return m_; }
   std::span<const double> second_moment() const { return v_; }
 
-  // Restores a checkpoint's state: the step count and both moments.
+  // Restores a checkpoint's state: the step count and both moments (finite;
+  // v >= 0). The next step binds them to the buffer it steps.
   void restore(std::uint64_t steps, std::span<const double> m, std::span<const double> v) {
     detail::require(m.size() == v.size(), "moe::optim::AdamW::restore: m.size()=", m.size(),
                     ", expected v.size()=", v.size());
-    for (double x : v)
-      detail::require(x >= 0 && std::isfinite(x), "moe::optim::AdamW::restore: a second moment ", x,
-                      ", expected finite values >= 0");
+    for (std::size_t i = 0; i < m.size(); ++i) {
+      detail::require(std::isfinite(m[i]), "moe::optim::AdamW::restore: m[", i, "]=", m[i],
+                      ", expected finite values");
+      detail::require(v[i] >= 0 && std::isfinite(v[i]), "moe::optim::AdamW::restore: v[", i,
+                      "]=", v[i], ", expected finite values >= 0");
+    }
     steps_ = steps;
     m_.assign(m.begin(), m.end());
     v_.assign(v.begin(), v.end());
+    bound_ = nullptr;
   }
 
  private:
+  static void validate(const AdamWOptions& o) {
+    detail::require(o.lr >= 0 && std::isfinite(o.lr), "moe::optim::AdamW: lr=", o.lr,
+                    ", expected a finite value >= 0");
+    detail::require(o.beta1 >= 0 && o.beta1 < 1, "moe::optim::AdamW: beta1=", o.beta1,
+                    ", expected 0 <= beta1 < 1");
+    detail::require(o.beta2 >= 0 && o.beta2 < 1, "moe::optim::AdamW: beta2=", o.beta2,
+                    ", expected 0 <= beta2 < 1");
+    detail::require(o.eps > 0 && std::isfinite(o.eps), "moe::optim::AdamW: eps=", o.eps,
+                    ", expected a finite value > 0");
+    detail::require(o.weight_decay >= 0 && std::isfinite(o.weight_decay),
+                    "moe::optim::AdamW: weight_decay=", o.weight_decay,
+                    ", expected a finite value >= 0");
+  }
+
   AdamWOptions options_;
   std::vector<double> m_, v_;
+  const void* bound_ = nullptr;  // the parameter buffer of m_ and v_ (null: the next one)
   std::uint64_t steps_ = 0;
 };
 

@@ -1,6 +1,8 @@
 #pragma once
 // Plain SGD with optional momentum over a whole TensorBuffer: the small
-// optimizer of the examples and tests (any optimizer can use flat()).
+// optimizer of the examples and tests (any optimizer can use flat()). Its
+// options are checked at construction and at every step, and its velocity
+// belongs to the one parameter buffer it first stepped.
 
 #include <cmath>
 #include <vector>
@@ -17,24 +19,28 @@ struct SgdOptions {
 
 class Sgd {
  public:
-  explicit Sgd(SgdOptions options = {}) : options_(options) {
-    detail::require(options.lr >= 0 && std::isfinite(options.lr),
-                    "moe::optim::Sgd: lr=", options.lr, ", expected a finite value >= 0");
-    detail::require(options.momentum >= 0 && options.momentum < 1,
-                    "moe::optim::Sgd: momentum=", options.momentum, ", expected 0 <= momentum < 1");
-  }
+  explicit Sgd(SgdOptions options = {}) : options_(options) { validate(options_); }
 
+  // e.g. a learning-rate schedule sets lr; checked again at the next step.
   SgdOptions& options() { return options_; }
 
   template <class T>
   void step(TensorBuffer<T>& params, const TensorBuffer<T>& grads) {
+    validate(options_);
     detail::require(params.same_layout(grads),
                     "moe::optim::Sgd::step: grads has another layout than params (size ",
                     grads.size(), " vs ", params.size(), ")");
     auto p = params.flat();
     auto g = grads.flat();
+    if (bound_ == nullptr) {
+      velocity_.assign(p.size(), 0.0);
+      bound_ = p.data();
+    }
+    detail::require(velocity_.size() == p.size() && bound_ == p.data(),
+                    "moe::optim::Sgd::step: params of size ", p.size(),
+                    ", expected the buffer this optimizer has a velocity for (size ",
+                    velocity_.size(), "): one Sgd per parameter buffer");
     const auto [lr, momentum] = options_;
-    velocity_.resize(p.size(), 0.0);
     for (const auto& spec : params.layout().specs()) {
       if (!spec.trainable) continue;  // frozen tensors never move
       const auto begin = static_cast<std::size_t>(spec.offset);
@@ -47,8 +53,16 @@ class Sgd {
   }
 
  private:
+  static void validate(const SgdOptions& o) {
+    detail::require(o.lr >= 0 && std::isfinite(o.lr), "moe::optim::Sgd: lr=", o.lr,
+                    ", expected a finite value >= 0");
+    detail::require(o.momentum >= 0 && o.momentum < 1, "moe::optim::Sgd: momentum=", o.momentum,
+                    ", expected 0 <= momentum < 1");
+  }
+
   SgdOptions options_;
   std::vector<double> velocity_;
+  const void* bound_ = nullptr;  // the parameter buffer of velocity_
 };
 
 }  // namespace moe::optim

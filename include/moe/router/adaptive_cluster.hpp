@@ -243,6 +243,21 @@ struct AdaptiveCluster {
     return m;
   }
 
+  // The previous layer's assignment, checked before the forward touches any
+  // cache: one entry per token, each -1 or a cluster in [0, max_clusters).
+  void check_context(const ForwardContext& context, Index tokens, const LayerConfig& cfg) const {
+    const auto& previous = context.previous_assignment;
+    if (previous.empty()) return;
+    detail::require(static_cast<Index>(previous.size()) == tokens,
+                    "moe::router::AdaptiveCluster: previous_assignment.size()=", previous.size(),
+                    ", expected x.rows()=", tokens);
+    const Index bound = max_clusters > 0 ? max_clusters : cfg.experts;
+    for (std::size_t t = 0; t < previous.size(); ++t)
+      detail::require(previous[t] >= -1 && previous[t] < bound,
+                      "moe::router::AdaptiveCluster: previous_assignment[", t, "]=", previous[t],
+                      ", expected -1 (none) or a cluster in [0, max_clusters=", bound, ")");
+  }
+
   // c_t from the context, then w, the clamp and m (docs/algorithms.md 3.3). Public
   // only because nvcc's device lambdas cannot live in private members.
   template <class B>
@@ -251,24 +266,19 @@ struct AdaptiveCluster {
     const Index T = x.rows(), d = x.cols();
     const auto& previous = context.previous_assignment;
     if (previous.empty()) {
-      cache.clusters = 0;
+      clear_statistics(cache);
+      cache.cluster.resize(0);
       return;
     }
-    detail::require(static_cast<Index>(previous.size()) == T,
-                    "moe::router::AdaptiveCluster: previous_assignment.size()=", previous.size(),
-                    ", expected x.rows()=", T);
-    const Index bound = max_clusters > 0 ? max_clusters : E;
-    int largest = -1;
-    for (std::size_t t = 0; t < previous.size(); ++t) {
-      detail::require(previous[t] >= -1 && previous[t] < bound,
-                      "moe::router::AdaptiveCluster: previous_assignment[", t, "]=", previous[t],
-                      ", expected -1 (none) or a cluster in [0, max_clusters=", bound, ")");
-      largest = std::max(largest, previous[t]);
-    }
+    check_context(context, T, LayerConfig{.d_model = d, .d_ff = 1, .experts = E});
+    const int largest = *std::max_element(previous.begin(), previous.end());
     cache.cluster.assign(previous.begin(), previous.end());
     const Index K = largest + 1;
+    if (K == 0) {  // every token without a cluster: M = 1
+      clear_statistics(cache);
+      return;
+    }
     cache.clusters = K;
-    if (K == 0) return;  // every token without a cluster: M = 1
     cache.count.assign(static_cast<std::size_t>(K), 0);
     for (int c : previous)
       if (c >= 0) ++cache.count[static_cast<std::size_t>(c)];
@@ -300,6 +310,16 @@ struct AdaptiveCluster {
   }
 
  private:
+  // No clusters (M = 1): no statistics, rather than the last forward's.
+  template <class B>
+  static void clear_statistics(Cache<B>& cache) {
+    cache.clusters = 0;
+    cache.cap = 0;
+    cache.count.resize(0);
+    for (auto* buffer : {&cache.mean, &cache.mad, &cache.weights, &cache.clamped, &cache.scales})
+      buffer->resize(0);
+  }
+
   static constexpr double kNormFloor = 1e-4;
   static constexpr std::uint64_t kStream = 0x61636d6f65ull;  // "acmoe"
 };

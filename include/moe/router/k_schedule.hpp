@@ -3,10 +3,11 @@
 // New Dropout", ICLR 2023; docs/algorithms.md 3.4). A schedule maps t, the
 // number of optimiser steps done, to the k of the next training step.
 //
-// Each curriculum of the paper's code (calculate_gate_number) computes
-// exactly that curve over T = total_steps: round is half to even (Python's),
-// cos and pow are IEEE double as there, and every value is clipped to
-// [k_min, k_max]. Past T [choice]: the linear, cosine and multi-step curves
+// Each curriculum of the paper's code (calculate_gate_number) computes that
+// curve over T = total_steps: round is half to even (Python's), cos and pow
+// are the C library's double functions (the code's np.cos may differ by a
+// few ulp; no k differed in an exhaustive scan), and every value is clipped
+// to [k_min, k_max]. Past T [choice]: the linear, cosine and multi-step curves
 // hold their value at T (the cosine formula would turn back after 3 T, and
 // the paper's multi-step indexing runs out at T); exp_increase keeps
 // following its formula, which only approaches k_max.
@@ -40,6 +41,11 @@ inline void check_range(const char* name, int k_min, int k_max, std::uint64_t to
   moe::detail::require(total >= 1 && total <= (std::uint64_t{1} << 53),
                        "moe::router::schedule::", name, ": total_steps=", total,
                        ", expected 1 <= total_steps <= 2^53");
+  // (k_max - k_min) t, with t capped at total, stays below 2^62.
+  moe::detail::require(
+      static_cast<std::uint64_t>(k_max - k_min) <= (std::uint64_t{1} << 62) / total,
+      "moe::router::schedule::", name, ": (k_max - k_min) total_steps=", k_max - k_min, " x ",
+      total, ", expected below 2^62");
 }
 // Round half to even, as Python's round() in the paper's code.
 inline long long round_half_even(double v) {
@@ -50,7 +56,8 @@ inline long long round_half_even(double v) {
   return n;
 }
 // round_half_even(num / den) for whole numbers, exactly (Python divides ints
-// with one correct rounding, so its .5 quotients are exact too).
+// with one correct rounding, so its .5 quotients are exact too). num < 2^62
+// (check_range bounds the products).
 inline long long round_quotient(std::uint64_t num, std::uint64_t den) {
   std::uint64_t q = num / den;
   const std::uint64_t twice_rem = 2 * (num % den);
@@ -61,6 +68,10 @@ inline int clip(long long k, int lo, int hi) {
   return static_cast<int>(k < lo ? lo : (k > hi ? hi : k));
 }
 inline std::uint64_t capped(std::uint64_t t, std::uint64_t total) { return t < total ? t : total; }
+// k_at before validate() (a schedule is asked for k at construction): a
+// schedule without steps, or without values, is k_min until validate()
+// refuses it.
+inline bool unusable(std::uint64_t total) { return total == 0; }
 // cos(pi t / (2 T)), computed as the paper's np.cos(np.pi * t / (2 * T)).
 inline double quarter_cosine(std::uint64_t t, std::uint64_t total) {
   return std::cos(3.141592653589793 * static_cast<double>(t) / static_cast<double>(2 * total));
@@ -81,6 +92,7 @@ struct Linear {
   std::uint64_t total_steps = 0;  // required: the curriculum's length T
   static constexpr const char* kName = "Linear";
   int k_at(std::uint64_t t) const {
+    if (detail::unusable(total_steps)) return k_min;
     const auto span = static_cast<std::uint64_t>(k_max - k_min);
     return detail::clip(
         detail::round_quotient(span * detail::capped(t, total_steps), total_steps) + k_min, k_min,
@@ -98,6 +110,7 @@ struct LinearDecrease {
   static constexpr const char* kName = "LinearDecrease";
   int k_at(std::uint64_t t) const {
     // round(-x) = -round(x) for half to even.
+    if (detail::unusable(total_steps)) return k_min;
     const auto span = static_cast<std::uint64_t>(k_max - k_min);
     return detail::clip(
         k_max - detail::round_quotient(span * detail::capped(t, total_steps), total_steps), k_min,
@@ -114,6 +127,7 @@ struct CosineIncrease {
   std::uint64_t total_steps = 0;
   static constexpr const char* kName = "CosineIncrease";
   int k_at(std::uint64_t t) const {
+    if (detail::unusable(total_steps)) return k_min;
     const double c = detail::quarter_cosine(detail::capped(t, total_steps), total_steps);
     return detail::clip(detail::round_half_even(static_cast<double>(k_min - k_max) * c) + k_max,
                         k_min, k_max);
@@ -129,6 +143,7 @@ struct CosineDecrease {
   std::uint64_t total_steps = 0;
   static constexpr const char* kName = "CosineDecrease";
   int k_at(std::uint64_t t) const {
+    if (detail::unusable(total_steps)) return k_min;
     const double c = detail::quarter_cosine(detail::capped(t, total_steps), total_steps);
     return detail::clip(detail::round_half_even(static_cast<double>(k_max - k_min) * c) + k_min,
                         k_min, k_max);
@@ -167,6 +182,7 @@ struct MultiStep {
   static std::vector<int> increasing() { return {1, 2, 4, 8, 16}; }
   static std::vector<int> decreasing() { return {16, 8, 4, 2, 1}; }
   int k_at(std::uint64_t t) const {
+    if (detail::unusable(total_steps) || values.empty()) return k_min;
     const auto n = static_cast<std::uint64_t>(values.size());
     const std::uint64_t index = n * detail::capped(t, total_steps) / total_steps;
     return detail::clip(values[static_cast<std::size_t>(index < n ? index : n - 1)], k_min, k_max);
@@ -179,6 +195,9 @@ struct MultiStep {
     for (std::size_t i = 0; i < values.size(); ++i)
       moe::detail::require(values[i] >= 1, "moe::router::schedule::MultiStep: values[", i,
                            "]=", values[i], ", expected >= 1");
+    moe::detail::require(values.size() <= (std::uint64_t{1} << 62) / total_steps,
+                         "moe::router::schedule::MultiStep: ", values.size(),
+                         " values x total_steps=", total_steps, ", expected below 2^62");
   }
 };
 

@@ -50,6 +50,9 @@ struct ReluL1 {
                     " and experts=", cfg.experts, " (LambdaController::for_experts(k, E))");
   }
 
+  // Takes nothing from a forward's context: any context is fine.
+  void check_context(const ForwardContext&, Index, const LayerConfig&) const {}
+
   void add_parameters(TensorLayout& layout, const LayerConfig& cfg) const {
     layout.add("router.weight", {cfg.experts, cfg.d_model});
   }

@@ -52,6 +52,9 @@ class Scheduled {
   void add_parameters(TensorLayout& layout, const LayerConfig& cfg) const {
     router_.add_parameters(layout, cfg);
   }
+  void check_context(const ForwardContext& context, Index tokens, const LayerConfig& cfg) const {
+    router_.check_context(context, tokens, cfg);
+  }
   void add_state(TensorLayout& layout, const LayerConfig& cfg) const {
     router_.add_state(layout, cfg);
     layout.add("router.step", {1});

@@ -63,6 +63,9 @@ struct TopK {
     if (bias) layout.add("router.bias", {cfg.experts}, !frozen);
   }
 
+  // Takes nothing from a forward's context: any context is fine.
+  void check_context(const ForwardContext&, Index, const LayerConfig&) const {}
+
   // No run state: nothing to add, save, restore or advance.
   void add_state(TensorLayout&, const LayerConfig&) const {}
   void save_state(TensorBuffer<double>&) const {}

@@ -14,6 +14,11 @@ namespace moe {
 // dL/dx (accumulated) and its parameter gradients, including its aux loss
 // gradient.
 //
+// check_context(context, tokens, cfg) refuses, before the forward touches
+// any cache, a ForwardContext the router cannot use (AdaptiveCluster's
+// previous assignment of the wrong length or range); routers that take
+// nothing from the context accept any.
+//
 // Its run state (the ReLU router's lambda, a k schedule's step) is part of
 // the protocol, and every router spells out all four hooks, empty where it
 // has no state, so that a misspelt hook is a compile error, never a hook
@@ -35,6 +40,8 @@ concept RouterPolicy = BackendPolicy<B> &&
              typename B::Scalar* dx, typename B::Scalar* scratch) {
   { R::kName } -> std::convertible_to<const char*>;
   r.validate(cfg);  // throws moe::Error on bad options
+  // throws moe::Error on a context it cannot use, before any work
+  r.check_context(ctx, Index{1}, cfg);
   { r.nominal_k() } -> std::convertible_to<Index>;
   r.add_parameters(layout, cfg);
   r.init(params, cfg, std::uint64_t{0});
