@@ -14,6 +14,10 @@ namespace moe::dispatch {
 struct Local {
   static constexpr const char* kName = "local";
 
+  // One process: its own tokens are the batch, and it holds every expert.
+  const ProcessGroup& group() const { return single_process(); }
+  ExpertRange local_experts(Index experts) const { return {0, experts}; }
+
   template <class B>
   class Cache {
    public:

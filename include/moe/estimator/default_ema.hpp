@@ -52,6 +52,7 @@ struct DefaultEMA {
     typename B::template Buffer<double> batch_mean;  // (E, d); rows of experts without tokens: 0
     typename B::template Buffer<int> updated;        // (E) 1 where Ehat_i moved, else 0
     typename B::template Buffer<int> non_finite;     // (E) 1 where m_i had a NaN or Inf
+    typename B::template Buffer<double> totals;      // (E) sum of m_i's weights (scratch)
   };
 
   // The EMA step of a training forward: m_i per expert over its rows in row
@@ -96,12 +97,16 @@ struct DefaultEMA {
   }
 
   // cache.batch_mean = m_i (0 for an expert without tokens) and
-  // cache.updated = whether S_i is non-empty.
+  // cache.updated = whether S_i is non-empty, over the whole batch: the
+  // weighted sums and totals of this process's rows, summed over the group
+  // (one process: its own), then divided.
   template <class B>
   void batch_means(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
                    Cache<B>& cache) const {
     const Index d = batch.d_model, E = batch.experts;
+    cache.totals.resize(static_cast<std::size_t>(E));
     double* mean = cache.batch_mean.data();
+    double* totals = cache.totals.data();
     int* updated = cache.updated.data();
     const auto* out = batch.expert_out;
     // The score of each row's token for its expert: p, or the gates where
@@ -110,29 +115,39 @@ struct DefaultEMA {
     const Index* offsets = batch.expert_offsets;
     const Index* row_token = batch.row_token;
     const bool weighted = weighting == Weighting::score_weighted;
+    be.parallel_for(
+        E,
+        [=] MOE_HOST_DEVICE(Index e) {
+          double total = 0;
+          for (Index r = offsets[e]; r < offsets[e + 1]; ++r)
+            total += weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
+          totals[e] = total;
+        },
+        batch.rows);
     be.parallel_for_rows(
         E, d,
         [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
-          const Index r0 = offsets[e], r1 = offsets[e + 1];
-          double total = 0;
-          for (Index r = r0; r < r1; ++r)
-            total += weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
-          const bool update = r1 > r0 && total > 0;  // S_i empty: keep Ehat_i [choice]
-          if (begin == 0) updated[e] = update ? 1 : 0;
-          if (!update) {
-            for (Index j = begin; j < end; ++j) mean[e * d + j] = 0;
-            return;
-          }
           for (Index j = begin; j < end; ++j) {
             double sum = 0;
-            for (Index r = r0; r < r1; ++r) {
+            for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
               const double w = weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
               sum += w * static_cast<double>(out[r * d + j]);
             }
-            mean[e * d + j] = sum / total;
+            mean[e * d + j] = sum;
           }
         },
         batch.rows * d);
+    batch.group->sum(totals, E);
+    batch.group->sum(mean, E * d);
+    be.parallel_for_rows(
+        E, d,
+        [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
+          const bool update = totals[e] > 0;  // S_i empty: keep Ehat_i [choice]
+          if (begin == 0) updated[e] = update ? 1 : 0;
+          for (Index j = begin; j < end; ++j)
+            mean[e * d + j] = update ? mean[e * d + j] / totals[e] : 0;
+        },
+        E * d);
   }
 
   // y_t += sum_{i not in A_t} G~_ti Ehat_i.

@@ -88,24 +88,37 @@ void add_layer(SafetensorsWriter& writer, const Layer& layer, const std::string&
 // Every tensor is checked first (present, dtype, shape; no tensor the layer
 // lacks; every value finite), the state is validated by Layer::load_state,
 // and the parameters are written last: on any Error the layer is unchanged.
-template <CheckpointableLayer Layer>
-void load_layer(const Safetensors& file, Layer& layer, const std::string& prefix = "") {
-  using Scalar = typename Layer::Scalar;
-  const std::string params_at = detail::param_prefix(prefix);
-  const std::string state_at = detail::state_prefix(prefix);
-  detail::require_no_extra(file, params_at, layer.parameters().layout(), "parameters");
-  detail::require_no_extra(file, state_at, layer.state().layout(), "state");
-  for (const TensorSpec& spec : layer.parameters().layout().specs())
+namespace detail {
+// Checks the file's "<prefix>param.*" and "<prefix>state.*" against the
+// layouts of `params` and `state` (present, dtype, shape; nothing the
+// layouts lack), then reads them and checks that the parameters are finite.
+template <class Scalar>
+void read_layer_tensors(const Safetensors& file, const std::string& prefix,
+                        TensorBuffer<Scalar>& params, TensorBuffer<double>& state) {
+  const std::string params_at = param_prefix(prefix);
+  const std::string state_at = state_prefix(prefix);
+  require_no_extra(file, params_at, params.layout(), "parameters");
+  require_no_extra(file, state_at, state.layout(), "state");
+  for (const TensorSpec& spec : params.layout().specs())
     file.check<Scalar>(params_at + spec.name, spec.shape);
-  for (const TensorSpec& spec : layer.state().layout().specs())
+  for (const TensorSpec& spec : state.layout().specs())
     file.check<double>(state_at + spec.name, spec.shape);
-
-  // Staged in copies: the layer changes only once everything has loaded.
-  TensorBuffer<Scalar> params = layer.parameters().zeros_like();
   load_buffer(file, params_at, params);
   moe::detail::require_finite(params, file.source() + " (parameters)");
-  TensorBuffer<double> state = layer.state().zeros_like();
   load_buffer(file, state_at, state);
+}
+}  // namespace detail
+
+// Restores parameters and state from "<prefix>param.*" and "<prefix>state.*".
+// Every tensor is checked first (present, dtype, shape; no tensor the layer
+// lacks; every value finite), the state is validated by Layer::load_state,
+// and the parameters are written last: on any Error the layer is unchanged.
+template <CheckpointableLayer Layer>
+void load_layer(const Safetensors& file, Layer& layer, const std::string& prefix = "") {
+  // Staged in copies: the layer changes only once everything has loaded.
+  auto params = layer.parameters().zeros_like();
+  TensorBuffer<double> state = layer.state().zeros_like();
+  detail::read_layer_tensors(file, prefix, params, state);
   layer.load_state(state);  // checks the values, strong guarantee
   std::copy(params.flat().begin(), params.flat().end(), layer.parameters().flat().begin());
 }
@@ -134,11 +147,16 @@ struct PolicyNames<moe::Layer<Router, Estimator, Backend, Activation, Dispatcher
 // ("moe.layer"), "format_version", the shape ("d_model", "d_ff", "experts",
 // "expert_bias"), the policies' names ("router", "estimator", "activation")
 // and "scalar". Written atomically (SafetensorsWriter::write).
+namespace detail {
+// save_layer() with the parameters given apart from the layer (an
+// expert-parallel layer's gathered experts).
 template <CheckpointableLayer Layer>
-void save_layer(const std::filesystem::path& path, const Layer& layer) {
+void write_layer(const std::filesystem::path& path, const Layer& layer,
+                 const TensorBuffer<typename Layer::Scalar>& params) {
   SafetensorsWriter writer;
-  add_layer(writer, layer);
-  writer.set_metadata("format", detail::kLayerFormat);
+  add_buffer(writer, param_prefix(""), params);
+  add_buffer(writer, state_prefix(""), layer.state());
+  writer.set_metadata("format", kLayerFormat);
   writer.set_metadata("format_version", "1");
   if constexpr (requires { layer.config(); }) {
     const auto& c = layer.config();
@@ -147,8 +165,37 @@ void save_layer(const std::filesystem::path& path, const Layer& layer) {
     writer.set_metadata("experts", std::to_string(c.experts));
     writer.set_metadata("expert_bias", c.expert_bias ? "true" : "false");
   }
-  for (auto& [key, value] : detail::PolicyNames<Layer>::get()) writer.set_metadata(key, value);
+  for (auto& [key, value] : PolicyNames<Layer>::get()) writer.set_metadata(key, value);
   writer.write(path);
+}
+
+// Reads a layer file and checks that it is one: "format" is "moe.layer"
+// and the policies it names are the layer's.
+template <CheckpointableLayer Layer>
+Safetensors read_layer_file(const std::filesystem::path& path) {
+  Safetensors file = Safetensors::read(path);
+  const auto format = file.metadata().find("format");
+  require(format != file.metadata().end() && format->second == kLayerFormat, file.source(),
+          ": __metadata__ format=",
+          format == file.metadata().end() ? "(none)" : "'" + format->second + "'", ", expected '",
+          kLayerFormat, "' (a file written by moe::io::save_layer)");
+  for (const auto& [key, value] : PolicyNames<Layer>::get()) {
+    const auto saved = file.metadata().find(key);
+    if (saved != file.metadata().end() && saved->second != value)
+      throw Error(concat(file.source(), ": the file holds a layer with ", key, "=", saved->second,
+                         ", this layer has ", key, "=", value));
+  }
+  return file;
+}
+}  // namespace detail
+
+// One layer in one file, with metadata saying what it is: "format"
+// ("moe.layer"), "format_version", the shape ("d_model", "d_ff", "experts",
+// "expert_bias"), the policies' names ("router", "estimator", "activation")
+// and "scalar". Written atomically (SafetensorsWriter::write).
+template <CheckpointableLayer Layer>
+void save_layer(const std::filesystem::path& path, const Layer& layer) {
+  detail::write_layer(path, layer, layer.parameters());
 }
 
 // Reads a file written by save_layer(): its "format" must be "moe.layer" and
@@ -158,20 +205,7 @@ void save_layer(const std::filesystem::path& path, const Layer& layer) {
 // decide whether the layer fits, and their errors name the tensor.
 template <CheckpointableLayer Layer>
 void load_layer(const std::filesystem::path& path, Layer& layer) {
-  const Safetensors file = Safetensors::read(path);
-  const auto format = file.metadata().find("format");
-  detail::require(format != file.metadata().end() && format->second == detail::kLayerFormat,
-                  file.source(), ": __metadata__ format=",
-                  format == file.metadata().end() ? "(none)" : "'" + format->second + "'",
-                  ", expected '", detail::kLayerFormat,
-                  "' (a file written by moe::io::save_layer)");
-  for (const auto& [key, value] : detail::PolicyNames<Layer>::get()) {
-    const auto saved = file.metadata().find(key);
-    if (saved != file.metadata().end() && saved->second != value)
-      throw Error(detail::concat(file.source(), ": the file holds a layer with ", key, "=",
-                                 saved->second, ", this layer has ", key, "=", value));
-  }
-  load_layer(file, layer, "");
+  load_layer(detail::read_layer_file<Layer>(path), layer, "");
 }
 
 }  // namespace moe::io

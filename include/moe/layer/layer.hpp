@@ -15,10 +15,12 @@
 // cache}.hpp and the dispatch policy.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <string_view>
 #include <utility>
 
 #include "moe/core/concepts.hpp"
@@ -59,7 +61,11 @@ class Layer {
         backend_(std::move(backend)),
         dispatcher_(std::move(dispatcher)),
         seed_(seed) {
-    validate_config();
+    const ProcessGroup& group = dispatcher_.group();
+    group.agree("moe::Layer", [&] { validate_config(); });
+    group.require_same(fingerprint().data(), kFingerprintSize,
+                       "moe::Layer: the layer's shape, options, policies and seed");
+    local_experts_ = dispatcher_.local_experts(config_.experts);
     params_ = Parameters(parameter_layout(), backend_.memory_resource());
     state_ = TensorBuffer<double>(state_layout(), backend_.memory_resource());
     state_["layer.dropout_seed"][0] = static_cast<double>(seed_ >> 32);
@@ -88,15 +94,21 @@ class Layer {
   // layer, so several threads may run them at once, each with its own cache.
   void forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, Cache& cache, Mode mode,
                const ForwardContext& context = {}) {
-    check_forward(x, y);
-    router_.validate(config_);  // runtime k may have changed since construction
-    router_.check_context(context, x.rows(), config_);
+    const ProcessGroup& group = dispatcher_.group();
+    group.agree("moe::Layer::forward", [&] {
+      check_forward(x, y);
+      router_.validate(config_);  // runtime k may have changed since construction
+      router_.check_context(context, x.rows(), config_);
+    });
+    require_same_forward(mode);
     auto& c = detail::CacheAccess::data(cache);
     begin(c, x.rows());
-    router_.forward(backend_, mode, x, std::as_const(params_), context, c.selection, c.router);
+    ForwardContext routing = context;
+    routing.group = &group;  // the processes whose tokens make up the batch
+    router_.forward(backend_, mode, x, std::as_const(params_), routing, c.selection, c.router);
     detail::write_top1(backend_, c.selection, c.top1);
     const auto& pairs = computed_pairs(c);
-    dispatcher_.plan(backend_, pairs, capacity(x.rows()), c.dispatch);
+    dispatcher_.plan(backend_, pairs, capacity(group.sum(x.rows())), c.dispatch);
     run_experts(x, mode, c);
     const auto& tokens = c.dispatch.tokens();
     combine(backend_, token_pairs(c.selection, pairs, tokens), c.out_rows.data(), config_.d_model,
@@ -115,7 +127,7 @@ class Layer {
   void backward(ConstMatrixView<Scalar> x, Cache& cache, ConstMatrixView<Scalar> dy,
                 MatrixView<Scalar> dx, Parameters& grads) {
     auto& c = detail::CacheAccess::data(cache);
-    check_backward(x, c, dy, dx, grads);
+    dispatcher_.group().agree("moe::Layer::backward", [&] { check_backward(x, c, dy, dx, grads); });
     const Index T = x.rows(), d = config_.d_model, E = config_.experts;
     const auto& tokens = c.dispatch.tokens();
     const auto pairs = token_pairs(c.selection, computed_pairs(std::as_const(c)), tokens);
@@ -195,6 +207,12 @@ class Layer {
   const Estimator& estimator() const { return estimator_; }
   const Backend& backend() const { return backend_; }
   const Dispatcher& dispatcher() const { return dispatcher_; }
+  // The experts whose weights this process holds (all E with one process).
+  ExpertRange local_experts() const { return local_experts_; }
+  // Whether a parameter tensor is the experts' ("experts.*": this process's
+  // experts, E of them with one process) rather than the router's (every
+  // process holds all of it).
+  static bool is_expert_tensor(std::string_view name) { return name.starts_with("experts."); }
 
   // Pairs one expert may take: ceil(c T k / E), at least 1, or -1 when
   // dropless. Never more than T pairs can reach one expert, which also bounds
@@ -233,10 +251,12 @@ class Layer {
     std::uint64_t value_;
   };
 
+  // The router's parameters (every process has them all) and the experts'
+  // of this process (all E with one process).
   std::shared_ptr<TensorLayout> parameter_layout() const {
     auto layout = std::make_shared<TensorLayout>();
     router_.add_parameters(*layout, config_);
-    const Index E = config_.experts, d = config_.d_model, h = config_.d_ff;
+    const Index E = local_experts_.count, d = config_.d_model, h = config_.d_ff;
     layout->add("experts.w1", {E, d, kInputWidth * h});  // SwiGLU: [W1 | W3]
     if (config_.expert_bias) layout->add("experts.b1", {E, h});
     layout->add("experts.w2", {E, h, d});
@@ -350,6 +370,41 @@ class Layer {
         1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
   }
 
+  // What every process of a group must share (checked at construction):
+  // the shape, the options, the policies' names, the seed and k.
+  static constexpr Index kFingerprintSize = 13;
+  std::array<double, kFingerprintSize> fingerprint() const {
+    const auto name = [](std::string_view s) {  // FNV-1a of a name, 53 bits: exact in a double
+      std::uint64_t h = 0xcbf29ce484222325ull;
+      for (const char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001b3ull;
+      return static_cast<double>(h >> 11);
+    };
+    return {static_cast<double>(config_.experts),
+            static_cast<double>(config_.d_model),
+            static_cast<double>(config_.d_ff),
+            config_.expert_bias ? 1.0 : 0.0,
+            config_.capacity_factor,
+            config_.dropout,
+            static_cast<double>(seed_ >> 32),
+            static_cast<double>(seed_ & 0xFFFFFFFFull),
+            static_cast<double>(router_.nominal_k()),
+            name(Router::kName),
+            name(Estimator::kName),
+            name(Activation::kName),
+            static_cast<double>(sizeof(Scalar))};
+  }
+
+  // A forward's collectives depend on its mode and k, its dropout on the
+  // count of training forwards: every process of the group must share them.
+  void require_same_forward(Mode mode) const {
+    if (dispatcher_.group().size() == 1) return;
+    const double values[] = {mode == Mode::train ? 1.0 : 0.0,
+                             static_cast<double>(router_.nominal_k()),
+                             state_["layer.train_forwards"][0]};
+    dispatcher_.group().require_same(values, 3,
+                                     "moe::Layer::forward: the mode, k and training forwards");
+  }
+
   void validate_config() const {
     detail::check_config<Activation>(config_);
     router_.validate(config_);
@@ -414,11 +469,16 @@ class Layer {
                                " is not finite, expected finite values (check_finite=true)"));
   }
 
+  // An expert tensor's draws by its index among all E experts' values, so
+  // that each process holds the values one process holding every expert
+  // would.
   void fill_uniform(const char* name, double bound, std::uint64_t stream) {
     auto values = params_[name];
     const std::uint64_t key = math::hash3(seed_, kExpertSeedStream, stream);
+    const auto first = static_cast<std::uint64_t>(local_experts_.first) *
+                       (values.size() / static_cast<std::size_t>(local_experts_.count));
     for (std::size_t i = 0; i < values.size(); ++i)
-      values[i] = static_cast<Scalar>(bound * (2.0 * math::uniform01(key, 0, i) - 1.0));
+      values[i] = static_cast<Scalar>(bound * (2.0 * math::uniform01(key, 0, first + i) - 1.0));
   }
 
   EstimatorBatch<Scalar> batch_of(const CacheData& c) const {
@@ -436,6 +496,7 @@ class Layer {
     b.rows = tokens.rows();
     b.row_token = tokens.row_token.data();
     b.expert_out = c.out_rows.data();
+    b.group = &dispatcher_.group();
     return b;
   }
 
@@ -458,6 +519,7 @@ class Layer {
   Estimator estimator_;
   Backend backend_;
   Dispatcher dispatcher_;
+  ExpertRange local_experts_;  // the experts whose weights this process holds
   std::uint64_t seed_ = 0;
   TensorBuffer<double> state_;  // non-parameter state: counters, estimator buffers, ...
   Parameters params_;

@@ -13,23 +13,40 @@ namespace moe::math {
 inline constexpr double kClusterSpreadEpsilon = 1e-4;  // ACMoE's 1e-4 in w = 1/(s + eps)
 inline constexpr double kClusterClampFactor = 10.0;    // w clamped at 10 * mean(w)
 
-// For every cluster k of feature q: x (T, d), cluster (T) in [-1, K), count (K)
-// tokens per cluster. Writes mean[k * d + q] = mu_kq, mad[k * d + q] = s_kq
-// and w[k * d + q] = 1 / (s_kq + 1e-4).
+// Three passes per feature q over x (T, d) and cluster (T) in [-1, K), so
+// that a batch spread over processes can sum each pass's per-cluster parts
+// (the sums, then the deviations) over them in between:
+//   cluster_feature_sums:       mean[k * d + q] = sum over cluster k of x_tq
+//   (then mean /= count[k], the tokens of cluster k, where count > 0)
+//   cluster_feature_deviations: mad[k * d + q] = sum over cluster k of |x_tq - mu_kq|
+//   cluster_feature_finish:     mad /= count[k]; w[k * d + q] = 1 / (mad + 1e-4)
 template <class S>
-MOE_HOST_DEVICE void cluster_feature_weights(const S* x, const int* cluster, Index T, Index d,
-                                             Index K, const Index* count, Index q, double* mean,
-                                             double* mad, double* w) {
-  for (Index k = 0; k < K; ++k) mean[k * d + q] = 0, mad[k * d + q] = 0;
+MOE_HOST_DEVICE void cluster_feature_sums(const S* x, const int* cluster, Index T, Index d, Index K,
+                                          Index q, double* mean) {
+  for (Index k = 0; k < K; ++k) mean[k * d + q] = 0;
   for (Index t = 0; t < T; ++t)
     if (cluster[t] >= 0) mean[cluster[t] * d + q] += static_cast<double>(x[t * d + q]);
+}
+
+MOE_HOST_DEVICE inline void cluster_feature_means(const Index* count, Index d, Index K, Index q,
+                                                  double* mean) {
   for (Index k = 0; k < K; ++k)
     if (count[k] > 0) mean[k * d + q] /= static_cast<double>(count[k]);
+}
+
+template <class S>
+MOE_HOST_DEVICE void cluster_feature_deviations(const S* x, const int* cluster, Index T, Index d,
+                                                Index K, Index q, const double* mean, double* mad) {
+  for (Index k = 0; k < K; ++k) mad[k * d + q] = 0;
   for (Index t = 0; t < T; ++t)
     if (cluster[t] >= 0) {
       const Index k = cluster[t];
       mad[k * d + q] += std::fabs(static_cast<double>(x[t * d + q]) - mean[k * d + q]);
     }
+}
+
+MOE_HOST_DEVICE inline void cluster_feature_finish(const Index* count, Index d, Index K, Index q,
+                                                   double* mad, double* w) {
   for (Index k = 0; k < K; ++k) {
     if (count[k] > 0) mad[k * d + q] /= static_cast<double>(count[k]);
     w[k * d + q] = 1.0 / (mad[k * d + q] + kClusterSpreadEpsilon);

@@ -170,7 +170,7 @@ struct AdaptiveCluster {
     TopKGating::resize_logits(sel, T, E);
     be.gemm_rows(true, T, E, d, S(1), cache.scaled_x.data(), d, cache.unit.data(), d, S(0),
                  sel.logits.data(), E);  // z = x~ Ehat^T
-    gating().forward(be, mode, T, E, sel, cache);
+    gating().forward(be, mode, T, E, sel, cache, group_of(context));
   }
 
   template <class B>
@@ -265,15 +265,19 @@ struct AdaptiveCluster {
                       const ForwardContext& context, Index E, Cache<B>& cache) const {
     const Index T = x.rows(), d = x.cols();
     const auto& previous = context.previous_assignment;
-    if (previous.empty()) {
-      clear_statistics(cache);
-      cache.cluster.resize(0);
-      return;
-    }
     check_context(context, T, LayerConfig{.d_model = d, .d_ff = 1, .experts = E});
-    const int largest = *std::max_element(previous.begin(), previous.end());
-    cache.cluster.assign(previous.begin(), previous.end());
-    const Index K = largest + 1;
+    // Clusters, counts and statistics of the whole batch: a process's tokens
+    // are part of it (group_of(context)); one process is the batch. Without
+    // a previous assignment a process's tokens have no cluster (-1).
+    const ProcessGroup& group = group_of(context);
+    if (previous.empty()) {
+      cache.cluster.assign(static_cast<std::size_t>(T), -1);
+    } else {
+      cache.cluster.assign(previous.begin(), previous.end());
+    }
+    const Index largest =
+        previous.empty() ? -1 : *std::max_element(previous.begin(), previous.end());
+    const Index K = group.max(largest) + 1;
     if (K == 0) {  // every token without a cluster: M = 1
       clear_statistics(cache);
       return;
@@ -282,6 +286,7 @@ struct AdaptiveCluster {
     cache.count.assign(static_cast<std::size_t>(K), 0);
     for (int c : previous)
       if (c >= 0) ++cache.count[static_cast<std::size_t>(c)];
+    group.sum(cache.count.data(), K);
     for (auto* buffer : {&cache.mean, &cache.mad, &cache.weights, &cache.clamped, &cache.scales})
       buffer->resize(static_cast<std::size_t>(K * d));
     const auto* xs = x.data();
@@ -291,11 +296,22 @@ struct AdaptiveCluster {
     double* mad = cache.mad.data();
     double* w = cache.weights.data();
     be.parallel_for(
+        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_sums(xs, c, T, d, K, q, mu); },
+        T * d);
+    group.sum(mu, K * d);
+    be.parallel_for(
+        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_means(count, d, K, q, mu); },
+        K * d);
+    be.parallel_for(
         d,
         [=] MOE_HOST_DEVICE(Index q) {
-          math::cluster_feature_weights(xs, c, T, d, K, count, q, mu, mad, w);
+          math::cluster_feature_deviations(xs, c, T, d, K, q, mu, mad);
         },
-        T * d * 2);
+        T * d);
+    group.sum(mad, K * d);
+    be.parallel_for(
+        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_finish(count, d, K, q, mad, w); },
+        K * d);
     double mean = 0;  // pre-clamp mean over all (k, q), in a fixed order
     for (Index i = 0; i < K * d; ++i) mean += w[i];
     mean /= static_cast<double>(K * d);

@@ -29,6 +29,7 @@ struct ReluL1 {
   template <class B>
   struct Cache {
     typename B::template Buffer<Index> active;                // (T) |A_t|
+    typename B::template Buffer<double> counts;               // (E) n_e over the whole batch
     typename B::template Buffer<typename B::Scalar> l1_grad;  // (E) dL1/dG_te
     typename B::template Buffer<typename B::Scalar> l1_term;  // (E) expert e's share of L1
   };
@@ -70,7 +71,7 @@ struct ReluL1 {
 
   template <class B>
   void forward(const B& be, Mode mode, ConstMatrixView<typename B::Scalar> x,
-               const TensorBuffer<typename B::Scalar>& params, const ForwardContext& /*context*/,
+               const TensorBuffer<typename B::Scalar>& params, const ForwardContext& context,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
@@ -78,6 +79,7 @@ struct ReluL1 {
     sel.logits.resize(static_cast<std::size_t>(T * E));
     sel.probabilities.resize(0);  // no softmax: G = relu(z)
     cache.active.resize(static_cast<std::size_t>(T));
+    cache.counts.resize(static_cast<std::size_t>(E));
     cache.l1_grad.resize(static_cast<std::size_t>(E));
     cache.l1_term.resize(static_cast<std::size_t>(E));
     sel.gates.resize(static_cast<std::size_t>(T * E));
@@ -104,28 +106,35 @@ struct ReluL1 {
         },
         T * E * 4);
 
-    // The L1 term trains the sparsity; eval forwards apply none and record none.
+    // The L1 term trains the sparsity; eval forwards apply none and record
+    // none. Its counts n_e, T and the sparsity are the whole batch's (every
+    // process of the group).
+    const ProcessGroup& group = group_of(context);
     const bool train = mode == Mode::train;
+    const double T_all = static_cast<double>(group.sum(T));
     const double lambda = controller->lambda();
     const S scale = train ? static_cast<S>(lambda * static_cast<double>(E) /
-                                           (static_cast<double>(k) * static_cast<double>(T) *
-                                            static_cast<double>(T)))
+                                           (static_cast<double>(k) * T_all * T_all))
                           : S(0);
+    double* counts = cache.counts.data();
     S* l1_grad = cache.l1_grad.data();
     S* l1_term = cache.l1_term.data();
     be.parallel_sum_rows(
         E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return g[t * E + e] > S(0) ? Index{1} : 0; },
-        [=] MOE_HOST_DEVICE(Index e, Index n) { l1_grad[e] = scale * static_cast<S>(n); }, T * E);
+        [=] MOE_HOST_DEVICE(Index e, Index n) { counts[e] = static_cast<double>(n); }, T * E);
+    group.sum(counts, E);
+    be.parallel_for(
+        E, [=] MOE_HOST_DEVICE(Index e) { l1_grad[e] = scale * static_cast<S>(counts[e]); }, E);
     be.parallel_sum_rows(
         E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return g[t * E + e]; },
         [=] MOE_HOST_DEVICE(Index e, S column) { l1_term[e] = l1_grad[e] * column; }, T * E);
     double l1 = 0;
     for (Index e = 0; e < E; ++e) l1 += static_cast<double>(l1_term[e]);
     sel.load_balance_loss = sel.z_loss = 0;
-    sel.l1_loss = sel.aux_loss = l1;
+    sel.l1_loss = sel.aux_loss = group.sum(l1);
     if (train) {
-      controller->record(1.0 - static_cast<double>(pairs) /
-                                   (static_cast<double>(T) * static_cast<double>(E)));
+      const double pairs_all = static_cast<double>(group.sum(pairs));
+      controller->record(1.0 - pairs_all / (T_all * static_cast<double>(E)));
     }
   }
 

@@ -87,7 +87,7 @@ struct TopK {
 
   template <class B>
   void forward(const B& be, Mode mode, ConstMatrixView<typename B::Scalar> x,
-               const TensorBuffer<typename B::Scalar>& params, const ForwardContext& /*context*/,
+               const TensorBuffer<typename B::Scalar>& params, const ForwardContext& context,
                Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
     using S = typename B::Scalar;
     const Index T = x.rows(), d = x.cols(), E = sel.experts;
@@ -104,7 +104,7 @@ struct TopK {
           },
           T * E);
     }
-    gating().forward(be, mode, T, E, sel, cache);
+    gating().forward(be, mode, T, E, sel, cache, group_of(context));
   }
 
   template <class B>

@@ -7,6 +7,7 @@
 // cosine scores; both write them to sel.logits and hand over to TopKGating.
 
 #include "moe/core/concepts.hpp"
+#include "moe/core/process_group.hpp"
 #include "moe/math/topk_gates.hpp"
 
 namespace moe::router {
@@ -25,7 +26,9 @@ struct TopKGating {
     int k = 0;
     math::GateNormalization normalization = math::GateNormalization::full_softmax;
     double z_coef = 0;
+    Index batch_tokens = 0;  // T of the whole batch (every process of the group)
     typename B::template Buffer<typename B::Scalar> lse;       // (T) logsumexp(z_t)
+    typename B::template Buffer<double> counts;                // (E) c_e over the whole batch
     typename B::template Buffer<typename B::Scalar> aux_grad;  // (E) dAux/dp_te, same for all t
     typename B::template Buffer<typename B::Scalar> aux_term;  // (E) expert e's share of aux
   };
@@ -35,10 +38,13 @@ struct TopKGating {
     sel.logits.resize(static_cast<std::size_t>(T * E));
   }
 
-  // sel.logits (T, E) -> sel (probabilities, gates, pairs, losses).
+  // sel.logits (T, E) -> sel (probabilities, gates, pairs, losses). The
+  // losses' statistics are over the group's whole batch (this process's T
+  // tokens are part of it).
   template <class B>
   void forward(const B& be, Mode mode, Index T, Index E,
-               Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
+               Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache,
+               const ProcessGroup& group = single_process()) const {
     using S = typename B::Scalar;
     const int kk = k, EE = static_cast<int>(E);
     const bool train = mode == Mode::train;
@@ -47,6 +53,7 @@ struct TopKGating {
     cache.z_coef = train ? z_coef : 0.0;
     sel.probabilities.resize(static_cast<std::size_t>(T * E));
     cache.lse.resize(static_cast<std::size_t>(T));
+    cache.counts.resize(static_cast<std::size_t>(E));
     cache.aux_grad.resize(static_cast<std::size_t>(E));
     cache.aux_term.resize(static_cast<std::size_t>(E));
     sel.gates.resize(static_cast<std::size_t>(T * E));
@@ -73,7 +80,7 @@ struct TopKGating {
         },
         T * E * (8 + kk));
 
-    losses(be, train, T, E, sel, cache);
+    losses(be, train, T, E, sel, cache, group);
   }
 
   // Switch load balancing: c_e counts selections (no gradient), so the
@@ -83,11 +90,13 @@ struct TopKGating {
   // Training losses only: an eval forward has none, and its backward adds none.
   template <class B>
   void losses(const B& be, bool train, Index T, Index E,
-              Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache) const {
+              Selection<typename B::Scalar, B::template Buffer>& sel, Cache<B>& cache,
+              const ProcessGroup& group) const {
     using S = typename B::Scalar;
     S* aux_grad = cache.aux_grad.data();
     S* aux_term = cache.aux_term.data();
     sel.load_balance_loss = sel.z_loss = sel.l1_loss = sel.aux_loss = 0;
+    cache.batch_tokens = group.sum(T);
     if (!train) {
       be.parallel_for(
           E, [=] MOE_HOST_DEVICE(Index e) { aux_grad[e] = S(0); }, E);
@@ -96,22 +105,28 @@ struct TopKGating {
     const int kk = k;
     const int* chosen = sel.pair_expert.data();
     const S* p = sel.probabilities.data();
-    const S scale =
-        static_cast<S>(aux_coef * static_cast<double>(E) /
-                       (static_cast<double>(k) * static_cast<double>(T) * static_cast<double>(T)));
+    const double T_all = static_cast<double>(cache.batch_tokens);
+    const S scale = static_cast<S>(aux_coef * static_cast<double>(E) /
+                                   (static_cast<double>(k) * T_all * T_all));
+    double* counts = cache.counts.data();
     be.parallel_sum_rows(
         E, T * kk, [=] MOE_HOST_DEVICE(Index e, Index q) { return chosen[q] == e ? Index{1} : 0; },
-        [=] MOE_HOST_DEVICE(Index e, Index count) { aux_grad[e] = scale * static_cast<S>(count); },
+        [=] MOE_HOST_DEVICE(Index e, Index count) { counts[e] = static_cast<double>(count); },
         T * kk * E);
+    group.sum(counts, E);  // c_e of the whole batch
+    be.parallel_for(
+        E, [=] MOE_HOST_DEVICE(Index e) { aux_grad[e] = scale * static_cast<S>(counts[e]); }, E);
     be.parallel_sum_rows(
         E, T, [=] MOE_HOST_DEVICE(Index e, Index t) { return p[t * E + e]; },
         [=] MOE_HOST_DEVICE(Index e, S column) { aux_term[e] = aux_grad[e] * column; }, T * E);
-    for (Index e = 0; e < E; ++e) sel.load_balance_loss += static_cast<double>(aux_term[e]);
+    double load_balance = 0;
+    for (Index e = 0; e < E; ++e) load_balance += static_cast<double>(aux_term[e]);
+    sel.load_balance_loss = group.sum(load_balance);
     if (z_coef > 0) {
       const S* lse = cache.lse.data();
       double zl = 0;
       for (Index t = 0; t < T; ++t) zl += static_cast<double>(lse[t]) * static_cast<double>(lse[t]);
-      sel.z_loss = z_coef * zl / static_cast<double>(T);
+      sel.z_loss = z_coef * group.sum(zl) / T_all;
     }
     sel.aux_loss = sel.load_balance_loss + sel.z_loss;
   }
@@ -130,7 +145,7 @@ struct TopKGating {
     const S* aux_grad = cache.aux_grad.data();
     const int* chosen = sel.pair_expert.data();
     const auto norm = cache.normalization;
-    const S zc_scale = static_cast<S>(2.0 * cache.z_coef / static_cast<double>(T));
+    const S zc_scale = static_cast<S>(2.0 * cache.z_coef / static_cast<double>(cache.batch_tokens));
     be.parallel_for(
         T,
         [=] MOE_HOST_DEVICE(Index t) {

@@ -3,9 +3,16 @@
 #include <utility>
 
 #include "moe/core/concepts/backend.hpp"
+#include "moe/core/process_group.hpp"
 #include "moe/core/routing.hpp"
 
 namespace moe {
+
+// The experts a process holds: [first, first + count) of the layer's E.
+struct ExpertRange {
+  Index first = 0;
+  Index count = 0;
+};
 
 // A dispatch policy moves a batch's rows between its tokens and the experts
 // that compute them (see moe/dispatch/). plan() decides, from the pairs the
@@ -23,12 +30,14 @@ namespace moe {
 // the experts' side from the tokens' side, to_tokens() the reverse; each
 // sizes its destination.
 //
-// A dispatcher over processes (experts sharded by an all-to-all) needs more
-// than this, and will add it here: the range of experts a process holds
-// (which the parameters' layout and the expert weights follow), a sum over
-// processes for the routers' and estimators' per-expert terms, dropout keys
-// that are unique across processes, a capacity agreed across processes, and
-// one order of collective calls on every process.
+// group() is the processes whose tokens make up a batch (one process for
+// dispatch::Local); routers and estimators sum their statistics over it, and
+// the capacity counts its tokens. local_experts(E) is the range of experts
+// this process holds: the layer's expert tensors hold those alone, and the
+// experts' side numbers them from 0. A dispatcher over processes keys each
+// row's dropout by a pair index unique over the group (row_pair), agrees
+// on the capacity over the group, and makes its collective calls in one
+// order on every process.
 template <class D, class B>
 concept DispatchPolicy = BackendPolicy<B> &&
     requires(const D& d, const B& be,
@@ -37,6 +46,8 @@ concept DispatchPolicy = BackendPolicy<B> &&
              typename B::template Buffer<typename B::Scalar>& rows,
              typename B::template Buffer<typename B::Scalar>& spare, Index width) {
   { D::kName } -> std::convertible_to<const char*>;
+  { d.group() } -> std::convertible_to<const ProcessGroup&>;
+  { d.local_experts(capacity) } -> std::same_as<ExpertRange>;
   d.plan(be, pairs, capacity, cache);
   { std::as_const(cache).tokens() } -> std::same_as<const Dispatch<B::template Buffer>&>;
   { std::as_const(cache).experts() } -> std::same_as<const Dispatch<B::template Buffer>&>;

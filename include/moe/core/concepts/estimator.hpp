@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "moe/core/concepts/backend.hpp"
+#include "moe/core/process_group.hpp"
 #include "moe/core/tensor_buffer.hpp"
 
 namespace moe {
@@ -21,6 +22,9 @@ struct EstimatorBatch {
   const Index* row_token = nullptr;       // (rows) the token of each computed row
   const S* expert_out = nullptr;          // (rows, d) E_e(x_t) of each computed row
   Index rows = 0;                         // expert_offsets[E], known on the host
+  // The processes whose tokens make up the batch (see ProcessGroup): the
+  // estimator's per-expert statistics are sums over all of them.
+  const ProcessGroup* group = &single_process();
 };
 
 // A gradient estimator (docs/algorithms.md section 4). It decides
