@@ -8,8 +8,10 @@
 #   bash scripts/dev.sh bench      build and run the CPU benchmarks
 #   bash scripts/dev.sh bench-cuda build and run the GPU benchmark (needs nvcc and a GPU)
 #   bash scripts/dev.sh fuzz       libFuzzer on the safetensors reader, then on the layer's
-#                                  entry points, MOE_FUZZ_SECONDS (60) seconds each; skipped
-#                                  when clang++ or libFuzzer is missing
+#                                  entry points, MOE_FUZZ_SECONDS (60) seconds each, built
+#                                  with clang++ and libFuzzer (clang, libclang-rt-dev); with a
+#                                  MOE_FUZZ_CXX that cannot build them it is skipped, except
+#                                  when CI is set, where it fails
 # Each mode installs the Debian packages it needs, and no others, when run as
 # root; otherwise it prints the exact apt-get line and stops. The configure
 # lines are the CMake presets of CMakePresets.json.
@@ -44,8 +46,9 @@ need_packages() {
 
 base_packages=(cmake make g++ libeigen3-dev libopenblas-dev)
 # moe::io (safetensors checkpoints) and its tests need nlohmann-json; the
-# moe-train-lm smoke test trains on Debian's fortunes (its default corpus).
-test_packages=(doctest-dev nlohmann-json3-dev fortunes)
+# moe-train-lm smoke test trains on Debian's fortunes (its default corpus);
+# the expert-parallel tests run under OpenMPI's mpiexec.
+test_packages=(doctest-dev nlohmann-json3-dev fortunes libopenmpi-dev openmpi-bin)
 
 # nvcc, where the CUDA toolkit has one: moe::cuda, its tests and its benchmark
 # are built when CMake finds it (no GPU is needed to compile).
@@ -94,7 +97,11 @@ case "$mode" in
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
       UBSAN_OPTIONS=print_stacktrace=1 \
       ctest --test-dir "$root/build-sanitize" --output-on-failure -j"$jobs" \
-      -E "consumer_|compile_fail|headers_self_contained|train_lm_resume"
+      -E "consumer_|compile_fail|headers_self_contained|train_lm_resume" -LE mpi
+    # OpenMPI keeps its own allocations to the end (LeakSanitizer reports them
+    # in libmpi and its plugins): the MPI tests run without leak detection.
+    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+      ctest --test-dir "$root/build-sanitize" --output-on-failure -j"$jobs" -L mpi
     ASAN_OPTIONS=detect_leaks=1 "$root/build-sanitize/examples/moe-fit-teacher" 200
     # ThreadSanitizer on one layer serving several threads. Without OpenMP and
     # BLAS (neither is instrumented): the only threads are the test's own.
@@ -125,11 +132,27 @@ case "$mode" in
     "$root/build-bench-cuda/bench/moe_bench_cuda" --benchmark_counters_tabular=true
     ;;
   fuzz)
-    need_packages "${base_packages[@]}" "${test_packages[@]}"
+    # Debian's clang; libFuzzer and the sanitizers' runtimes are in
+    # libclang-rt-dev, only a recommendation of clang's (which
+    # --no-install-recommends leaves out). A compiler of one's own
+    # (MOE_FUZZ_CXX) is one's own to set up.
+    fuzz_packages=()
+    if [ -z "${MOE_FUZZ_CXX:-}" ]; then
+      fuzz_packages=(clang libclang-rt-dev)
+    fi
+    need_packages "${base_packages[@]}" "${test_packages[@]}" "${fuzz_packages[@]}"
     cxx=${MOE_FUZZ_CXX:-clang++}
-    if ! command -v "$cxx" >/dev/null; then
-      echo "moe: fuzz skipped: $cxx not found (install clang to fuzz)"
+    # In CI a skipped fuzz run would pass unnoticed: there it fails instead.
+    skip_fuzz() {
+      if [ -n "${CI:-}" ]; then
+        echo "moe: fuzz failed: $1 (CI is set, so fuzzing may not be skipped)" >&2
+        exit 1
+      fi
+      echo "moe: fuzz skipped: $1"
       exit 0
+    }
+    if ! command -v "$cxx" >/dev/null; then
+      skip_fuzz "$cxx not found (install clang to fuzz)"
     fi
     probe_dir=$(mktemp -d)
     trap 'rm -rf "$probe_dir"' EXIT
@@ -137,8 +160,7 @@ case "$mode" in
       >"$probe_dir/probe.cpp"
     if ! "$cxx" -fsanitize=fuzzer,address,undefined "$probe_dir/probe.cpp" -o "$probe_dir/probe" \
       >/dev/null 2>&1; then
-      echo "moe: fuzz skipped: $cxx cannot link -fsanitize=fuzzer,address,undefined (no libFuzzer)"
-      exit 0
+      skip_fuzz "$cxx cannot link -fsanitize=fuzzer,address,undefined (no libFuzzer: libclang-rt-dev)"
     fi
     build="$root/build-fuzz"
     configure fuzz -DCMAKE_CXX_COMPILER="$cxx"

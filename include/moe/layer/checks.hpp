@@ -9,6 +9,7 @@
 
 #include "moe/core/config.hpp"
 #include "moe/core/error.hpp"
+#include "moe/core/tensor_buffer.hpp"
 #include "moe/core/view.hpp"
 
 namespace moe::detail {
@@ -17,6 +18,11 @@ template <class Activation>
 void check_config(const LayerConfig& c) {
   require(c.d_model >= 1, "moe::Layer: d_model=", c.d_model, ", expected >= 1");
   require(c.d_ff >= 1, "moe::Layer: d_ff=", c.d_ff, ", expected >= 1");
+  // A gated activation's first weight is (d, 2 d_ff): the product must not
+  // overflow before the tensor's own size check sees it.
+  require(!Activation::kGated || c.d_ff <= TensorLayout::kMaxElements / 2, "moe::Layer: d_ff=",
+          c.d_ff, " with ", Activation::kName, " (2 d_ff columns), expected at most 2^",
+          TensorLayout::kMaxBits - 1);
   require(c.experts >= 1, "moe::Layer: experts=", c.experts, ", expected >= 1");
   require(!c.expert_bias || Activation::kSupportsBias, "moe::Layer: expert_bias=true, ",
           "expected false for activation ", Activation::kName, " (it has no biases)");
