@@ -99,7 +99,7 @@ TEST_CASE("LambdaController: the lambda trajectory over a scripted sparsity sequ
   c.record(0.75);  // at the target: "else" branch, shrinks
   c.end_step(3);
   CHECK(c.lambda() == doctest::Approx(1e-8 / 1.2).epsilon(1e-12));
-  for (int i = 0; i < 10; ++i) {  // no clamp: ten steps below target multiply by 1.2^10
+  for (int i = 0; i < 10; ++i) {  // far from the clamp: ten steps below target multiply by 1.2^10
     c.record(0.0);
     c.end_step(4 + i);
   }
@@ -170,4 +170,50 @@ TEST_CASE("ReluL1's k must match its controller's target, and a restore replays 
   c.record(0.5);
   c.end_step(2);  // replayed: must update again, from the restored lambda
   CHECK(c.lambda() == doctest::Approx(after_two).epsilon(1e-15));
+}
+
+TEST_CASE("LambdaController: lambda is clamped to [kMinLambda, kMaxLambda], and restores there") {
+  using C = router::LambdaController;
+  CHECK(C::kMinLambda == 1e-30);
+  CHECK(C::kMaxLambda == 1e30);
+  // Sparsity stuck below the target: lambda reached Inf after ~4000 steps,
+  // and the layer then refused its own state ("router.lambda[0]=inf").
+  auto ctl = controller(1e-8, 0.75);
+  L<act::ReLU> layer({.d_model = 4, .d_ff = 3, .experts = 4},
+                     router::ReluL1{.controller = ctl, .k = 1}, {}, 1);
+  for (std::uint64_t step = 0; step < 5000; ++step) {
+    ctl->record(0.0);
+    layer.end_step(step);
+  }
+  CHECK(ctl->lambda() == C::kMaxLambda);
+  CHECK(layer.state()["router.lambda"][0] == C::kMaxLambda);
+  CHECK_NOTHROW(layer.load_state(layer.state()));
+  // Stuck above it: lambda no longer underflows towards 0, and grows back.
+  for (std::uint64_t step = 0; step < 5000; ++step) {
+    ctl->record(1.0);
+    layer.end_step(step);
+  }
+  CHECK(ctl->lambda() == C::kMinLambda);
+  CHECK_NOTHROW(layer.load_state(layer.state()));
+  ctl->record(0.0);
+  layer.end_step(0);
+  CHECK(ctl->lambda() == C::kMinLambda * 1.2);
+  // A huge factor jumps to the bound, not to Inf or 0.
+  C jump({.target_sparsity = 0.5, .initial_lambda = 1.0, .factor = 1e300});
+  jump.record(0.0);
+  jump.end_step(0);
+  CHECK(jump.lambda() == C::kMaxLambda);
+  jump.record(1.0);
+  jump.end_step(1);
+  CHECK(jump.lambda() == C::kMinLambda);
+  // set_lambda and the constructor take exactly the clamp's range.
+  CHECK_NOTHROW(jump.set_lambda(C::kMinLambda));
+  CHECK_NOTHROW(jump.set_lambda(C::kMaxLambda));
+  CHECK_THROWS_WITH_AS(jump.set_lambda(1e31), doctest::Contains("lambda=1e+31"), Error);
+  CHECK_THROWS_WITH_AS(jump.set_lambda(1e-31), doctest::Contains("in [1e-30, 1e+30]"), Error);
+  CHECK(jump.lambda() == C::kMaxLambda);
+  CHECK_THROWS_WITH_AS(C({.initial_lambda = 1e-40}),
+                       doctest::Contains("initial_lambda=1e-40, expected a finite value > 0 in "
+                                         "[1e-30, 1e+30]"),
+                       Error);
 }

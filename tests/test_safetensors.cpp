@@ -8,10 +8,12 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <new>
 #include <set>
 
 #include "moe/io/checkpoint.hpp"
@@ -822,6 +824,84 @@ TEST_CASE("a FIFO is refused without blocking, and a header is checked before an
   }
   CHECK(error_of([&] { (void)Safetensors::read(short_file); }).find("end past the data buffer") !=
         std::string::npos);
+}
+
+TEST_CASE("a valid header over more data than memory is moe::Error, quickly, not std::bad_alloc") {
+  ScratchDir dir;
+  const fs::path path = dir.path() / "sparse.safetensors";
+  // A sparse file (no disk) of 2^46 bytes, or 2^43 where the file system
+  // stops below (ext4: 16 TiB), whose one U8 tensor spans all of its data:
+  // read() allocated the whole file first and threw std::bad_alloc.
+  constexpr std::uint64_t kHeader = 96;  // padded with spaces, as the spec allows
+  std::uint64_t size = 0;
+  for (int bits : {46, 43}) {
+    const std::uint64_t data = (std::uint64_t{1} << bits) - 8 - kHeader;
+    std::string header = "{\"t\":{\"dtype\":\"U8\",\"shape\":[" + std::to_string(data) +
+                         "],\"data_offsets\":[0," + std::to_string(data) + "]}}";
+    REQUIRE(header.size() <= kHeader);
+    header.resize(kHeader, ' ');
+    const Bytes head = make_file(header);
+    {
+      std::ofstream out(path, std::ios::binary | std::ios::trunc);
+      out.write(reinterpret_cast<const char*>(head.data()),
+                static_cast<std::streamsize>(head.size()));
+    }
+    std::error_code ec;
+    fs::resize_file(path, std::uintmax_t{1} << bits, ec);
+    if (!ec) {
+      size = std::uint64_t{1} << bits;
+      break;
+    }
+  }
+  REQUIRE(size != 0);
+  const std::string data = std::to_string(size - 8 - kHeader);
+  const auto start = std::chrono::steady_clock::now();
+  std::string what;
+  try {
+    (void)Safetensors::read(path);
+    FAIL_CHECK("expected moe::Error");
+  } catch (const Error& e) {
+    what = e.what();
+  } catch (const std::bad_alloc&) {
+    FAIL_CHECK("std::bad_alloc escaped");
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CAPTURE(what);
+  CHECK(what.find("moe::io::Safetensors '" + path.string() + "'") != std::string::npos);
+  CHECK(what.find("data buffer of " + data + " bytes") != std::string::npos);
+  CHECK(seconds < 5);
+
+  // Within the machine's memory but past the address-space limit: the
+  // failed allocation itself becomes moe::Error (not under AddressSanitizer,
+  // whose shadow memory takes the address space and whose operator new aborts).
+  const std::uint64_t gib = std::uint64_t{1} << 30;
+  if (!test::kAddressSanitizer && io::detail::memory_limit() > 2 * gib) {
+    const std::string header =
+        R"({"t":{"dtype":"U8","shape":[2147483648],"data_offsets":[0,2147483648]}})";
+    const Bytes head = make_file(header);
+    {
+      std::ofstream out(path, std::ios::binary | std::ios::trunc);
+      out.write(reinterpret_cast<const char*>(head.data()),
+                static_cast<std::streamsize>(head.size()));
+    }
+    fs::resize_file(path, head.size() + 2 * gib);
+    std::uint64_t pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    REQUIRE(pages > 0);
+    rlimit saved{};
+    REQUIRE(::getrlimit(RLIMIT_AS, &saved) == 0);
+    rlimit tight = saved;
+    tight.rlim_cur = pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) + gib;
+    if (saved.rlim_cur == RLIM_INFINITY || tight.rlim_cur < saved.rlim_cur) {
+      REQUIRE(::setrlimit(RLIMIT_AS, &tight) == 0);
+      const std::string failed = error_of([&] { (void)Safetensors::read(path); });
+      ::setrlimit(RLIMIT_AS, &saved);
+      CAPTURE(failed);
+      const std::string expected = "cannot allocate the data buffer of 2147483648 bytes";
+      CHECK(failed.find("'" + path.string() + "': " + expected) != std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("writes are atomic: no temporary file is left, and the target changes only on success") {

@@ -1,6 +1,7 @@
 // k curricula and SMoE-Dropout's RandomFrozen router (docs/algorithms.md 3.4).
 
 #include <cfenv>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -819,4 +820,49 @@ TEST_CASE_TEMPLATE("RandomFrozen backward matches finite differences", Act, act:
       CHECK(report.passes());
     }
   }
+}
+
+TEST_CASE("a step of 2^53 or more is refused: the state keeps it in a double") {
+  using L = Frozen<act::ReLU>;
+  L layer({.d_model = 4, .d_ff = 3, .experts = 8},
+          router::random_frozen(sched::Linear{.k_min = 2, .k_max = 8, .total_steps = 6}), {}, 4);
+  layer.end_step(3);
+  const auto state = layer.state();
+  constexpr std::uint64_t kLimit = std::uint64_t{1} << 53;
+  // Accepted before, and then load_state refused the layer's own state.
+  CHECK_THROWS_WITH_AS(layer.set_schedule_step(std::numeric_limits<std::uint64_t>::max()),
+                       doctest::Contains("steps=18446744073709551615, expected < 2^53"), Error);
+  CHECK_THROWS_WITH_AS(layer.end_step(kLimit + 1), doctest::Contains("steps=9007199254740993"),
+                       Error);
+  CHECK_THROWS_WITH_AS(layer.router().set_step(kLimit), doctest::Contains("steps=9007199254740992"),
+                       Error);
+  CHECK(layer.router().steps_done() == 3);
+  CHECK(layer.router().k() == 5);
+  CHECK(std::equal(state.flat().begin(), state.flat().end(), layer.state().flat().begin()));
+  // The largest step there is restores.
+  layer.set_schedule_step(kLimit - 1);
+  CHECK(layer.router().k() == 8);
+  CHECK_NOTHROW(layer.load_state(layer.state()));
+  CHECK_NOTHROW(layer.end_step(kLimit - 1));
+}
+
+TEST_CASE("k_at before validate: ranges at the int extremes do not overflow") {
+  constexpr int lo = std::numeric_limits<int>::min(), hi = std::numeric_limits<int>::max();
+  // k_min - k_max overflowed int (undefined behaviour) in the increasing
+  // curves; an unusable range is k_min, as an unusable length is.
+  CHECK(sched::CosineIncrease{.k_min = lo, .k_max = hi, .total_steps = 10}.k_at(0) == lo);
+  CHECK(sched::ExpIncrease{.k_min = lo, .k_max = hi, .total_steps = 10}.k_at(0) == lo);
+  CHECK(sched::CosineIncrease{.k_min = 1, .k_max = lo, .total_steps = 10}.k_at(3) == 1);
+  CHECK(sched::ExpIncrease{.k_min = hi, .k_max = lo, .total_steps = 10}.k_at(3) == hi);
+  CHECK(sched::Linear{.k_min = lo, .k_max = hi, .total_steps = 10}.k_at(5) == lo);
+  CHECK(sched::LinearDecrease{.k_min = lo, .k_max = hi, .total_steps = 10}.k_at(5) == lo);
+  CHECK(sched::CosineDecrease{.k_min = lo, .k_max = hi, .total_steps = 10}.k_at(5) == lo);
+  // A length validate() refuses: 2 T wrapped to 0 in the cosine, 0 / 0.
+  CHECK(sched::CosineIncrease{.k_min = 1, .k_max = 4, .total_steps = 1ull << 63}.k_at(0) == 1);
+  // The Scheduled constructor asks for k_at(0) first; the layer then refuses the range.
+  using L = Frozen<act::ReLU, sched::CosineIncrease>;
+  CHECK_THROWS_WITH_AS(
+      L({.d_model = 4, .d_ff = 3, .experts = 8},
+        router::random_frozen(sched::CosineIncrease{.k_min = lo, .k_max = hi, .total_steps = 10})),
+      doctest::Contains("(k_min, k_max)=(-2147483648, 2147483647)"), Error);
 }

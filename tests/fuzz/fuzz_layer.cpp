@@ -3,12 +3,15 @@
 // bytes choose the policies, the shape and options (sizes 0 and 1, k past E,
 // NaN and negative factors), the inputs' values (NaN, Inf, huge), the
 // previous layer's assignment, and a sequence of calls: forward in either
-// mode, backward, end_step, load_state of a perturbed state, and set_k.
+// mode, backward, end_step, load_state of a perturbed state, and for the
+// scheduled router (RandomFrozen) set_k (its inference k, 0 to E + 1) and
+// set_schedule_step (steps up to 2^64 - 1).
 //
 // Any call may be refused with moe::Error. Anything else is a bug: another
 // exception escapes and terminates, a sanitizer reports, or an invariant
-// fails and aborts. The invariant: a refused call changes neither the
-// parameters nor the state.
+// fails and aborts. The invariants: a refused call changes neither the
+// parameters nor the state, and a layer whose schedule step was set accepts
+// its own state back.
 
 #include <cmath>
 #include <cstddef>
@@ -97,6 +100,27 @@ void refusable(const L& layer, F&& f) {
   }
 }
 
+// A schedule step, ordinary or at the edges of what the state's double
+// holds; once accepted, the layer must take its own state back.
+template <class L>
+void set_step(Bytes& in, L& layer) {
+  constexpr std::uint64_t kLimit = std::uint64_t{1} << 53;
+  const std::uint64_t choices[] = {in.next(), kLimit - 1, kLimit, kLimit + 1,
+                                   std::numeric_limits<std::uint64_t>::max()};
+  const std::uint64_t steps = choices[in.below(5)];
+  bool accepted = false;
+  refusable(layer, [&] {
+    layer.set_schedule_step(steps);
+    accepted = true;
+  });
+  if (!accepted) return;
+  try {
+    layer.load_state(layer.state());
+  } catch (const moe::Error&) {
+    invariant(false, "a layer refused its own state after set_schedule_step");
+  }
+}
+
 template <class Router, class Estimator, class Act>
 void drive(Bytes& in, Router router, const moe::LayerConfig& config) {
   using L = moe::Layer<Router, Estimator, Backend, Act>;
@@ -113,7 +137,7 @@ void drive(Bytes& in, Router router, const moe::LayerConfig& config) {
   std::vector<int> previous;
   auto grads = layer->make_gradients();
   for (int op = 0; op < 6 && !in.done(); ++op) {
-    switch (in.below(5)) {
+    switch (in.below(6)) {
       case 0:
       case 1: {  // forward
         tokens = in.size(8);
@@ -152,6 +176,16 @@ void drive(Bytes& in, Router router, const moe::LayerConfig& config) {
         refusable(*layer, [&] { layer->load_state(state); });
         break;
       }
+      case 5:  // the scheduled router's runtime k and step
+        if constexpr (requires { layer->set_schedule_step(0); }) {
+          if (in.flag()) {
+            layer->router().set_k(
+                static_cast<int>(in.below(static_cast<unsigned>(config.experts) + 2)));
+          } else {
+            set_step(in, *layer);
+          }
+        }
+        break;
     }
   }
 }

@@ -44,9 +44,12 @@ class TensorLayout {
     detail::require(find(name) == nullptr, "moe::TensorLayout::add: duplicate tensor name '", name,
                     "'");
     Index size = 1;
-    for (Index s : shape) {
-      detail::require(s >= 0 && (s == 0 || size <= kMaxElements / s), "moe::TensorLayout::add: '",
-                      name, "' of shape ", shape_string(shape), " has more than 2^", kMaxBits,
+    for (std::size_t i = 0; i < shape.size(); ++i) {
+      const Index s = shape[i];
+      detail::require(s >= 0, "moe::TensorLayout::add: '", name, "' of shape ", shape_string(shape),
+                      ": dimension ", i, " = ", s, ", expected >= 0");
+      detail::require(s == 0 || size <= kMaxElements / s, "moe::TensorLayout::add: '", name,
+                      "' of shape ", shape_string(shape), " has more than 2^", kMaxBits,
                       " elements, expected a size the layer can allocate");
       size *= s;
     }

@@ -15,6 +15,7 @@
 #include <initializer_list>
 #include <limits>
 #include <map>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -87,24 +88,49 @@ class HeaderChecker {
   std::vector<std::set<std::string>> scopes_;  // the keys seen in each open object or array
 };
 
+// The most bytes one in-memory buffer may take: the machine's physical
+// memory (where sysconf knows it), and size_t's range.
+inline std::uint64_t memory_limit() {
+  std::uint64_t limit = std::numeric_limits<std::size_t>::max();
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) {
+    const auto total =
+        checked_mul(static_cast<std::uint64_t>(pages), static_cast<std::uint64_t>(page));
+    if (total && *total < limit) limit = *total;
+  }
+  return limit;
+}
+
+// Closes a file descriptor on every way out of a scope.
+struct FdCloser {
+  int fd;
+  ~FdCloser() { ::close(fd); }
+};
+
 }  // namespace detail
 
 // An in-memory safetensors file, validated in full by parse(): afterwards
 // every TensorInfo's byte range lies inside the data buffer and matches its
-// dtype and shape, so accessors only check what the caller expects.
+// dtype and shape, so accessors only check what the caller expects. Only the
+// data buffer is kept: the header's bytes are dropped once parsed.
 class Safetensors {
  public:
   static constexpr std::uint64_t kMaxHeaderBytes = io::kMaxHeaderBytes;
 
   static Safetensors parse(std::span<const std::byte> bytes) {
-    return parse_owned(std::vector<std::byte>(bytes.begin(), bytes.end()),
-                       "moe::io::Safetensors (in memory)");
+    Safetensors file;
+    file.where_ = "moe::io::Safetensors (in memory)";
+    const std::uint64_t data_offset = file.parse_header(bytes, bytes.size());
+    const auto data = bytes.subspan(static_cast<std::size_t>(data_offset));
+    file.data_.assign(data.begin(), data.end());
+    return file;
   }
 
   // Reads and checks the header first, then the data; every error names the
   // path. The file's type is checked before it is opened (opening a FIFO
   // would block until a writer came), and a file whose header does not fit
-  // its size is refused before its data is read or allocated.
+  // its size is refused before its data is read or allocated; so is a data
+  // buffer larger than the machine's memory.
   static Safetensors read(const std::filesystem::path& path) {
     const std::string where = detail::concat("moe::io::Safetensors '", path.string(), "'");
     struct stat st {};
@@ -115,25 +141,15 @@ class Safetensors {
     // returns at once (and the fstat below refuses it).
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw Error(detail::concat(where, ": cannot open: ", detail::errno_text(errno)));
+    const detail::FdCloser closer{fd};
+    if (::fstat(fd, &st) != 0)
+      throw Error(detail::concat(where, ": cannot stat: ", detail::errno_text(errno)));
+    detail::require(S_ISREG(st.st_mode), where, ": not a regular file");
     Safetensors file;
     file.where_ = where;
-    try {
-      if (::fstat(fd, &st) != 0)
-        throw Error(detail::concat(where, ": cannot stat: ", detail::errno_text(errno)));
-      detail::require(S_ISREG(st.st_mode), where, ": not a regular file");
-      const auto size = static_cast<std::uint64_t>(st.st_size);
-      file.read_bytes(fd, std::min<std::uint64_t>(size, 8));
-      if (size >= 8) {  // else parse_header says what is wrong
-        const std::uint64_t n = detail::load_u64_le(file.bytes_.data());
-        if (n <= kMaxHeaderBytes && n <= size - 8) file.read_bytes(fd, 8 + n);
-      }
-      file.parse_header(size);
-      file.read_bytes(fd, size);
-    } catch (...) {
-      ::close(fd);
-      throw;
-    }
-    ::close(fd);
+    const auto size = static_cast<std::uint64_t>(st.st_size);
+    const std::uint64_t data_offset = file.read_header(fd, size);
+    file.read_data(fd, data_offset, size - data_offset);
     return file;
   }
 
@@ -166,7 +182,7 @@ class Safetensors {
   // The tensor's bytes as stored (little-endian), e.g. for F16 and BF16.
   std::span<const std::byte> raw(const std::string& name) const {
     const TensorInfo& t = info(name);
-    return {bytes_.data() + data_offset_ + t.begin, static_cast<std::size_t>(t.end - t.begin)};
+    return {data_.data() + t.begin, static_cast<std::size_t>(t.end - t.begin)};
   }
 
   // The tensor's info after checking that it exists with dtype_of<T>() and
@@ -202,7 +218,7 @@ class Safetensors {
     const std::uint64_t n = t.elements();
     detail::require(out.size() == n, where_, ": tensor '", name, "' has ", n,
                     " elements, the output span holds ", out.size());
-    const std::byte* src = bytes_.data() + data_offset_ + t.begin;
+    const std::byte* src = data_.data() + t.begin;
     if constexpr (std::is_same_v<T, bool>) {
       for (std::size_t i = 0; i < out.size(); ++i) {  // all checked first: out unchanged on error
         const auto b = std::to_integer<unsigned>(src[i]);
@@ -247,44 +263,67 @@ class Safetensors {
 
   Safetensors() = default;  // only parse() and read() make one: always validated
 
-  static Safetensors parse_owned(std::vector<std::byte> bytes, std::string where) {
-    Safetensors file;
-    file.where_ = std::move(where);
-    file.bytes_ = std::move(bytes);
-    file.parse_header(file.bytes_.size());
-    return file;
-  }
-
-  // Reads from fd until bytes_ holds `total` bytes (the file's first bytes).
-  void read_bytes(int fd, std::uint64_t total) {
-    std::size_t done = bytes_.size();
-    bytes_.resize(static_cast<std::size_t>(total));
-    while (done < bytes_.size()) {
-      const ::ssize_t n = ::read(fd, bytes_.data() + done, bytes_.size() - done);
+  // Fills `out` with the file's bytes from `offset` on.
+  void read_at(int fd, std::uint64_t offset, std::span<std::byte> out) const {
+    std::size_t done = 0;
+    while (done < out.size()) {
+      const ::ssize_t n =
+          ::pread(fd, out.data() + done, out.size() - done, static_cast<::off_t>(offset + done));
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) throw Error(detail::concat(where_, ": cannot read: ", detail::errno_text(errno)));
-      detail::require(n > 0, where_, ": the file ended after ", done, " bytes, expected ",
-                      bytes_.size(), " (it shrank while being read)");
+      detail::require(n > 0, where_, ": the file ended after ", offset + done, " bytes, expected ",
+                      offset + out.size(), " (it shrank while being read)");
       done += static_cast<std::size_t>(n);
     }
   }
 
-  // Checks the header of a file of `size` bytes; bytes_ holds at least its
-  // first 8 + header-length bytes (all of them when the length fits).
-  void parse_header(std::uint64_t size) {
+  // Reads and checks the header of a file of `size` bytes (its length first,
+  // then as many bytes as a valid length says); returns the data's offset.
+  std::uint64_t read_header(int fd, std::uint64_t size) {
+    std::vector<std::byte> head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 8)));
+    read_at(fd, 0, head);
+    if (size >= 8) {  // else parse_header says what is wrong
+      const std::uint64_t n = detail::load_u64_le(head.data());
+      if (n <= kMaxHeaderBytes && n <= size - 8) {
+        head.resize(static_cast<std::size_t>(8 + n));
+        read_at(fd, 8, std::span<std::byte>(head).subspan(8));
+      }
+    }
+    return parse_header(head, size);
+  }
+
+  // Allocates and reads the data buffer once the header fits the file. More
+  // than the machine's memory is refused up front: with overcommit the
+  // allocation may succeed and the read then exhaust memory.
+  void read_data(int fd, std::uint64_t offset, std::uint64_t bytes) {
+    const std::uint64_t limit = detail::memory_limit();
+    detail::require(bytes <= limit, where_, ": the data buffer of ", bytes,
+                    " bytes does not fit in memory (at most ", limit, " bytes)");
+    try {
+      data_.resize(static_cast<std::size_t>(bytes));
+    } catch (const std::bad_alloc&) {
+      throw Error(detail::concat(where_, ": cannot allocate the data buffer of ", bytes, " bytes"));
+    }
+    read_at(fd, offset, data_);
+  }
+
+  // Checks the header of a file of `size` bytes whose first bytes are `head`
+  // (at least 8 + the header length when that fits the file); returns the
+  // data buffer's offset in the file.
+  std::uint64_t parse_header(std::span<const std::byte> head, std::uint64_t size) {
     const std::string& w = where_;
     detail::require(size >= 8, w, ": ", size,
                     " bytes, expected at least 8 (the little-endian u64 header length)");
-    const std::uint64_t n = detail::load_u64_le(bytes_.data());
+    const std::uint64_t n = detail::load_u64_le(head.data());
     detail::require(n <= kMaxHeaderBytes, w, ": header length ", n, " exceeds the limit of ",
                     kMaxHeaderBytes, " bytes");
     detail::require(n <= size - 8, w, ": header length ", n, " points past the end of the file (",
                     size - 8, " bytes follow the length)");
-    const char* text = reinterpret_cast<const char*>(bytes_.data() + 8);
+    const char* text = reinterpret_cast<const char*>(head.data() + 8);
     detail::require(n > 0 && text[0] == '{', w,
                     ": the header does not start with '{' (a JSON object), got ",
                     n == 0 ? std::string("an empty header")
-                           : detail::concat("byte ", std::to_integer<unsigned>(bytes_[8])));
+                           : detail::concat("byte ", std::to_integer<unsigned>(head[8])));
     // The spec pads the header with spaces; JSON treats them (and any JSON
     // whitespace) as insignificant.
     Json header;
@@ -298,8 +337,8 @@ class Safetensors {
     detail::require(header.is_object(), w, ": the header is a JSON ", header.type_name(),
                     ", expected an object");
 
-    data_offset_ = 8 + n;
-    const std::uint64_t data_size = size - data_offset_;
+    const std::uint64_t data_offset = 8 + n;
+    const std::uint64_t data_size = size - data_offset;
     for (const auto& [key, value] : header.items()) {
       if (key == "__metadata__") {
         parse_metadata(value);
@@ -309,6 +348,7 @@ class Safetensors {
       }
     }
     check_coverage(data_size);
+    return data_offset;
   }
 
   void parse_metadata(const Json& value) {
@@ -418,8 +458,7 @@ class Safetensors {
   }
 
   std::string where_;
-  std::vector<std::byte> bytes_;   // the whole file
-  std::uint64_t data_offset_ = 0;  // where the data buffer starts in bytes_
+  std::vector<std::byte> data_;  // the data buffer (without the header)
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
 };

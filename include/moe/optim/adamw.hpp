@@ -5,7 +5,9 @@
 // The small optimizer of the examples and tests; state in double. Its
 // options are checked at construction and at every step (options() may
 // change them between steps), and its moments belong to the one parameter
-// buffer it first stepped.
+// buffer it first stepped (reset() forgets them). A step that would leave
+// state restore() refuses (a non-finite gradient, a count of 2^53) is
+// refused before anything changes.
 
 #include <cmath>
 #include <cstdint>
@@ -32,6 +34,9 @@ class AdamW {
   // e.g. a learning-rate schedule sets lr; checked again at the next step.
   AdamWOptions& options() { return options_; }
 
+  // The largest step count: beta^steps is computed in double, exact below 2^53.
+  static constexpr std::uint64_t kMaxSteps = (std::uint64_t{1} << 53) - 1;
+
   template <class T>
   void step(TensorBuffer<T>& params, const TensorBuffer<T>& grads) {
     validate(options_);
@@ -40,15 +45,15 @@ class AdamW {
                     grads.size(), " vs ", params.size(), ")");
     auto p = params.flat();
     auto g = grads.flat();
+    check_binding(p.data(), p.size());
+    detail::require(steps_ < kMaxSteps, "moe::optim::AdamW::step: steps()=", steps_,
+                    ", expected < 2^53 - 1 (restore() takes counts below 2^53)");
+    check_gradients(grads);
     if (m_.empty()) {
       m_.assign(p.size(), 0.0);
       v_.assign(p.size(), 0.0);
     }
-    if (bound_ == nullptr) bound_ = p.data();  // the first step, or the first after restore()
-    detail::require(m_.size() == p.size() && bound_ == p.data(),
-                    "moe::optim::AdamW::step: params of size ", p.size(),
-                    ", expected the buffer this optimizer has moments for (size ", m_.size(),
-                    "): one AdamW per parameter buffer");
+    bound_ = p.data();  // the first step, or the first after restore() or reset()
     ++steps_;
     const auto [lr, beta1, beta2, eps, weight_decay] = options_;
     const double c1 = 1.0 - std::pow(beta1, static_cast<double>(steps_));
@@ -74,9 +79,11 @@ class AdamW {
   std::span<const double> first_moment() const { return m_; }
   std::span<const double> second_moment() const { return v_; }
 
-  // Restores a checkpoint's state: the step count and both moments (finite;
-  // v >= 0). The next step binds them to the buffer it steps.
+  // Restores a checkpoint's state: the step count (below 2^53) and both
+  // moments (finite; v >= 0). The next step binds them to the buffer it steps.
   void restore(std::uint64_t steps, std::span<const double> m, std::span<const double> v) {
+    detail::require(steps <= kMaxSteps, "moe::optim::AdamW::restore: steps=", steps,
+                    ", expected < 2^53 (beta^steps needs it exact in a double)");
     detail::require(m.size() == v.size(), "moe::optim::AdamW::restore: m.size()=", m.size(),
                     ", expected v.size()=", v.size());
     for (std::size_t i = 0; i < m.size(); ++i) {
@@ -91,7 +98,47 @@ class AdamW {
     bound_ = nullptr;
   }
 
+  // Forgets the step count, the moments and their buffer: the next step
+  // starts afresh, on any buffer. The options stay.
+  void reset() {
+    m_.clear();
+    v_.clear();
+    bound_ = nullptr;
+    steps_ = 0;
+  }
+
  private:
+  // The moments belong to one buffer: the first stepped since construction,
+  // restore() or reset(). Its address tells it from a copy of the same size.
+  void check_binding(const void* data, std::size_t size) const {
+    if (bound_ == nullptr && m_.empty()) return;  // nothing to bind yet: any buffer
+    detail::require(m_.size() == size, "moe::optim::AdamW::step: params of size ", size,
+                    ", expected the buffer this optimizer has moments for (size ", m_.size(),
+                    "): one AdamW per parameter buffer");
+    detail::require(bound_ == nullptr || bound_ == data,
+                    "moe::optim::AdamW::step: params is another buffer of the same size (", size,
+                    "), expected the one this optimizer first stepped: its moments belong to "
+                    "that buffer (one AdamW per parameter buffer; reset() forgets them)");
+  }
+
+  // One NaN or Inf, or a gradient whose square overflows, would stay in the
+  // moments for good (and restore() refuses them). Frozen tensors' gradients
+  // are never read.
+  template <class T>
+  static void check_gradients(const TensorBuffer<T>& grads) {
+    constexpr const char* where = "moe::optim::AdamW::step";
+    for (const auto& spec : grads.layout().specs()) {
+      if (!spec.trainable) continue;
+      const auto g = grads.flat().subspan(static_cast<std::size_t>(spec.offset),
+                                          static_cast<std::size_t>(spec.size()));
+      for (std::size_t i = 0; i < g.size(); ++i) {
+        const auto gi = static_cast<double>(g[i]);
+        detail::require(std::isfinite(gi * gi), where, ": grads '", spec.name, "'[", i, "]=", g[i],
+                        ", expected finite values (and squares: |g| < 1.3e154)");
+      }
+    }
+  }
+
   static void validate(const AdamWOptions& o) {
     detail::require(o.lr >= 0 && std::isfinite(o.lr), "moe::optim::AdamW: lr=", o.lr,
                     ", expected a finite value >= 0");

@@ -69,9 +69,14 @@ inline int clip(long long k, int lo, int hi) {
 }
 inline std::uint64_t capped(std::uint64_t t, std::uint64_t total) { return t < total ? t : total; }
 // k_at before validate() (a schedule is asked for k at construction): a
-// schedule without steps, or without values, is k_min until validate()
-// refuses it.
-inline bool unusable(std::uint64_t total) { return total == 0; }
+// schedule that check_range will refuse, whose arithmetic could overflow
+// (k_max - k_min as an int, the products past 2^62, 2 T past 2^64), or one
+// without values, is k_min until validate() refuses it.
+inline bool unusable(int k_min, int k_max, std::uint64_t total) {
+  if (k_min < 1 || k_min > k_max) return true;  // k_max - k_min fits an int below
+  return total == 0 || total > (std::uint64_t{1} << 53) ||
+         static_cast<std::uint64_t>(k_max - k_min) > (std::uint64_t{1} << 62) / total;
+}
 // cos(pi t / (2 T)), computed as the paper's np.cos(np.pi * t / (2 * T)).
 inline double quarter_cosine(std::uint64_t t, std::uint64_t total) {
   return std::cos(3.141592653589793 * static_cast<double>(t) / static_cast<double>(2 * total));
@@ -92,7 +97,7 @@ struct Linear {
   std::uint64_t total_steps = 0;  // required: the curriculum's length T
   static constexpr const char* kName = "Linear";
   int k_at(std::uint64_t t) const {
-    if (detail::unusable(total_steps)) return k_min;
+    if (detail::unusable(k_min, k_max, total_steps)) return k_min;
     const auto span = static_cast<std::uint64_t>(k_max - k_min);
     return detail::clip(
         detail::round_quotient(span * detail::capped(t, total_steps), total_steps) + k_min, k_min,
@@ -110,7 +115,7 @@ struct LinearDecrease {
   static constexpr const char* kName = "LinearDecrease";
   int k_at(std::uint64_t t) const {
     // round(-x) = -round(x) for half to even.
-    if (detail::unusable(total_steps)) return k_min;
+    if (detail::unusable(k_min, k_max, total_steps)) return k_min;
     const auto span = static_cast<std::uint64_t>(k_max - k_min);
     return detail::clip(
         k_max - detail::round_quotient(span * detail::capped(t, total_steps), total_steps), k_min,
@@ -127,7 +132,7 @@ struct CosineIncrease {
   std::uint64_t total_steps = 0;
   static constexpr const char* kName = "CosineIncrease";
   int k_at(std::uint64_t t) const {
-    if (detail::unusable(total_steps)) return k_min;
+    if (detail::unusable(k_min, k_max, total_steps)) return k_min;
     const double c = detail::quarter_cosine(detail::capped(t, total_steps), total_steps);
     return detail::clip(detail::round_half_even(static_cast<double>(k_min - k_max) * c) + k_max,
                         k_min, k_max);
@@ -143,7 +148,7 @@ struct CosineDecrease {
   std::uint64_t total_steps = 0;
   static constexpr const char* kName = "CosineDecrease";
   int k_at(std::uint64_t t) const {
-    if (detail::unusable(total_steps)) return k_min;
+    if (detail::unusable(k_min, k_max, total_steps)) return k_min;
     const double c = detail::quarter_cosine(detail::capped(t, total_steps), total_steps);
     return detail::clip(detail::round_half_even(static_cast<double>(k_max - k_min) * c) + k_min,
                         k_min, k_max);
@@ -161,6 +166,7 @@ struct ExpIncrease {
   std::uint64_t total_steps = 0;
   static constexpr const char* kName = "ExpIncrease";
   int k_at(std::uint64_t t) const {
+    if (detail::unusable(k_min, k_max, total_steps)) return k_min;
     const std::uint64_t interval = total_steps / 300 > 0 ? total_steps / 300 : 1;
     const double decay = std::pow(0.99, static_cast<double>(t / interval));
     return detail::clip(detail::round_half_even(static_cast<double>(k_min - k_max) * decay) + k_max,
@@ -182,7 +188,7 @@ struct MultiStep {
   static std::vector<int> increasing() { return {1, 2, 4, 8, 16}; }
   static std::vector<int> decreasing() { return {16, 8, 4, 2, 1}; }
   int k_at(std::uint64_t t) const {
-    if (detail::unusable(total_steps) || values.empty()) return k_min;
+    if (detail::unusable(k_min, k_max, total_steps) || values.empty()) return k_min;
     const auto n = static_cast<std::uint64_t>(values.size());
     const std::uint64_t index = n * detail::capped(t, total_steps) / total_steps;
     return detail::clip(values[static_cast<std::size_t>(index < n ? index : n - 1)], k_min, k_max);

@@ -4,8 +4,16 @@
 // 3.2): one lambda shared by every ReLU-routed layer of a model. After each
 // optimiser step, with S the fraction of zero gates over that step's training
 // forwards (averaged over layers and forwards) and the target S* = 1 - k/E:
-//   lambda *= factor if S < S*, else lambda /= factor   (factor 1.2, no clamp).
+//   lambda *= factor if S < S*, else lambda /= factor   (factor 1.2),
+// clamped to [kMinLambda, kMaxLambda] = [1e-30, 1e30] [choice; the paper has
+// no clamp]. Sparsity stuck on one side of the target would otherwise take
+// lambda to Inf (~4000 steps up from 1e-8), which no checkpoint can hold, or
+// to 0, from which no factor brings it back. The bounds are far outside any
+// useful value (training starts at 1e-8; 1e-30 climbs back to it in ~280
+// steps), and the L1 scale lambda E / (k T^2) stays within float's range
+// (3.4e38) for E below 3e8.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -21,13 +29,16 @@ class LambdaController {
     double factor = 1.2;
   };
 
+  static constexpr double kMinLambda = 1e-30;
+  static constexpr double kMaxLambda = 1e30;
+
   explicit LambdaController(Options options) : options_(options), lambda_(options.initial_lambda) {
     detail::require(options.target_sparsity >= 0 && options.target_sparsity < 1,
                     "moe::router::LambdaController: target_sparsity=", options.target_sparsity,
                     ", expected 0 <= target_sparsity < 1 (1 - k/E)");
-    detail::require(std::isfinite(options.initial_lambda) && options.initial_lambda > 0,
+    detail::require(in_range(options.initial_lambda),
                     "moe::router::LambdaController: initial_lambda=", options.initial_lambda,
-                    ", expected a finite value > 0");
+                    ", expected a finite value > 0 in [", kMinLambda, ", ", kMaxLambda, "]");
     detail::require(std::isfinite(options.factor) && options.factor > 1,
                     "moe::router::LambdaController: factor=", options.factor,
                     ", expected a finite value > 1");
@@ -61,11 +72,9 @@ class LambdaController {
     has_stepped_ = true;
     last_step_ = step;
     if (forwards_ > 0) {
-      if (sparsity_sum_ / forwards_ < options_.target_sparsity) {
-        lambda_ *= options_.factor;
-      } else {
-        lambda_ /= options_.factor;
-      }
+      const bool too_dense = sparsity_sum_ / forwards_ < options_.target_sparsity;
+      const double next = too_dense ? lambda_ * options_.factor : lambda_ / options_.factor;
+      lambda_ = std::clamp(next, kMinLambda, kMaxLambda);  // Inf and 0 included
     }
     sparsity_sum_ = 0;
     forwards_ = 0;
@@ -73,11 +82,11 @@ class LambdaController {
 
   // Restoring a checkpoint taken between steps (the layers' state carries
   // lambda): sparsity recorded since, and the marker of the last step, are
-  // dropped, so replaying a step updates lambda again.
+  // dropped, so replaying a step updates lambda again. Takes exactly the
+  // values end_step can reach: [kMinLambda, kMaxLambda].
   void set_lambda(double lambda) {
-    detail::require(std::isfinite(lambda) && lambda > 0,
-                    "moe::router::LambdaController: lambda=", lambda,
-                    ", expected a finite value > 0");
+    detail::require(in_range(lambda), "moe::router::LambdaController: lambda=", lambda,
+                    ", expected a finite value > 0 in [", kMinLambda, ", ", kMaxLambda, "]");
     lambda_ = lambda;
     sparsity_sum_ = 0;
     forwards_ = 0;
@@ -85,6 +94,8 @@ class LambdaController {
   }
 
  private:
+  static bool in_range(double lambda) { return lambda >= kMinLambda && lambda <= kMaxLambda; }
+
   Options options_;
   double lambda_;
   double sparsity_sum_ = 0;

@@ -87,13 +87,17 @@ class Scheduled {
   }
 
   // After `steps` optimiser steps, the next training step uses k_at(steps).
+  // Both take steps below 2^53 only: the state keeps the count in a double,
+  // and restore() would refuse a larger one. Checked before anything changes.
   void end_step(std::uint64_t steps) {
+    check_step(steps, "end_step");
     router_.end_step(steps);
     set_step(steps);
   }
   // Resume the curriculum at `steps` steps done, without an optimiser step
   // (Layer::set_schedule_step also records it in the layer's state).
   void set_step(std::uint64_t steps) {
+    check_step(steps, "set_step");
     steps_done_ = steps;
     router_.k = schedule_.k_at(steps);
   }
@@ -111,6 +115,11 @@ class Scheduled {
   }
 
  private:
+  static void check_step(std::uint64_t steps, const char* where) {
+    detail::require(steps < (std::uint64_t{1} << 53), "moe::router::Scheduled::", where,
+                    ": steps=", steps, ", expected < 2^53 (the state keeps it in a double)");
+  }
+
   Router router_;
   Schedule schedule_;
   std::uint64_t steps_done_ = 0;
