@@ -75,10 +75,16 @@ if(MOE_WITH_CUDA)
   file(GLOB_RECURSE _moe_cuda_headers CONFIGURE_DEPENDS RELATIVE ${_moe_include_dir}
     ${_moe_include_dir}/moe/*.cuh)
   list(SORT _moe_cuda_headers)
+  if(NOT TARGET moe::nccl)  # the NCCL headers need NCCL
+    list(FILTER _moe_cuda_headers EXCLUDE REGEX "^moe/nccl")
+  endif()
   moe_header_check_sources(_moe_cuda_header_sources cu ${_moe_cuda_headers})
   add_executable(moe_cuda_header_check_runner ${_moe_cuda_header_sources}
     ${CMAKE_CURRENT_BINARY_DIR}/header_check/main.cpp)
   target_link_libraries(moe_cuda_header_check_runner PRIVATE moe::cuda)
+  if(TARGET moe::nccl)
+    target_link_libraries(moe_cuda_header_check_runner PRIVATE moe::nccl)
+  endif()
   add_test(NAME cuda_headers_self_contained COMMAND moe_cuda_header_check_runner)
   list(LENGTH _moe_cuda_headers _moe_cuda_header_count)
   message(STATUS "moe: checking ${_moe_cuda_header_count} CUDA headers for self-containment")

@@ -3,3 +3,4 @@
 // expert FFN, the combine, and the default dispatcher.
 
 #include "moe/layer/layer.hpp"
+#include "moe/layer/replicated_gradients.hpp"

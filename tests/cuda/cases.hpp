@@ -40,10 +40,12 @@ inline float input_value(std::uint64_t stream, Index i) {
 
 // Two training steps (forward, backward, end_step) and an eval forward of
 // one layer on `backend`; inputs live in the backend's memory.
-template <class Activation, class Backend, class Router, class Estimator>
+template <class Activation, class Backend, class Router, class Estimator,
+          class Dispatcher = dispatch::Local>
 Outcome run(const std::string& name, const Backend& backend, const Shape& s, Router router,
-            Estimator estimator, const std::vector<int>& previous_assignment) {
-  using Layer = moe::Layer<Router, Estimator, Backend, Activation>;
+            Estimator estimator, const std::vector<int>& previous_assignment,
+            Dispatcher dispatcher = {}) {
+  using Layer = moe::Layer<Router, Estimator, Backend, Activation, Dispatcher>;
   using Buffer = typename Backend::template Buffer<float>;
   const LayerConfig config{.d_model = s.d_model,
                            .d_ff = s.d_ff,
@@ -51,7 +53,8 @@ Outcome run(const std::string& name, const Backend& backend, const Shape& s, Rou
                            .expert_bias = s.expert_bias,
                            .dropout = s.dropout,
                            .capacity_factor = s.capacity_factor};
-  Layer layer(config, std::move(router), std::move(estimator), /*seed=*/7, backend);
+  Layer layer(config, std::move(router), std::move(estimator), /*seed=*/7, backend,
+              std::move(dispatcher));
   const Index n = s.tokens * s.d_model;
   Buffer x, dy, y, dx;
   for (Buffer* b : {&x, &dy, &y, &dx}) b->resize(static_cast<std::size_t>(n));
@@ -147,15 +150,15 @@ void for_each_case(Visit&& visit) {
         e::DenseExact{}, act::ReLU{}, none);
 }
 
-// Every case on `backend`, in order.
-template <class Backend>
-std::vector<Outcome> run_cases(const Backend& backend) {
+// Every case on `backend` (and `dispatcher`), in order.
+template <class Backend, class Dispatcher = dispatch::Local>
+std::vector<Outcome> run_cases(const Backend& backend, const Dispatcher& dispatcher = {}) {
   std::vector<Outcome> outcomes;
   for_each_case([&](const char* name, const Shape& shape, auto router, auto estimator, auto act,
                     const std::vector<int>& previous) {
     using Activation = decltype(act);
-    outcomes.push_back(
-        run<Activation>(name, backend, shape, std::move(router), std::move(estimator), previous));
+    outcomes.push_back(run<Activation>(name, backend, shape, std::move(router),
+                                       std::move(estimator), previous, dispatcher));
   });
   return outcomes;
 }

@@ -192,7 +192,7 @@ void check_equal(const Case& c, const std::function<Router()>& make_router,
     Mat<double> dx(T, d), dx_mine(mine, d);
     one.backward(x, one_cache, dy, dx, g1);
     ep.backward(x_mine, ep_cache, my_rows(dy, c.batch), dx_mine, g2);
-    mpi::sum_replicated_gradients(ep, g2);
+    sum_replicated_gradients(ep, g2);
     compare(at + " dx", dx_mine, Mat<double>(my_rows(dx, c.batch)));
     compare_parameters(at + " grad", ep, g2, g1, false);
     optim::Sgd sgd1({.lr = 0.1}), sgd2({.lr = 0.1});
@@ -344,7 +344,7 @@ void checkpoint_round_trip() {
   ep.forward(my_rows(x, b), y, cache, Mode::train);
   auto g = ep.make_gradients();
   ep.backward(my_rows(x, b), cache, my_rows(random_matrix(b.total, 6, 9), b), dx, g);
-  mpi::sum_replicated_gradients(ep, g);
+  sum_replicated_gradients(ep, g);
   optim::Sgd({.lr = 0.5}).step(ep.parameters(), g);
 
   const auto dir = std::filesystem::temp_directory_path();

@@ -1,5 +1,6 @@
 #pragma once
-// Data-parallel gradients of an expert-parallel layer: the router's
+// Data-parallel gradients of an expert-parallel layer (dispatchers over
+// processes: moe::mpi::ExpertParallel, moe::nccl::ExpertParallel): the router's
 // parameters are replicated on every process, and each process's backward
 // adds the gradient of its own tokens only. sum_replicated_gradients() sums
 // those tensors over the processes (in rank order, in double: every process
@@ -9,23 +10,26 @@
 #include <string>
 #include <vector>
 
+#include "moe/core/error.hpp"
+#include "moe/core/process_group.hpp"
 #include "moe/core/tensor_buffer.hpp"
-#include "moe/mpi/expert_parallel.hpp"
 
-namespace moe::mpi {
+namespace moe {
 
 // grads (from layer.make_gradients(), after the backwards of a step) ->
 // the router's tensors hold the sum over every process's batch: what one
-// process holding the whole batch would have. Every process calls it.
+// process holding the whole batch would have. Every process calls it; with
+// one process it changes nothing.
 template <class Layer>
 void sum_replicated_gradients(const Layer& layer, typename Layer::Parameters& grads) {
   const ProcessGroup& group = layer.dispatcher().group();
-  group.agree("moe::mpi::sum_replicated_gradients", [&] {
+  group.agree("moe::sum_replicated_gradients", [&] {
     moe::detail::require(grads.same_layout(layer.parameters()),
-                         "moe::mpi::sum_replicated_gradients: grads has size ", grads.size(),
+                         "moe::sum_replicated_gradients: grads has size ", grads.size(),
                          " and another layout, expected layer.make_gradients() (size ",
                          layer.parameters().size(), ")");
   });
+  if (group.size() == 1) return;  // its own sum
   std::vector<double> values;
   for (const TensorSpec& spec : grads.layout().specs()) {
     if (Layer::is_expert_tensor(spec.name)) continue;
@@ -37,4 +41,4 @@ void sum_replicated_gradients(const Layer& layer, typename Layer::Parameters& gr
   }
 }
 
-}  // namespace moe::mpi
+}  // namespace moe

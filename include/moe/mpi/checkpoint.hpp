@@ -40,7 +40,7 @@ std::shared_ptr<TensorLayout> whole_layer_layout(const Layer& layer) {
 template <class Layer>
 void save_layer(const std::filesystem::path& path, const Layer& layer) {
   using Scalar = typename Layer::Scalar;
-  const auto& group = layer.dispatcher().group();
+  const Group& group = layer.dispatcher().transport().group();
   const bool root = group.rank() == 0;
   const auto& mine = layer.parameters();
   TensorBuffer<Scalar> whole;
@@ -64,7 +64,7 @@ void save_layer(const std::filesystem::path& path, const Layer& layer) {
 template <class Layer>
 void load_layer(const std::filesystem::path& path, Layer& layer) {
   using Scalar = typename Layer::Scalar;
-  const auto& group = layer.dispatcher().group();
+  const Group& group = layer.dispatcher().transport().group();
   const bool root = group.rank() == 0;
   TensorBuffer<Scalar> whole;
   TensorBuffer<double> state = layer.state().zeros_like();
