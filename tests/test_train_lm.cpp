@@ -124,8 +124,8 @@ TEST_CASE("train_lm: softmax cross-entropy head backward matches finite differen
   std::vector<double> dweight(weight.size(), 0.0), dbias(bias.size(), 0.0);
   M dh(h.rows(), d);
   const Eigen::Map<const M> w(weight.data(), vocab, d);
-  SoftmaxCrossEntropyHead<double>::backward(h, w, batch.targets, probs,
-                                            Eigen::Map<M>(dweight.data(), vocab, d), dbias, dh);
+  SoftmaxCrossEntropyHead<double>::backward(
+      h, w, batch.targets, probs, Eigen::Map<M>(dweight.data(), vocab, d), dbias, dh, h.rows());
   std::vector<double> dh_flat(dh.data(), dh.data() + dh.size());
   CHECK(fd_error(weight, dweight, loss) < 1e-7);
   CHECK(fd_error(bias, dbias, loss) < 1e-7);

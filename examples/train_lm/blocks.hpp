@@ -4,6 +4,7 @@
 // AdaptiveCluster after). Each block is a moe::Layer used exactly as a user
 // would: public headers, forward with a cache, backward into its gradients.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -12,6 +13,7 @@
 #include <moe/moe.hpp>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace train_lm {
 
@@ -36,6 +38,9 @@ class Block {
 
   virtual int experts() const = 0;
   virtual moe::Index parameters_per_expert() const = 0;
+  // Every parameter of the block: the router's and all E experts', also
+  // when this process holds only its share of the experts.
+  virtual moe::Index total_parameters() const = 0;
   // The k of the next training forward (-1: a ReLU router has none).
   virtual int k() const = 0;
   // Eval forwards at another k (SMoE-Dropout's self-slimming); 0 clears.
@@ -43,6 +48,15 @@ class Block {
     throw moe::Error("moe-train-lm: this recipe's router has no inference k");
   }
   virtual double lambda() const { return std::numeric_limits<double>::quiet_NaN(); }
+
+  // Data-parallel gradients over `group` (the processes of the run): a
+  // block with experts over the processes sums its replicated tensors (the
+  // router's; the experts' stay where they live), a block held whole by
+  // every process sums everything. One process: nothing changes.
+  virtual void sum_gradients(const moe::ProcessGroup& group) = 0;
+  // The squares of its gradients: those held alike by every process, and
+  // those of its experts when each process holds only its own.
+  virtual void add_squared_gradients(double& replicated, double& sharded) const = 0;
 
   virtual void save(moe::io::SafetensorsWriter& writer, const std::string& prefix) const = 0;
   virtual void load(const moe::io::Safetensors& file, const std::string& prefix) = 0;
@@ -75,7 +89,11 @@ class LayerBlock final : public Block<typename Layer::Scalar> {
     moe::Index n = 0;
     for (const auto& spec : layer_.parameters().layout().specs())
       if (spec.name.starts_with("experts.")) n += spec.size();
-    return n / layer_.config().experts;
+    return n / layer_.local_experts().count;
+  }
+  moe::Index total_parameters() const override {
+    const moe::Index local = layer_.local_experts().count;
+    return layer_.parameters().size() + (experts() - local) * parameters_per_expert();
   }
   int k() const override {
     if constexpr (requires { layer_.router().controller; }) {
@@ -103,6 +121,23 @@ class LayerBlock final : public Block<typename Layer::Scalar> {
     }
   }
 
+  void sum_gradients(const moe::ProcessGroup& group) override {
+    if (sharded()) {
+      moe::sum_replicated_gradients(layer_, grads_);
+    } else if (group.size() > 1) {
+      std::vector<double> values(grads_.flat().begin(), grads_.flat().end());
+      group.sum(values.data(), static_cast<moe::Index>(values.size()));
+      std::copy(values.begin(), values.end(), grads_.flat().begin());
+    }
+  }
+  void add_squared_gradients(double& replicated, double& sharded_sum) const override {
+    for (const auto& spec : grads_.layout().specs()) {
+      double sum = 0;
+      for (T v : grads_[spec.name]) sum += static_cast<double>(v) * static_cast<double>(v);
+      (sharded() && Layer::is_expert_tensor(spec.name) ? sharded_sum : replicated) += sum;
+    }
+  }
+
   void save(moe::io::SafetensorsWriter& writer, const std::string& prefix) const override {
     moe::io::add_layer(writer, layer_, prefix);
   }
@@ -111,6 +146,9 @@ class LayerBlock final : public Block<typename Layer::Scalar> {
   }
 
  private:
+  // Whether each process holds only its share of the experts.
+  bool sharded() const { return layer_.dispatcher().group().size() > 1; }
+
   Layer layer_;
   typename Layer::Cache cache_;
   typename Layer::Parameters grads_;

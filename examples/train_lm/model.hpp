@@ -6,6 +6,7 @@
 // Non-MoE parameters live in two flat buffers: "decay" (matrices, weight
 // decay applies) and "no_decay" (gains and biases).
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <moe/core/tensor_buffer.hpp>
@@ -98,13 +99,16 @@ class Model {
   }
 
   // Gradients of the last forward's loss (plus the routers' aux terms)
-  // accumulate into every group's grads.
-  void backward(const Batch& batch) {
+  // accumulate into every group's grads. The loss is the mean over
+  // `loss_tokens` tokens: the batch's own (0), or the whole batch's when
+  // this is one process's share of it.
+  void backward(const Batch& batch, Eigen::Index loss_tokens = 0) {
     const Eigen::Index d = shape_.d_model;
     const Eigen::Map<const Matrix<T>> head(decay_["head.weight"].data(), shape_.vocab, d);
     Eigen::Map<Matrix<T>> dhead(decay_grads_["head.weight"].data(), shape_.vocab, d);
     SoftmaxCrossEntropyHead<T>::backward(normed_.back(), head, batch.targets, probs_, dhead,
-                                         no_decay_grads_["head.bias"], d_normed_);
+                                         no_decay_grads_["head.bias"], d_normed_,
+                                         loss_tokens > 0 ? loss_tokens : batch.rows());
     RMSNorm<T>::backward(stream_.back(), no_decay_["final_norm.gain"], inv_rms_.back(), d_normed_,
                          d_stream_, no_decay_grads_["final_norm.gain"]);
     for (std::size_t l = blocks_.size(); l-- > 0;) {
@@ -125,6 +129,29 @@ class Model {
     return g;
   }
 
+  // Data-parallel gradients over the processes of `group`, each of which
+  // ran backward on its share of the batch: afterwards every replicated
+  // tensor holds the whole batch's gradient (the same bits everywhere), and
+  // experts over the processes keep their own.
+  void sum_gradients(const moe::ProcessGroup& group) {
+    if (group.size() == 1) return;
+    for (auto* grads : {&decay_grads_, &no_decay_grads_}) {
+      std::vector<double> values(grads->flat().begin(), grads->flat().end());
+      group.sum(values.data(), static_cast<moe::Index>(values.size()));
+      std::copy(values.begin(), values.end(), grads->flat().begin());
+    }
+    for (auto& b : blocks_) b->sum_gradients(group);
+  }
+
+  // ||g||^2 over every parameter of the model, whichever process holds it.
+  double squared_gradient_norm(const moe::ProcessGroup& group) {
+    double replicated = 0, sharded = 0;
+    for (auto* grads : {&decay_grads_, &no_decay_grads_})
+      for (T v : grads->flat()) replicated += static_cast<double>(v) * static_cast<double>(v);
+    for (auto& b : blocks_) b->add_squared_gradients(replicated, sharded);
+    return replicated + group.sum(sharded);
+  }
+
   void zero_grad() {
     for (auto& g : groups()) g.grads->set_zero();
   }
@@ -137,8 +164,8 @@ class Model {
   // except the embedding rows it does not look up, plus per block the router
   // and the experts it is routed to (`experts_per_token` measured).
   moe::Index total_parameters() {
-    moe::Index n = 0;
-    for (auto& g : groups()) n += g.params->size();
+    moe::Index n = decay_.size() + no_decay_.size();
+    for (const auto& b : blocks_) n += b->total_parameters();
     return n;
   }
   double active_parameters(const std::vector<double>& experts_per_token) {
@@ -148,8 +175,7 @@ class Model {
     for (std::size_t l = 0; l < blocks_.size(); ++l) {
       const auto& b = *blocks_[l];
       const double per_expert = static_cast<double>(b.parameters_per_expert());
-      const double router =
-          static_cast<double>(blocks_[l]->parameters().size()) - per_expert * b.experts();
+      const double router = static_cast<double>(b.total_parameters()) - per_expert * b.experts();
       n += router + per_expert * experts_per_token[l];
     }
     return n;

@@ -115,11 +115,13 @@ struct SoftmaxCrossEntropyHead {
     return loss / static_cast<double>(probs.rows());
   }
   // dlogits = (p - onehot) / T; dW += dlogits^T h; db += sum dlogits; dh = dlogits W.
-  // probs is consumed (becomes dlogits).
+  // probs is consumed (becomes dlogits). T is the loss's token count: these
+  // rows, or a whole batch of which these rows are one process's share.
   static void backward(const Matrix<T>& h, const Eigen::Map<const Matrix<T>>& weight,
                        const std::vector<int>& targets, Matrix<T>& probs,
-                       Eigen::Map<Matrix<T>> dweight, std::span<T> dbias, Matrix<T>& dh) {
-    const T inv_tokens = T(1) / static_cast<T>(probs.rows());
+                       Eigen::Map<Matrix<T>> dweight, std::span<T> dbias, Matrix<T>& dh,
+                       Eigen::Index loss_tokens) {
+    const T inv_tokens = T(1) / static_cast<T>(loss_tokens);
     for (Eigen::Index t = 0; t < probs.rows(); ++t)
       probs(t, targets[static_cast<std::size_t>(t)]) -= T(1);
     probs *= inv_tokens;

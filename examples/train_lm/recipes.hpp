@@ -38,11 +38,15 @@ struct RecipeOptions {
   std::uint64_t total_steps = 1;  // the SMoE-Dropout curriculum's length
 };
 
-// Blocks of one recipe; `controller` receives ReMoE's shared lambda controller.
-template <class T>
+// Blocks of one recipe; `controller` receives ReMoE's shared lambda
+// controller. The MoE blocks' experts are placed by `dispatcher`
+// (dispatch::Local: all here; mpi::ExpertParallel: over the processes); the
+// dense recipe's one expert is always held whole.
+template <class T, class Dispatcher = moe::dispatch::Local>
 std::vector<std::unique_ptr<Block<T>>> make_blocks(
     const std::string& recipe, const RecipeOptions& o, std::uint64_t seed,
-    std::shared_ptr<moe::router::LambdaController>* controller = nullptr) {
+    std::shared_ptr<moe::router::LambdaController>* controller = nullptr,
+    const Dispatcher& dispatcher = {}) {
   using Backend = moe::cpu::Backend<T>;
   using Act = moe::act::GELU;
   const moe::LayerConfig moe_config{
@@ -62,23 +66,28 @@ std::vector<std::unique_ptr<Block<T>>> make_blocks(
           make_block(moe::Layer<moe::router::TopK, moe::estimator::Sparse, Backend, Act>(
               dense, moe::router::TopK{.k = 1, .aux_coef = 0}, {}, layer_seed)));
     } else if (recipe == "topk" || (recipe == "acmoe" && l == 0)) {
-      blocks.push_back(
-          make_block(moe::Layer<moe::router::TopK, moe::estimator::Sparse, Backend, Act>(
-              moe_config, topk, {}, layer_seed)));
+      blocks.push_back(make_block(
+          moe::Layer<moe::router::TopK, moe::estimator::Sparse, Backend, Act, Dispatcher>(
+              moe_config, topk, {}, layer_seed, Backend{}, dispatcher)));
     } else if (recipe == "default-moe") {
-      blocks.push_back(make_block(moe::DefaultMoELayer<Backend, Act>(
-          moe_config, topk, moe::estimator::DefaultEMA{.beta = o.ema_beta}, layer_seed)));
+      blocks.push_back(make_block(moe::DefaultMoELayer<Backend, Act, Dispatcher>(
+          moe_config, topk, moe::estimator::DefaultEMA{.beta = o.ema_beta}, layer_seed, Backend{},
+          dispatcher)));
     } else if (recipe == "remoe") {
-      blocks.push_back(make_block(moe::ReMoELayer<Backend, Act>(
-          moe_config, moe::router::ReluL1{.controller = shared, .k = o.k}, {}, layer_seed)));
+      blocks.push_back(make_block(moe::ReMoELayer<Backend, Act, Dispatcher>(
+          moe_config, moe::router::ReluL1{.controller = shared, .k = o.k}, {}, layer_seed,
+          Backend{}, dispatcher)));
     } else if (recipe == "acmoe") {
-      blocks.push_back(make_block(moe::ACMoELayer<Backend, Act>(
-          moe_config, moe::router::AdaptiveCluster{.k = o.k}, {}, layer_seed)));
+      blocks.push_back(make_block(moe::ACMoELayer<Backend, Act, Dispatcher>(
+          moe_config, moe::router::AdaptiveCluster{.k = o.k}, {}, layer_seed, Backend{},
+          dispatcher)));
     } else if (recipe == "smoe-dropout") {
       const moe::router::schedule::Linear curriculum{
           .k_min = o.smoe_k_min, .k_max = o.experts, .total_steps = o.total_steps};
-      blocks.push_back(make_block(moe::SMoEDropoutLayer<Backend, Act>(
-          moe_config, moe::router::random_frozen(curriculum), {}, layer_seed)));
+      blocks.push_back(
+          make_block(moe::SMoEDropoutLayer<Backend, Act, moe::router::schedule::Linear, Dispatcher>(
+              moe_config, moe::router::random_frozen(curriculum), {}, layer_seed, Backend{},
+              dispatcher)));
     } else {
       std::string known;
       for (const auto& n : recipe_names()) known += (known.empty() ? "" : ", ") + n;

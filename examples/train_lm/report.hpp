@@ -33,11 +33,13 @@ inline std::string format_duration(double seconds) {
 // prints a line at every tenth of the run instead.
 class ProgressBar {
  public:
-  ProgressBar(std::string label, std::uint64_t total)
-      : label_(std::move(label)), total_(total), tty_(isatty(fileno(stderr)) != 0) {}
+  // `shown` false: prints nothing (processes other than the first).
+  ProgressBar(std::string label, std::uint64_t total, bool shown = true)
+      : label_(std::move(label)), total_(total), tty_(isatty(fileno(stderr)) != 0), shown_(shown) {}
 
   void update(std::uint64_t done, double loss, double val_loss, double tokens_per_s, double eta_s,
               bool force = false) {
+    if (!shown_) return;
     const auto now = std::chrono::steady_clock::now();
     if (tty_) {
       if (!force && now - last_ < std::chrono::milliseconds(100)) return;
@@ -61,7 +63,7 @@ class ProgressBar {
     }
   }
   void finish() {
-    if (tty_) std::fprintf(stderr, "\n");
+    if (shown_ && tty_) std::fprintf(stderr, "\n");
   }
 
  private:
@@ -73,6 +75,7 @@ class ProgressBar {
   std::string label_;
   std::uint64_t total_;
   bool tty_;
+  bool shown_;
   std::uint64_t printed_ = 0;
   std::chrono::steady_clock::time_point last_{};
 };
@@ -86,10 +89,12 @@ struct SummaryRow {
   double val_bpc() const { return val_loss / std::log(2.0); }
 };
 
-inline std::string csv_number(double v) {
+// Six significant digits, or `digits` (losses keep nine: runs are compared
+// to 1e-5 relative).
+inline std::string csv_number(double v, int digits = 6) {
   if (!std::isfinite(v)) return "";
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.6g", v);
+  std::snprintf(buf, sizeof buf, "%.*g", digits, v);
   return buf;
 }
 
@@ -99,8 +104,8 @@ inline void write_metrics_csv(const std::filesystem::path& path,
   out << "recipe,step,tokens,train_loss,val_loss,sparsity,lambda,k,max_load_over_mean,"
          "tokens_per_s\n";
   for (const auto& r : rows)
-    out << r.recipe << ',' << r.step << ',' << r.tokens << ',' << csv_number(r.train_loss) << ','
-        << csv_number(r.val_loss) << ',' << csv_number(r.sparsity) << ',' << csv_number(r.lambda)
+    out << r.recipe << ',' << r.step << ',' << r.tokens << ',' << csv_number(r.train_loss, 9) << ','
+        << csv_number(r.val_loss, 9) << ',' << csv_number(r.sparsity) << ',' << csv_number(r.lambda)
         << ',' << (r.k >= 0 ? std::to_string(r.k) : "") << ',' << csv_number(r.max_load_over_mean)
         << ',' << csv_number(r.tokens_per_s) << '\n';
   if (!out) throw moe::Error(moe::detail::concat("moe-train-lm: cannot write ", path.string()));
@@ -113,7 +118,7 @@ inline void write_summary_csv(const std::filesystem::path& path,
          "total_parameters,sparsity,max_load_over_mean,wall_s\n";
   for (const auto& r : rows)
     out << r.recipe << ',' << (r.inference_k >= 0 ? std::to_string(r.inference_k) : "") << ','
-        << csv_number(r.train_loss) << ',' << csv_number(r.val_loss) << ','
+        << csv_number(r.train_loss, 9) << ',' << csv_number(r.val_loss, 9) << ','
         << csv_number(r.val_bpc()) << ',' << csv_number(r.tokens_per_s) << ','
         << csv_number(r.active_parameters) << ',' << csv_number(r.total_parameters) << ','
         << csv_number(r.sparsity) << ',' << csv_number(r.max_load_over_mean) << ','

@@ -80,10 +80,18 @@ class RoutingWindow {
     steps_ += 1;
   }
 
-  // The window's summary; starts a new window.
-  RoutingSummary take() {
+  // The window's summary over the whole batches of `group`'s processes;
+  // starts a new window.
+  RoutingSummary take(const moe::ProcessGroup& group) {
     RoutingSummary s;
     if (steps_ == 0) return s;
+    if (group.size() > 1) {
+      for (auto& load : load_) group.sum(load.data(), static_cast<moe::Index>(load.size()));
+      group.sum(selected_.data(), static_cast<moe::Index>(selected_.size()));
+      group.sum(zero_fraction_.data(), static_cast<moe::Index>(zero_fraction_.size()));
+      for (double& z : zero_fraction_) z /= group.size();  // each process's fraction, averaged
+      tokens_ = group.sum(tokens_);
+    }
     const auto L = static_cast<double>(load_.size());
     s.sparsity = 0;
     s.max_load_over_mean = 0;
@@ -110,15 +118,22 @@ class Run {
  public:
   using T = float;
 
+  // `dispatcher` places the MoE blocks' experts: dispatch::Local (all in
+  // this process), or experts over processes (mpi::ExpertParallel; it must
+  // outlive the run), where each process trains on its share of every batch
+  // and the results are the single process's.
+  template <class Dispatcher = moe::dispatch::Local>
   Run(std::string recipe, const Corpus& corpus, ModelShape shape, RecipeOptions recipe_options,
-      TrainOptions options)
+      TrainOptions options, const Dispatcher& dispatcher = {})
       : recipe_(std::move(recipe)),
         corpus_(corpus),
         recipe_options_(prepare(recipe_options, options)),
         options_(options),
-        model_(shape, make_blocks<T>(recipe_, recipe_options_, options.seed), options.seed) {
-    moe::detail::require(options.batch >= 1, "moe-train-lm: --batch=", options.batch,
-                         ", expected >= 1");
+        model_(shape, make_blocks<T>(recipe_, recipe_options_, options.seed, nullptr, dispatcher),
+               options.seed),
+        group_(&dispatcher.group()) {
+    moe::detail::require(options.batch >= group_->size(), "moe-train-lm: --batch=", options.batch,
+                         ", expected >= ", group_->size(), " (a token for each process)");
     moe::detail::require(options.steps >= 1, "moe-train-lm: --steps=", options.steps,
                          ", expected >= 1");
     for (auto& g : model_.groups())
@@ -137,11 +152,13 @@ class Run {
   // One optimiser step; returns the batch's training loss.
   double train_step() {
     sample_positions(options_.seed, step_, batch_.context, corpus_.train.size(), positions_);
-    fill_batch(corpus_.train, positions_, batch_);
+    fill_batch(corpus_.train, share(positions_), batch_);
     model_.zero_grad();
-    const double loss = model_.forward(batch_, moe::Mode::train);
+    const double loss =
+        whole_batch_mean(model_.forward(batch_, moe::Mode::train), batch_.rows(), options_.batch);
     routing_window_.add(model_, batch_.rows());
-    model_.backward(batch_);
+    model_.backward(batch_, options_.batch);
+    model_.sum_gradients(*group_);
     clip_gradients();
     const double lr = learning_rate(options_, step_);
     auto groups = model_.groups();
@@ -156,7 +173,7 @@ class Run {
 
   // Routing statistics of the training steps since the last call.
   RoutingSummary take_routing_window() {
-    last_routing_window_ = routing_window_.take();
+    last_routing_window_ = routing_window_.take(*group_);
     return last_routing_window_;
   }
   const RoutingSummary& last_routing_window() const { return last_routing_window_; }
@@ -177,16 +194,20 @@ class Run {
     Batch b;
     b.context = batch_.context;
     std::vector<std::size_t> pos;
-    for (std::size_t start = n; start < n_scored; start += static_cast<std::size_t>(chunk)) {
+    const auto processes = static_cast<std::size_t>(group_->size());
+    for (std::size_t start = n; start < n_scored;) {
+      // A chunk, with the rest when fewer than one token per process would remain.
+      std::size_t end = std::min(n_scored, start + static_cast<std::size_t>(chunk));
+      if (n_scored - end < processes) end = n_scored;
       pos.clear();
-      for (std::size_t t = start; t < std::min(n_scored, start + static_cast<std::size_t>(chunk));
-           ++t)
-        pos.push_back(t);
-      fill_batch(valid, pos, b);
-      sum += model_.forward(b, moe::Mode::eval) * static_cast<double>(pos.size());
+      for (std::size_t t = start; t < end; ++t) pos.push_back(t);
+      const std::vector<std::size_t> mine = share(pos);
+      fill_batch(valid, mine, b);
+      sum += model_.forward(b, moe::Mode::eval) * static_cast<double>(mine.size());
       count += pos.size();
+      start = end;
     }
-    return sum / static_cast<double>(count);
+    return group_->sum(sum) / static_cast<double>(count);
   }
 
   // Eval forwards at k experts (SMoE-Dropout's self-slimming); 0 clears.
@@ -198,6 +219,7 @@ class Run {
   // (EMA, lambda, schedule step, dropout counter), AdamW moments and steps,
   // the step; the configuration as metadata, checked on load.
   void save(const std::filesystem::path& path) const {
+    require_one_process("checkpoints");
     moe::io::SafetensorsWriter w;
     for (const auto& [key, value] : identity()) w.set_metadata(key, value);
     w.set_metadata("step", std::to_string(step_));
@@ -222,6 +244,7 @@ class Run {
   }
 
   void load(const std::filesystem::path& path) {
+    require_one_process("--resume");
     const auto file = moe::io::Safetensors::read(path);
     for (const auto& [key, value] : identity()) {
       const auto it = file.metadata().find(key);
@@ -307,12 +330,32 @@ class Run {
     }
   }
 
-  // Scales every gradient by min(1, clip / ||g||) over all parameters.
+  // This process's share of a batch's positions: the batch is the
+  // processes' shares in rank order, as one process would see it whole.
+  std::vector<std::size_t> share(const std::vector<std::size_t>& all) const {
+    if (group_->size() == 1) return all;
+    const std::size_t n = all.size(), P = static_cast<std::size_t>(group_->size()),
+                      r = static_cast<std::size_t>(group_->rank());
+    return {all.begin() + static_cast<std::ptrdiff_t>(n * r / P),
+            all.begin() + static_cast<std::ptrdiff_t>(n * (r + 1) / P)};
+  }
+
+  // The whole batch's mean from this process's mean over its `rows`.
+  double whole_batch_mean(double mine, Eigen::Index rows, Eigen::Index total) const {
+    if (group_->size() == 1) return mine;
+    return group_->sum(mine * static_cast<double>(rows)) / static_cast<double>(total);
+  }
+
+  void require_one_process(const char* what) const {
+    moe::detail::require(group_->size() == 1, "moe-train-lm: ", what, " with ", group_->size(),
+                         " processes (--expert-parallel), expected one: checkpoints of a run "
+                         "over processes are not supported yet");
+  }
+
+  // Scales every gradient by min(1, clip / ||g||) over all parameters (on
+  // every process, whichever holds them).
   void clip_gradients() {
-    double sum = 0;
-    for (auto& g : model_.groups())
-      for (T v : g.grads->flat()) sum += static_cast<double>(v) * static_cast<double>(v);
-    const double norm = std::sqrt(sum);
+    const double norm = std::sqrt(model_.squared_gradient_norm(*group_));
     if (options_.clip <= 0 || norm <= options_.clip) return;
     const auto scale = static_cast<T>(options_.clip / norm);
     for (auto& g : model_.groups())
@@ -324,6 +367,7 @@ class Run {
   RecipeOptions recipe_options_;
   TrainOptions options_;
   Model<T> model_;
+  const moe::ProcessGroup* group_;  // the processes sharing each batch
   std::vector<moe::optim::AdamW> optimizers_;
   Batch batch_;
   std::vector<std::size_t> positions_;

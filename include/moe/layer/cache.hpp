@@ -166,6 +166,12 @@ class LayerCache {
   const typename Estimator::template Cache<Backend>& estimator_cache() const {
     return data_.estimator;
   }
+  // The dispatcher's: the pairs grouped by expert (tokens(), experts()); for
+  // experts over processes also the rows sent to and received from each
+  // process (sent_rows(), received_rows()).
+  const typename Dispatcher::template Cache<Backend>& dispatch_cache() const {
+    return data_.dispatch;
+  }
 
   // After a backward of this forward: (T, E) dL/dG, the combine's entries and
   // the estimator's (DefaultEMA's and DenseExact's entries off the
