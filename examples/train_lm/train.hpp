@@ -88,9 +88,11 @@ class RoutingWindow {
     if (group.size() > 1) {
       for (auto& load : load_) group.sum(load.data(), static_cast<moe::Index>(load.size()));
       group.sum(selected_.data(), static_cast<moe::Index>(selected_.size()));
+      // Each process's fraction weighted by its tokens (the same every step).
+      const double total = group.sum(tokens_);
+      for (double& z : zero_fraction_) z *= tokens_ / total;
       group.sum(zero_fraction_.data(), static_cast<moe::Index>(zero_fraction_.size()));
-      for (double& z : zero_fraction_) z /= group.size();  // each process's fraction, averaged
-      tokens_ = group.sum(tokens_);
+      tokens_ = total;
     }
     const auto L = static_cast<double>(load_.size());
     s.sparsity = 0;

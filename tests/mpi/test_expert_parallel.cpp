@@ -4,9 +4,10 @@
 // runs a single-process layer (dispatch::Local) on the whole batch, and the
 // two must agree on outputs, dx, every gradient (the router's after
 // sum_replicated_gradients), the state and the losses over several training
-// steps and an eval forward: within 1e-12 (relative, double), and outputs
-// bitwise where the summation order is the same (it is, for the experts:
-// an expert's rows are the same rows in the same order).
+// steps and an eval forward: within 1e-12 (relative, double). Whether the
+// first step's outputs are bitwise equal is printed, not required: the
+// router's GEMM over a process's rows may round differently from the one
+// over the whole batch. Checkpoints round-trip bitwise (required).
 //
 // Plain main (no doctest): every process runs every case; the failures are
 // summed over the processes and rank 0 reports.
@@ -18,6 +19,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -175,6 +177,14 @@ void check_equal(const Case& c, const std::function<Router()>& make_router,
     const Mat<double> x_mine = my_rows(x, c.batch);
     one.forward(x, y, one_cache, mode, all_context);
     ep.forward(x_mine, y_mine, ep_cache, mode, my_context);
+    // The case's premise: a process receives no rows (DenseExact sends every
+    // token to every expert, so there every process does).
+    if (c.identical_tokens && g_size > 1 && !Estimator::kComputesAllExperts) {
+      const auto& got = ep_cache.dispatch_cache().received_rows();
+      std::int64_t empty = std::accumulate(got.begin(), got.end(), 0) == 0 ? 1 : 0;
+      MPI_Allreduce(MPI_IN_PLACE, &empty, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+      expect(empty >= 1, name + ": every process received rows");
+    }
     const std::string at = name + " step " + std::to_string(step);
     const Comparison cy = compare(at + " y", y_mine, Mat<double>(my_rows(y, c.batch)));
     outputs.worst = std::max(outputs.worst, cy.worst);
@@ -351,6 +361,16 @@ void checkpoint_round_trip() {
   const auto from_p = dir / ("moe_mpi_from_p" + std::to_string(g_size) + ".safetensors");
   const auto from_one = dir / ("moe_mpi_from_one" + std::to_string(g_size) + ".safetensors");
   mpi::save_layer(from_p, ep);
+  if (g_size > 1) {  // one process's functions refuse a sharded layer (saved only its share)
+    std::string refused;
+    try {
+      io::save_layer(dir / "moe_mpi_refused.safetensors", ep);
+    } catch (const Error& e) {
+      refused = e.what();
+    }
+    expect(refused.find("sharded over") != std::string::npos,
+           "io::save_layer of a sharded layer: no Error");
+  }
   One one(config, topk(2), {.beta = 0.5}, 99);  // another seed: everything must come from the file
   io::load_layer(from_p, one);
   compare_parameters("P -> 1 parameters", ep, ep.parameters(), one.parameters(), true);

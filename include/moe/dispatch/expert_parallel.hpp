@@ -28,6 +28,8 @@
 //              and offsets (in rows) per process.
 
 #include <algorithm>
+#include <cmath>
+#include <concepts>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -65,6 +67,7 @@ class ExpertParallel {
 
   // The transport's constructor arguments (an MPI_Comm; an ncclComm_t).
   template <class... Args>
+  requires std::constructible_from<Transport, Args...>
   explicit ExpertParallel(Args&&... args) : transport_(std::forward<Args>(args)...) {}
 
   const ProcessGroup& group() const { return transport_.group(); }
@@ -163,7 +166,7 @@ class ExpertParallel {
     g.all_gather(values.data(), E, all.data());
     Counts counts(all.size());
     for (std::size_t i = 0; i < all.size(); ++i) {
-      if (!(all[i] >= 0 && all[i] <= 0x1p53))
+      if (!(all[i] >= 0 && all[i] <= 0x1p53 && all[i] == std::floor(all[i])))
         g.abort(moe::detail::concat("moe::dispatch::ExpertParallel: process ", i / E,
                                     " sent a count of ", all[i], " pairs for expert ", i % E,
                                     ", expected a whole count >= 0"));

@@ -78,8 +78,25 @@ inline std::string state_prefix(const std::string& prefix) { return prefix + "st
 
 }  // namespace detail
 
+namespace detail {
+// These functions see one process's tensors: a layer whose experts are
+// sharded over processes holds only its share (moe/mpi/checkpoint.hpp
+// gathers and scatters them).
+template <class Layer>
+void require_one_process(const Layer& layer, const char* where) {
+  if constexpr (requires { layer.dispatcher().group(); }) {
+    const int processes = layer.dispatcher().group().size();
+    moe::detail::require(processes == 1, where, ": the layer's experts are sharded over ",
+                         processes,
+                         " processes, expected a layer holding all of them (for a sharded "
+                         "layer: moe::mpi::save_layer / load_layer, moe/mpi/checkpoint.hpp)");
+  }
+}
+}  // namespace detail
+
 template <CheckpointableLayer Layer>
 void add_layer(SafetensorsWriter& writer, const Layer& layer, const std::string& prefix = "") {
+  detail::require_one_process(layer, "moe::io::add_layer");
   add_buffer(writer, detail::param_prefix(prefix), layer.parameters());
   add_buffer(writer, detail::state_prefix(prefix), layer.state());
 }
@@ -115,6 +132,7 @@ void read_layer_tensors(const Safetensors& file, const std::string& prefix,
 // and the parameters are written last: on any Error the layer is unchanged.
 template <CheckpointableLayer Layer>
 void load_layer(const Safetensors& file, Layer& layer, const std::string& prefix = "") {
+  detail::require_one_process(layer, "moe::io::load_layer");
   // Staged in copies: the layer changes only once everything has loaded.
   auto params = layer.parameters().zeros_like();
   TensorBuffer<double> state = layer.state().zeros_like();
@@ -143,10 +161,6 @@ struct PolicyNames<moe::Layer<Router, Estimator, Backend, Activation, Dispatcher
 };
 }  // namespace detail
 
-// One layer in one file, with metadata saying what it is: "format"
-// ("moe.layer"), "format_version", the shape ("d_model", "d_ff", "experts",
-// "expert_bias"), the policies' names ("router", "estimator", "activation")
-// and "scalar". Written atomically (SafetensorsWriter::write).
 namespace detail {
 // save_layer() with the parameters given apart from the layer (an
 // expert-parallel layer's gathered experts).
@@ -195,6 +209,7 @@ Safetensors read_layer_file(const std::filesystem::path& path) {
 // and "scalar". Written atomically (SafetensorsWriter::write).
 template <CheckpointableLayer Layer>
 void save_layer(const std::filesystem::path& path, const Layer& layer) {
+  detail::require_one_process(layer, "moe::io::save_layer");
   detail::write_layer(path, layer, layer.parameters());
 }
 
@@ -205,6 +220,7 @@ void save_layer(const std::filesystem::path& path, const Layer& layer) {
 // decide whether the layer fits, and their errors name the tensor.
 template <CheckpointableLayer Layer>
 void load_layer(const std::filesystem::path& path, Layer& layer) {
+  detail::require_one_process(layer, "moe::io::load_layer");
   load_layer(detail::read_layer_file<Layer>(path), layer, "");
 }
 

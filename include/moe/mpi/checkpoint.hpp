@@ -44,7 +44,9 @@ void save_layer(const std::filesystem::path& path, const Layer& layer) {
   const bool root = group.rank() == 0;
   const auto& mine = layer.parameters();
   TensorBuffer<Scalar> whole;
-  if (root) whole = TensorBuffer<Scalar>(whole_layer_layout(layer), mine.memory());
+  group.agree("moe::mpi::save_layer", [&] {  // rank 0 alone allocates: all refuse together
+    if (root) whole = TensorBuffer<Scalar>(whole_layer_layout(layer), mine.memory());
+  });
   for (const TensorSpec& spec : mine.layout().specs()) {
     const auto part = mine[spec.name];
     if (Layer::is_expert_tensor(spec.name)) {

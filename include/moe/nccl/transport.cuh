@@ -30,17 +30,19 @@ class Transport {
                   const std::vector<int>& recv_offsets, Index width) const {
     const auto w = static_cast<std::size_t>(width);
     check(ncclGroupStart(), "ncclGroupStart");
-    for (int r = 0; r < group_.size(); ++r) {
+    // The group is always closed, so the first failure is checked after it.
+    ncclResult_t queued = ncclSuccess;
+    for (int r = 0; r < group_.size() && queued == ncclSuccess; ++r) {
       if (send_rows[r] > 0)
-        check(ncclSend(send + send_offsets[r] * w, send_rows[r] * w, datatype<T>(), r,
-                       group_.comm(), group_.stream()),
-              "ncclSend");
-      if (recv_rows[r] > 0)
-        check(ncclRecv(recv + recv_offsets[r] * w, recv_rows[r] * w, datatype<T>(), r,
-                       group_.comm(), group_.stream()),
-              "ncclRecv");
+        queued = ncclSend(send + send_offsets[r] * w, send_rows[r] * w, datatype<T>(), r,
+                          group_.comm(), group_.stream());
+      if (queued == ncclSuccess && recv_rows[r] > 0)
+        queued = ncclRecv(recv + recv_offsets[r] * w, recv_rows[r] * w, datatype<T>(), r,
+                          group_.comm(), group_.stream());
     }
-    check(ncclGroupEnd(), "ncclGroupEnd");
+    const ncclResult_t ended = ncclGroupEnd();
+    check(queued, "ncclSend/ncclRecv");
+    check(ended, "ncclGroupEnd");
     cuda::detail::check(cudaStreamSynchronize(group_.stream()),
                         "cudaStreamSynchronize (moe::nccl::Transport)");
   }
