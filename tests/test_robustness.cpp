@@ -4,8 +4,13 @@
 // a vanishing capacity factor, a refused ACMoE forward, and weights changed
 // between a forward and its backward. Each case failed before its fix.
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <new>
 
 #include "support.hpp"
 
@@ -72,6 +77,39 @@ TEST_CASE("a batch whose buffers would pass 2^59 values is refused before any wo
         std::string::npos);
 }
 
+TEST_CASE("a batch the memory refuses is moe::Error, not std::bad_alloc") {
+  if (kAddressSanitizer) return;  // its operator new aborts instead of throwing
+  // 2^22 tokens over 1024 experts: the (T, E) logits alone are 32 GiB, within
+  // 2^59 values, past an address space of what the process holds + 1 GiB.
+  L<> layer({.d_model = 1, .d_ff = 1, .experts = 1024}, router::TopK{.k = 1}, {}, 1);
+  const Index T = Index{1} << 22;
+  std::vector<double> x(static_cast<std::size_t>(T), 0.5), y(x.size());
+  L<>::Cache cache;
+  std::uint64_t pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;
+  REQUIRE(pages > 0);
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_AS, &saved) == 0);
+  rlimit tight = saved;
+  tight.rlim_cur = pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) + (1ull << 30);
+  if (saved.rlim_cur != RLIM_INFINITY && tight.rlim_cur >= saved.rlim_cur) return;
+  REQUIRE(::setrlimit(RLIMIT_AS, &tight) == 0);
+  std::string what;
+  try {
+    layer.forward(ConstMatrixView<double>(x.data(), T, 1), MatrixView<double>(y.data(), T, 1),
+                  cache, Mode::eval);
+  } catch (const Error& e) {
+    what = e.what();
+  } catch (const std::bad_alloc&) {
+    what = "std::bad_alloc";
+  }
+  ::setrlimit(RLIMIT_AS, &saved);
+  CAPTURE(what);
+  CHECK(what.find("moe::Layer::forward: out of memory for x.rows()=4194304 tokens") !=
+        std::string::npos);
+  CHECK_FALSE(cache.filled());
+}
+
 TEST_CASE("one NaN batch does not poison Default MoE's EMA") {
   using D = L<act::GELU, estimator::DefaultEMA>;
   D layer({.d_model = 4, .d_ff = 5, .experts = 3}, router::TopK{.k = 1}, {.beta = 0.5}, 2);
@@ -92,6 +130,10 @@ TEST_CASE("one NaN batch does not poison Default MoE's EMA") {
     CHECK(layer.state().matrix("estimator.ema")(nan_expert, j) ==
           ema_before[static_cast<std::size_t>(nan_expert * 4 + j)]);
   for (double v : layer.state()["estimator.ema"]) CHECK(std::isfinite(v));
+  // An eval forward flags it too (it read 0 in eval), and moves nothing.
+  layer.forward(bad, y, cache, Mode::eval);
+  CHECK(cache.estimator_cache().non_finite[static_cast<std::size_t>(nan_expert)] == 1);
+  for (int u : cache.estimator_cache().updated) CHECK(u == 0);
   layer.forward(x, y, cache, Mode::train);  // and later clean batches are clean
   CHECK(y.allFinite());
 }
@@ -108,6 +150,22 @@ TEST_CASE("load_state refuses NaN and Inf values, and changes nothing") {
     CHECK(what.find("expected finite values") != std::string::npos);
     for (double v : layer.state()["estimator.ema"]) CHECK(v == 0);
   }
+}
+
+TEST_CASE("a float layer refuses a state value past float's range") {
+  // 1e300 is finite in the state's doubles, but the EMA term of a float
+  // layer's outputs became Inf.
+  using F = Layer<router::TopK, estimator::DefaultEMA, cpu::Backend<float>, act::GELU>;
+  F layer({.d_model = 4, .d_ff = 5, .experts = 3}, router::TopK{.k = 1}, {}, 2);
+  auto state = layer.state();
+  state["estimator.ema"][5] = 1e300;
+  const std::string what = error_of([&] { layer.load_state(state); });
+  CAPTURE(what);
+  CHECK(what.find("estimator.ema[5]=1e+300") != std::string::npos);
+  CHECK(what.find("expected a magnitude of at most 3.40282e+38") != std::string::npos);
+  for (double v : layer.state()["estimator.ema"]) CHECK(v == 0);
+  state["estimator.ema"][5] = 1e30;  // within range: taken
+  CHECK_NOTHROW(layer.load_state(state));
 }
 
 TEST_CASE("optimiser options are checked at every step, and moments belong to one buffer") {
@@ -176,6 +234,48 @@ TEST_CASE("overlapping buffers are refused by address range, not only by equal p
         }).find("dx aliases x (their memory overlaps)") != std::string::npos);
 }
 
+TEST_CASE("outputs overlapping the parameters, the gradients or the state are refused") {
+  using D = L<act::GELU, estimator::DefaultEMA>;  // a state with an EMA: E x d doubles
+  D layer({.d_model = 4, .d_ff = 5, .experts = 3}, router::TopK{.k = 2}, {}, 2);
+  const auto x = random_matrix<double>(2, 4, 1), dy = random_matrix<double>(2, 4, 2);
+  Mat<double> y(2, 4), dx(2, 4);
+  D::Cache cache;
+  auto grads = layer.make_gradients();
+  double* params = layer.parameters().flat().data();
+  double* state = layer.state().flat().data();
+  REQUIRE(layer.state().size() >= 10);
+  auto view = [](double* p) { return MatrixView<double>(p, 2, 4); };
+  const auto unchanged = [&] {
+    return std::vector<double>(layer.state().flat().begin(), layer.state().flat().end());
+  };
+  const auto state_before = unchanged();
+  CHECK(error_of([&] {
+          layer.forward(x, view(params + 1), cache, Mode::train);
+        }).find("y overlaps the layer's parameters") != std::string::npos);
+  CHECK(error_of([&] {
+          layer.forward(x, view(state + 1), cache, Mode::train);
+        }).find("y overlaps the layer's state") != std::string::npos);
+  CHECK(unchanged() == state_before);
+  layer.forward(x, y, cache, Mode::train);
+  CHECK(error_of([&] {
+          layer.backward(x, cache, dy,
+                         view(const_cast<double*>(std::as_const(layer).parameters().flat().data())),
+                         grads);
+        }).find("dx overlaps the parameters or grads") != std::string::npos);
+  CHECK(error_of([&] {
+          layer.backward(x, cache, dy, view(grads.flat().data() + 3), grads);
+        }).find("dx overlaps the parameters or grads") != std::string::npos);
+  CHECK(error_of([&] {
+          layer.backward(MatrixView<const double>(grads.flat().data() + 2, 2, 4), cache, dy, dx,
+                         grads);
+        }).find("x overlaps grads") != std::string::npos);
+  CHECK(error_of([&] {
+          layer.backward(x, cache, dy, view(state + 2), grads);
+        }).find("dx or grads overlaps the layer's state") != std::string::npos);
+  CHECK(std::all_of(grads.flat().begin(), grads.flat().end(), [](double g) { return g == 0; }));
+  CHECK_NOTHROW(layer.backward(x, cache, dy, dx, grads));
+}
+
 TEST_CASE("a capacity factor above 0 keeps at least one pair per expert") {
   L<> layer({.d_model = 4, .d_ff = 5, .experts = 8, .capacity_factor = 5e-324},
             router::TopK{.k = 1}, {}, 2);
@@ -219,4 +319,26 @@ TEST_CASE("weights taken for writing between a forward and its backward are refu
   CHECK(error_of([&] {
           layer.backward(x, cache, dy, dx, grads);
         }).find("the parameters were taken for writing") != std::string::npos);
+}
+
+TEST_CASE("a layer assigned to between a forward and its backward refuses the cache") {
+  // Two layers of the same shape and seed had the same version count, so an
+  // assignment carried a version the cache matched: other weights, accepted.
+  const LayerConfig config{.d_model = 4, .d_ff = 5, .experts = 3};
+  L<> layer(config, router::TopK{.k = 2}, {}, 2), other(config, router::TopK{.k = 2}, {}, 3);
+  const auto x = random_matrix<double>(6, 4, 1), dy = random_matrix<double>(6, 4, 2);
+  Mat<double> y(6, 4), dx(6, 4);
+  L<>::Cache cache;
+  auto grads = layer.make_gradients();
+  layer.forward(x, y, cache, Mode::train);
+  layer = other;
+  CHECK(error_of([&] {
+          layer.backward(x, cache, dy, dx, grads);
+        }).find("the parameters were taken for writing") != std::string::npos);
+  // Moved-from and moved-to layers, likewise.
+  L<> source(config, router::TopK{.k = 2}, {}, 4);
+  source.forward(x, y, cache, Mode::train);
+  L<> moved(std::move(source));
+  CHECK(error_of([&] { moved.backward(x, cache, dy, dx, grads); }).find("expected this layer") !=
+        std::string::npos);
 }

@@ -58,6 +58,15 @@ class ProcessGroup {
     return value;
   }
 
+  // A failure between the group's collectives, on this process alone: an
+  // Error with one process; with several, the end of them all (the others
+  // would wait for this one in their next collective forever).
+  [[noreturn]] void fail(const std::string& reason) const {
+    if (size() == 1) throw Error(reason);
+    abort(reason);
+    std::terminate();  // not reached; GCC does not see a virtual call's [[noreturn]]
+  }
+
   // Whether every process passed true.
   bool all(bool ok) const {
     Index refusals = ok ? 0 : 1;

@@ -4,6 +4,7 @@
 // step the whole layer as one array while code addresses "experts.w1" by name.
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <memory_resource>
 #include <new>
@@ -264,13 +265,16 @@ namespace detail {
 // Every value of `buffer` finite, or an error naming the first that is not
 // (its tensor and index), from `where`.
 template <class T>
-void require_finite(const TensorBuffer<T>& buffer, const std::string& where) {
+void require_finite(const TensorBuffer<T>& buffer, const std::string& where,
+                    double bound = std::numeric_limits<double>::max()) {
   for (const TensorSpec& spec : buffer.layout().specs()) {
     const auto values = buffer[spec.name];
     for (std::size_t i = 0; i < values.size(); ++i) {
       const double v = static_cast<double>(values[i]);
       require(v - v == 0.0, where, ": ", spec.name, "[", i, "]=", v,
               ", expected finite values (NaN and Inf are refused)");
+      require(v <= bound && v >= -bound, where, ": ", spec.name, "[", i, "]=", v,
+              ", expected a magnitude of at most ", bound, " (the layer's scalar type's range)");
     }
   }
 }

@@ -70,20 +70,18 @@ struct DefaultEMA {
     int* updated = cache.updated.data();
     int* non_finite = cache.non_finite.data();
     batch_means(be, batch, cache);  // in eval too: readable, not taken
-    if (mode != Mode::train) {
-      be.parallel_for(
-          E, [=] MOE_HOST_DEVICE(Index e) { updated[e] = non_finite[e] = 0; }, E);
-      return;
-    }
+    // The flags in eval too; only a training forward moves the EMA.
+    const bool train = mode == Mode::train;
     const double* mean = cache.batch_mean.data();
     be.parallel_sum_rows(
         E, d,
         [=] MOE_HOST_DEVICE(Index e, Index j) { return math::is_finite(mean[e * d + j]) ? 0 : 1; },
         [=] MOE_HOST_DEVICE(Index e, int bad) {
           non_finite[e] = updated[e] && bad > 0 ? 1 : 0;
-          updated[e] = updated[e] && bad == 0 ? 1 : 0;
+          updated[e] = train && updated[e] && bad == 0 ? 1 : 0;
         },
         E * d);
+    if (!train) return;
     double* ema = state["estimator.ema"].data();
     const double b = beta;
     be.parallel_for_rows(

@@ -10,7 +10,10 @@
 #include <span>
 #include <vector>
 
+#include "moe/core/concepts/estimator.hpp"
+#include "moe/core/config.hpp"
 #include "moe/core/error.hpp"
+#include "moe/core/process_group.hpp"
 #include "moe/core/routing.hpp"
 #include "moe/core/tensor_buffer.hpp"
 #include "moe/core/view.hpp"
@@ -91,6 +94,52 @@ void keep_state(const B& be, const TensorBuffer<double>& state, TensorBuffer<dou
   const Index n = state.size();
   be.parallel_for(
       n, [=] MOE_HOST_DEVICE(Index i) { dst[i] = src[i]; }, n);
+}
+
+// c.stats from a forward's selection and dispatch: the routing statistics
+// of this process's tokens.
+template <class Estimator, class CacheData>
+void record_stats(const LayerConfig& config, CacheData& c) {
+  const Index T = c.tokens, E = config.experts;
+  const auto& sel = c.selection;
+  auto& stats = c.stats;
+  stats.tokens_per_expert = c.dispatch.tokens().rows_per_expert;
+  stats.routed_per_expert = c.dispatch.tokens().selected_per_expert;
+  if constexpr (Estimator::kComputesAllExperts) {  // report the routed load, not the oracle's
+    stats.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
+    for (Index p = 0; p < sel.pairs(); ++p) ++stats.tokens_per_expert[sel.pair_expert[p]];
+    stats.routed_per_expert = stats.tokens_per_expert;  // no capacity with the oracle
+  }
+  stats.selected_pairs = sel.pairs();
+  stats.dropped_pairs = c.dispatch.tokens().dropped;
+  stats.aux_loss = sel.aux_loss;
+  stats.load_balance_loss = sel.load_balance_loss;
+  stats.z_loss = sel.z_loss;
+  stats.l1_loss = sel.l1_loss;
+  stats.zero_gate_fraction =
+      1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
+}
+
+// What the estimator sees of a forward: the gates, the pairs, each row's
+// output on the tokens' side, and the processes of the batch.
+template <class CacheData>
+auto estimator_batch(const CacheData& c, const ProcessGroup& group) {
+  const auto& tokens = c.dispatch.tokens();
+  EstimatorBatch<typename CacheData::S> b;
+  b.tokens = c.tokens;
+  b.experts = c.experts;
+  b.d_model = c.d_model;
+  b.gates = c.selection.gates.data();
+  b.probabilities =
+      c.selection.probabilities.size() > 0 ? c.selection.probabilities.data() : nullptr;
+  b.token_offsets = c.selection.token_offsets.data();
+  b.pair_expert = c.selection.pair_expert.data();
+  b.expert_offsets = tokens.row_offsets.data();
+  b.rows = tokens.rows();
+  b.row_token = tokens.row_token.data();
+  b.expert_out = c.out_rows.data();
+  b.group = &group;
+  return b;
 }
 
 }  // namespace detail

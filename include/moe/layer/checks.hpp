@@ -4,11 +4,16 @@
 // naming the argument, its value and what was expected.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <new>
+#include <span>
+#include <string_view>
 
 #include "moe/core/config.hpp"
 #include "moe/core/error.hpp"
+#include "moe/core/process_group.hpp"
 #include "moe/core/tensor_buffer.hpp"
 #include "moe/core/view.hpp"
 
@@ -20,9 +25,9 @@ void check_config(const LayerConfig& c) {
   require(c.d_ff >= 1, "moe::Layer: d_ff=", c.d_ff, ", expected >= 1");
   // A gated activation's first weight is (d, 2 d_ff): the product must not
   // overflow before the tensor's own size check sees it.
-  require(!Activation::kGated || c.d_ff <= TensorLayout::kMaxElements / 2, "moe::Layer: d_ff=",
-          c.d_ff, " with ", Activation::kName, " (2 d_ff columns), expected at most 2^",
-          TensorLayout::kMaxBits - 1);
+  require(!Activation::kGated || c.d_ff <= TensorLayout::kMaxElements / 2,
+          "moe::Layer: d_ff=", c.d_ff, " with ", Activation::kName,
+          " (2 d_ff columns), expected at most 2^", TensorLayout::kMaxBits - 1);
   require(c.experts >= 1, "moe::Layer: experts=", c.experts, ", expected >= 1");
   require(!c.expert_bias || Activation::kSupportsBias, "moe::Layer: expert_bias=true, ",
           "expected false for activation ", Activation::kName, " (it has no biases)");
@@ -84,6 +89,108 @@ void check_backward_arguments(const LayerConfig& config, Index tokens, ConstMatr
           dy.cols(), "), expected (", T, ", ", d, ")");
   require(dx.rows() == T && dx.cols() == d, "moe::Layer::backward: dx is (", dx.rows(), ", ",
           dx.cols(), "), expected (", T, ", ", d, ")");
+}
+
+// What the forward writes (y) must not overlap the layer's parameters or
+// state (x against y: check_forward_arguments).
+template <class S>
+void check_forward_buffers(MatrixView<S> y, std::span<const S> params,
+                           std::span<const double> state) {
+  require(!overlaps(y, params),
+          "moe::Layer::forward: y overlaps the layer's parameters, expected a buffer of its own");
+  require(!overlaps(y, state),
+          "moe::Layer::forward: y overlaps the layer's state (layer.state()), expected a buffer "
+          "of its own");
+}
+
+// A cache is only this layer's, from a forward that saw its current weights.
+template <class Cache>
+void check_cache_owner(const Cache& c, std::uint64_t layer, std::uint64_t parameters_version) {
+  require(c.owner == layer, "moe::Layer::backward: cache filled by layer #", c.owner,
+          ", expected this layer #", layer,
+          " (a copy of a layer is a new layer with its own caches)");
+  require(c.parameters_version == parameters_version,
+          "moe::Layer::backward: the parameters were taken for writing (layer.parameters()) or "
+          "replaced (the layer assigned to) since this cache's forward, expected the weights of "
+          "the forward: run the forward again (read them through "
+          "std::as_const(layer).parameters() in between)");
+}
+
+// What the backward writes (dx, grads) must not overlap what it reads after
+// writing (x, the parameters), each other, or the layer's state.
+template <class S>
+void check_backward_buffers(ConstMatrixView<S> x, MatrixView<S> dx, std::span<const S> grads,
+                            std::span<const S> params, std::span<const double> state) {
+  require(!overlaps(dx, x),
+          "moe::Layer::backward: dx aliases x (their memory overlaps), expected separate buffers "
+          "(x is read after dx is written)");
+  require(!overlaps(dx, params) && !overlaps(dx, grads),
+          "moe::Layer::backward: dx overlaps the parameters or grads, expected a buffer of its "
+          "own");
+  require(!overlaps(grads, params),
+          "moe::Layer::backward: grads overlaps the layer's parameters, expected "
+          "layer.make_gradients() (gradients would be added into the weights)");
+  require(!overlaps(x, grads), "moe::Layer::backward: x overlaps grads, expected separate buffers");
+  require(!overlaps(dx, state) && !overlaps(grads, state),
+          "moe::Layer::backward: dx or grads overlaps the layer's state (layer.state()), "
+          "expected buffers of their own");
+}
+
+// With check_finite on, the first non-finite value of m is an Error naming
+// its place and value (m may be device memory).
+template <class Backend, class S>
+void check_finite(const Backend& backend, const LayerConfig& config, const char* where,
+                  const char* name, ConstMatrixView<S> m) {
+  if (!config.check_finite) return;
+  const Index bad = backend.first_non_finite(m.data(), m.size());
+  if (bad < 0) return;
+  S value;
+  backend.copy_to_host(&value, m.data() + bad, 1);
+  throw Error(concat("moe::Layer::", where, ": ", name, "(", bad / m.cols(), ", ", bad % m.cols(),
+                     ")=", value, " is not finite, expected finite values (check_finite=true)"));
+}
+
+// Runs a forward or backward past its checks. A failure there may strike one
+// process between the group's collectives: group.fail ends them all rather
+// than leave the others waiting (one process: an Error, out of memory too).
+template <class Body>
+void run_or_fail(const ProcessGroup& group, const char* where, Index tokens,
+                 const LayerConfig& config, const char* aftermath, Body&& body) {
+  try {
+    body();
+  } catch (const std::bad_alloc&) {
+    group.fail(concat("moe::Layer::", where, ": out of memory for x.rows()=", tokens,
+                      " tokens (experts=", config.experts, ", d_ff=", config.d_ff,
+                      "), expected a batch whose buffers fit in memory; ", aftermath));
+  } catch (const Error& e) {
+    if (group.size() == 1) throw;
+    group.fail(e.what());
+  }
+}
+
+// What every process of a group must share (compared at construction): the
+// shape, the options, the policies' names, the seed, k and the scalar type.
+template <class Router, class Estimator, class Activation, class Scalar>
+std::array<double, 13> layer_fingerprint(const LayerConfig& config, std::uint64_t seed,
+                                         Index nominal_k) {
+  const auto name = [](std::string_view s) {  // FNV-1a of a name, 53 bits: exact in a double
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    for (const char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001b3ull;
+    return static_cast<double>(h >> 11);
+  };
+  return {static_cast<double>(config.experts),
+          static_cast<double>(config.d_model),
+          static_cast<double>(config.d_ff),
+          config.expert_bias ? 1.0 : 0.0,
+          config.capacity_factor,
+          config.dropout,
+          static_cast<double>(seed >> 32),
+          static_cast<double>(seed & 0xFFFFFFFFull),
+          static_cast<double>(nominal_k),
+          name(Router::kName),
+          name(Estimator::kName),
+          name(Activation::kName),
+          static_cast<double>(sizeof(Scalar))};
 }
 
 }  // namespace moe::detail

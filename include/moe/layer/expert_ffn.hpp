@@ -10,6 +10,7 @@
 
 #include "moe/core/concepts.hpp"
 #include "moe/core/routing.hpp"
+#include "moe/core/tensor_buffer.hpp"
 #include "moe/math/random.hpp"
 
 namespace moe {
@@ -33,6 +34,18 @@ struct ExpertGradients {
   S* w2;
   S* b2;
 };
+
+// The expert tensors of a layer's parameters, or of its gradients.
+template <class S>
+ExpertWeights<S> expert_weights(const TensorBuffer<S>& params, bool bias) {
+  return {params["experts.w1"].data(), bias ? params["experts.b1"].data() : nullptr,
+          params["experts.w2"].data(), bias ? params["experts.b2"].data() : nullptr};
+}
+template <class S>
+ExpertGradients<S> expert_gradients(TensorBuffer<S>& grads, bool bias) {
+  return {grads["experts.w1"].data(), bias ? grads["experts.b1"].data() : nullptr,
+          grads["experts.w2"].data(), bias ? grads["experts.b2"].data() : nullptr};
+}
 
 // Dropout on the hidden units: unit j of pair p is kept with probability
 // 1 - rate, a pure function of (key, p, j), so the backward recomputes the

@@ -16,9 +16,9 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string_view>
 #include <utility>
@@ -35,6 +35,7 @@
 #include "moe/layer/checks.hpp"
 #include "moe/layer/combine.hpp"
 #include "moe/layer/expert_ffn.hpp"
+#include "moe/layer/identity.hpp"
 #include "moe/layer/selection.hpp"
 #include "moe/math/random.hpp"
 
@@ -63,7 +64,9 @@ class Layer {
         seed_(seed) {
     const ProcessGroup& group = dispatcher_.group();
     group.agree("moe::Layer", [&] { validate_config(); });
-    group.require_same(fingerprint().data(), kFingerprintSize,
+    const auto fingerprint = detail::layer_fingerprint<Router, Estimator, Activation, Scalar>(
+        config_, seed_, router_.nominal_k());
+    group.require_same(fingerprint.data(), static_cast<Index>(fingerprint.size()),
                        "moe::Layer: the layer's shape, options, policies and seed");
     local_experts_ = dispatcher_.local_experts(config_.experts);
     params_ = Parameters(parameter_layout(), backend_.memory_resource());
@@ -77,7 +80,7 @@ class Layer {
   // PyTorch nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
   // and biases; the router initialises its own weights. Deterministic in seed.
   void initialize() {
-    ++parameters_version_;
+    parameters_version_.renew();
     router_.init(params_, config_, math::hash3(seed_, kRouterSeedStream, 0));
     const double bound1 = 1.0 / std::sqrt(static_cast<double>(config_.d_model));
     const double bound2 = 1.0 / std::sqrt(static_cast<double>(config_.d_ff));
@@ -102,23 +105,8 @@ class Layer {
     });
     require_same_forward(mode);
     auto& c = detail::CacheAccess::data(cache);
-    begin(c, x.rows());
-    ForwardContext routing = context;
-    routing.group = &group;  // the processes whose tokens make up the batch
-    router_.forward(backend_, mode, x, std::as_const(params_), routing, c.selection, c.router);
-    detail::write_top1(backend_, c.selection, c.top1);
-    const auto& pairs = computed_pairs(c);
-    dispatcher_.plan(backend_, pairs, capacity(group.sum(x.rows())), c.dispatch);
-    run_experts(x, mode, c);
-    const auto& tokens = c.dispatch.tokens();
-    combine(backend_, token_pairs(c.selection, pairs, tokens), c.out_rows.data(), config_.d_model,
-            tokens.rows(), y.data());
-    const auto batch = batch_of(c);
-    estimator_.update_state(backend_, mode, batch, state_, c.estimator);  // before use
-    estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
-    detail::keep_state(backend_, state_, c.state);
-    record_stats(c);
-    c.filled = true;
+    detail::run_or_fail(group, "forward", x.rows(), config_, "the cache is left empty",
+                        [&] { run_forward(x, y, c, mode, context); });
   }
 
   // dx = dL/dx and grads += dL/dparameters for L = <dy, y> + aux_loss, where
@@ -127,25 +115,11 @@ class Layer {
   void backward(ConstMatrixView<Scalar> x, Cache& cache, ConstMatrixView<Scalar> dy,
                 MatrixView<Scalar> dx, Parameters& grads) {
     auto& c = detail::CacheAccess::data(cache);
-    dispatcher_.group().agree("moe::Layer::backward", [&] { check_backward(x, c, dy, dx, grads); });
-    const Index T = x.rows(), d = config_.d_model, E = config_.experts;
-    const auto& tokens = c.dispatch.tokens();
-    const auto pairs = token_pairs(c.selection, computed_pairs(std::as_const(c)), tokens);
-    auto& ws = c.workspace;
-    ws.d_out.resize(static_cast<std::size_t>(tokens.rows() * d));
-    ws.d_gates.resize(static_cast<std::size_t>(T * E));
-    ws.d_logits.resize(static_cast<std::size_t>(T * E));
-    combine_backward(backend_, tokens, pairs, c.out_rows.data(), dy.data(), d, ws.d_out.data(),
-                     ws.d_gates.data());
-    estimator_.add_unselected_gate_gradients(backend_, batch_of(c), c.state, dy.data(),
-                                             ws.d_gates.data());
-    backward_experts(c, grads);
-    sum_input_gradients(backend_, pairs, ws.d_x_rows.data(), d, tokens.rows(), dx.data());
-    // The router adds its own dL/dx and parameter gradients (aux loss included).
-    router_.backward(backend_, x, std::as_const(params_), std::as_const(c.selection),
-                     std::as_const(c.router), ws.d_gates.data(), dx.data(), grads,
-                     ws.d_logits.data());
-    c.backward_done = true;
+    const ProcessGroup& group = dispatcher_.group();
+    group.agree("moe::Layer::backward", [&] { check_backward(x, c, dy, dx, grads); });
+    detail::run_or_fail(group, "backward", x.rows(), config_,
+                        "grads may hold part of this backward's gradient",
+                        [&] { run_backward(x, c, dy, dx, grads); });
   }
 
   // Called once after each optimiser step with the number of steps done:
@@ -184,7 +158,12 @@ class Layer {
     detail::require_whole(state["layer.train_forwards"][0], 53, where, "layer.train_forwards");
     detail::require_whole(state["layer.dropout_seed"][0], 32, where, "layer.dropout_seed[0]");
     detail::require_whole(state["layer.dropout_seed"][1], 32, where, "layer.dropout_seed[1]");
-    detail::require_finite(state, where);
+    // Every value within the scalar type's range too: an EMA of 1e300 is
+    // finite in the state's doubles but Inf in a float layer's outputs.
+    if constexpr (std::numeric_limits<Scalar>::is_specialized)
+      detail::require_finite(state, where, static_cast<double>(std::numeric_limits<Scalar>::max()));
+    else
+      detail::require_finite(state, where);
     router_.restore(state);
     std::copy(state.flat().begin(), state.flat().end(), state_.flat().begin());
   }
@@ -197,7 +176,7 @@ class Layer {
   // saw other weights. Read them through the const overload
   // (std::as_const(layer).parameters()) between a forward and its backward.
   Parameters& parameters() {
-    ++parameters_version_;
+    parameters_version_.renew();
     return params_;
   }
   const Parameters& parameters() const { return params_; }
@@ -235,22 +214,6 @@ class Layer {
   static constexpr std::uint64_t kExpertSeedStream = 2;
   static constexpr std::uint64_t kDropoutSeedStream = 3;
 
-  // Caches remember which layer filled them; copies get a new identity.
-  class InstanceId {
-   public:
-    InstanceId() : value_(next()) {}
-    InstanceId(const InstanceId&) : value_(next()) {}
-    InstanceId& operator=(const InstanceId&) { return *this; }
-    std::uint64_t value() const { return value_; }
-
-   private:
-    static std::uint64_t next() {
-      static std::atomic<std::uint64_t> counter{0};
-      return ++counter;
-    }
-    std::uint64_t value_;
-  };
-
   // The router's parameters (every process has them all) and the experts'
   // of this process (all E with one process).
   std::shared_ptr<TensorLayout> parameter_layout() const {
@@ -273,12 +236,58 @@ class Layer {
     return layout;
   }
 
-  // The cache starts over: unfilled until this forward completes.
+  // The forward and backward after their checks. The cache starts over:
+  // unfilled until this forward completes.
+  void run_forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y, CacheData& c, Mode mode,
+                   const ForwardContext& context) {
+    const ProcessGroup& group = dispatcher_.group();
+    begin(c, x.rows());
+    ForwardContext routing = context;
+    routing.group = &group;  // the processes whose tokens make up the batch
+    router_.forward(backend_, mode, x, std::as_const(params_), routing, c.selection, c.router);
+    detail::write_top1(backend_, c.selection, c.top1);
+    const auto& pairs = computed_pairs(c);
+    dispatcher_.plan(backend_, pairs, capacity(group.sum(x.rows())), c.dispatch);
+    run_experts(x, mode, c);
+    const auto& tokens = c.dispatch.tokens();
+    combine(backend_, token_pairs(c.selection, pairs, tokens), c.out_rows.data(), config_.d_model,
+            tokens.rows(), y.data());
+    const auto batch = detail::estimator_batch(c, dispatcher_.group());
+    estimator_.update_state(backend_, mode, batch, state_, c.estimator);  // before use
+    estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
+    detail::keep_state(backend_, state_, c.state);
+    detail::record_stats<Estimator>(config_, c);
+    c.filled = true;
+  }
+
+  void run_backward(ConstMatrixView<Scalar> x, CacheData& c, ConstMatrixView<Scalar> dy,
+                    MatrixView<Scalar> dx, Parameters& grads) {
+    const Index T = x.rows(), d = config_.d_model, E = config_.experts;
+    const auto& tokens = c.dispatch.tokens();
+    const auto pairs = token_pairs(c.selection, computed_pairs(std::as_const(c)), tokens);
+    auto& ws = c.workspace;
+    ws.d_out.resize(static_cast<std::size_t>(tokens.rows() * d));
+    ws.d_gates.resize(static_cast<std::size_t>(T * E));
+    ws.d_logits.resize(static_cast<std::size_t>(T * E));
+    combine_backward(backend_, tokens, pairs, c.out_rows.data(), dy.data(), d, ws.d_out.data(),
+                     ws.d_gates.data());
+    estimator_.add_unselected_gate_gradients(backend_,
+                                             detail::estimator_batch(c, dispatcher_.group()),
+                                             c.state, dy.data(), ws.d_gates.data());
+    backward_experts(c, grads);
+    sum_input_gradients(backend_, pairs, ws.d_x_rows.data(), d, tokens.rows(), dx.data());
+    // The router adds its own dL/dx and parameter gradients (aux loss included).
+    router_.backward(backend_, x, std::as_const(params_), std::as_const(c.selection),
+                     std::as_const(c.router), ws.d_gates.data(), dx.data(), grads,
+                     ws.d_logits.data());
+    c.backward_done = true;
+  }
+
   void begin(CacheData& c, Index tokens) const {
     c.filled = false;
     c.backward_done = false;
     c.owner = id_.value();
-    c.parameters_version = parameters_version_;
+    c.parameters_version = parameters_version_.value();
     c.tokens = tokens;
     c.d_model = config_.d_model;
     c.d_ff = config_.d_ff;
@@ -301,7 +310,8 @@ class Layer {
     out_at_experts.resize(static_cast<std::size_t>(experts.rows() * d));
     c.activations.dropout = next_dropout(mode);
     c.activations.derivatives = mode == Mode::train;  // the backward multiplies by them
-    expert_forward<Activation>(backend_, experts, d, config_.d_ff, weights(), x_at_experts.data(),
+    expert_forward<Activation>(backend_, experts, d, config_.d_ff,
+                               expert_weights(params_, config_.expert_bias), x_at_experts.data(),
                                c.activations, out_at_experts.data());
     dispatcher_.to_tokens(backend_, c.dispatch, out_at_experts, c.out_rows, d);
   }
@@ -317,9 +327,10 @@ class Layer {
     auto& d_x_at_experts = dispatcher_.experts_side(ws.d_x_rows, ws.d_x_rows_at_experts);
     d_x_at_experts.resize(static_cast<std::size_t>(experts.rows() * d));
     const auto& x_at_experts = dispatcher_.experts_side(c.x_rows, c.x_rows_at_experts);
-    expert_backward<Activation>(backend_, experts, d, config_.d_ff, weights(), x_at_experts.data(),
-                                c.activations, d_out_at_experts.data(), ws.experts,
-                                gradients(grads), d_x_at_experts.data());
+    expert_backward<Activation>(
+        backend_, experts, d, config_.d_ff, expert_weights(params_, config_.expert_bias),
+        x_at_experts.data(), c.activations, d_out_at_experts.data(), ws.experts,
+        expert_gradients(grads, config_.expert_bias), d_x_at_experts.data());
     dispatcher_.to_tokens(backend_, c.dispatch, d_x_at_experts, ws.d_x_rows, d);
   }
 
@@ -336,62 +347,6 @@ class Layer {
         math::hash3(seed, kDropoutSeedStream, static_cast<std::uint64_t>(train_forwards))};
     if (mode == Mode::train) train_forwards += 1;
     return dropout;
-  }
-
-  ExpertWeights<Scalar> weights() const {
-    const bool bias = config_.expert_bias;
-    return {params_["experts.w1"].data(), bias ? params_["experts.b1"].data() : nullptr,
-            params_["experts.w2"].data(), bias ? params_["experts.b2"].data() : nullptr};
-  }
-  ExpertGradients<Scalar> gradients(Parameters& grads) const {
-    const bool bias = config_.expert_bias;
-    return {grads["experts.w1"].data(), bias ? grads["experts.b1"].data() : nullptr,
-            grads["experts.w2"].data(), bias ? grads["experts.b2"].data() : nullptr};
-  }
-
-  void record_stats(CacheData& c) const {
-    const Index T = c.tokens, E = config_.experts;
-    const auto& sel = c.selection;
-    auto& stats = c.stats;
-    stats.tokens_per_expert = c.dispatch.tokens().rows_per_expert;
-    stats.routed_per_expert = c.dispatch.tokens().selected_per_expert;
-    if constexpr (Estimator::kComputesAllExperts) {  // report the routed load, not the oracle's
-      stats.tokens_per_expert.assign(static_cast<std::size_t>(E), 0);
-      for (Index p = 0; p < sel.pairs(); ++p) ++stats.tokens_per_expert[sel.pair_expert[p]];
-      stats.routed_per_expert = stats.tokens_per_expert;  // no capacity with the oracle
-    }
-    stats.selected_pairs = sel.pairs();
-    stats.dropped_pairs = c.dispatch.tokens().dropped;
-    stats.aux_loss = sel.aux_loss;
-    stats.load_balance_loss = sel.load_balance_loss;
-    stats.z_loss = sel.z_loss;
-    stats.l1_loss = sel.l1_loss;
-    stats.zero_gate_fraction =
-        1.0 - static_cast<double>(sel.pairs()) / (static_cast<double>(T) * static_cast<double>(E));
-  }
-
-  // What every process of a group must share (checked at construction):
-  // the shape, the options, the policies' names, the seed and k.
-  static constexpr Index kFingerprintSize = 13;
-  std::array<double, kFingerprintSize> fingerprint() const {
-    const auto name = [](std::string_view s) {  // FNV-1a of a name, 53 bits: exact in a double
-      std::uint64_t h = 0xcbf29ce484222325ull;
-      for (const char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001b3ull;
-      return static_cast<double>(h >> 11);
-    };
-    return {static_cast<double>(config_.experts),
-            static_cast<double>(config_.d_model),
-            static_cast<double>(config_.d_ff),
-            config_.expert_bias ? 1.0 : 0.0,
-            config_.capacity_factor,
-            config_.dropout,
-            static_cast<double>(seed_ >> 32),
-            static_cast<double>(seed_ & 0xFFFFFFFFull),
-            static_cast<double>(router_.nominal_k()),
-            name(Router::kName),
-            name(Estimator::kName),
-            name(Activation::kName),
-            static_cast<double>(sizeof(Scalar))};
   }
 
   // A forward's collectives depend on its mode and k, its dropout on the
@@ -414,10 +369,8 @@ class Layer {
   void check_forward(ConstMatrixView<Scalar> x, MatrixView<Scalar> y) const {
     detail::check_batch_size(config_, x.rows(), kInputWidth);
     detail::check_forward_arguments<Scalar>(config_, x, y);
-    detail::require(!detail::overlaps(y, params_.flat()),
-                    "moe::Layer::forward: y overlaps the layer's parameters, expected a buffer of "
-                    "its own");
-    check_finite("forward", "x", x);
+    detail::check_forward_buffers(y, params_.flat(), state_.flat());
+    detail::check_finite(backend_, config_, "forward", "x", x);
   }
 
   void check_backward(ConstMatrixView<Scalar> x, const CacheData& c, ConstMatrixView<Scalar> dy,
@@ -426,14 +379,7 @@ class Layer {
                     "moe::Layer::backward: cache.filled()=false, expected a cache filled by "
                     "forward");
     detail::check_cache_shape(config_, c);
-    detail::require(c.owner == id_.value(), "moe::Layer::backward: cache filled by layer #",
-                    c.owner, ", expected this layer #", id_.value(),
-                    " (a copy of a layer is a new layer with its own caches)");
-    detail::require(c.parameters_version == parameters_version_,
-                    "moe::Layer::backward: the parameters were taken for writing "
-                    "(layer.parameters()) since this cache's forward, expected the weights of the "
-                    "forward: run the forward again (read them through "
-                    "std::as_const(layer).parameters() in between)");
+    detail::check_cache_owner(c, id_.value(), parameters_version_.value());
     detail::check_backward_arguments<Scalar>(config_, c.tokens, x, dy, dx);
     detail::require(grads.same_layout(params_), "moe::Layer::backward: grads has size ",
                     grads.size(), " and another layout, expected layer.make_gradients() (size ",
@@ -441,32 +387,8 @@ class Layer {
     detail::require(grads.memory()->is_equal(*backend_.memory_resource()),
                     "moe::Layer::backward: grads lives in another memory than the ", Backend::kName,
                     " backend's, expected layer.make_gradients()");
-    // What the backward writes (dx, grads) must not overlap what it reads
-    // after writing (x, the parameters) or each other.
-    using detail::overlaps;
-    detail::require(!overlaps(dx, x),
-                    "moe::Layer::backward: dx aliases x (their memory overlaps), expected separate "
-                    "buffers (x is read after dx is written)");
-    detail::require(!overlaps(dx, params_.flat()) && !overlaps(dx, grads.flat()),
-                    "moe::Layer::backward: dx overlaps the parameters or grads, expected a buffer "
-                    "of its own");
-    detail::require(!overlaps(grads.flat(), params_.flat()),
-                    "moe::Layer::backward: grads overlaps the layer's parameters, expected "
-                    "layer.make_gradients() (gradients would be added into the weights)");
-    detail::require(!overlaps(x, grads.flat()),
-                    "moe::Layer::backward: x overlaps grads, expected separate buffers");
-    check_finite("backward", "dy", dy);
-  }
-
-  void check_finite(const char* where, const char* name, ConstMatrixView<Scalar> m) const {
-    if (!config_.check_finite) return;
-    const Index bad = backend_.first_non_finite(m.data(), m.size());
-    if (bad < 0) return;
-    Scalar value;
-    backend_.copy_to_host(&value, m.data() + bad, 1);  // m may be device memory
-    throw Error(detail::concat("moe::Layer::", where, ": ", name, "(", bad / m.cols(), ", ",
-                               bad % m.cols(), ")=", value,
-                               " is not finite, expected finite values (check_finite=true)"));
+    detail::check_backward_buffers(x, dx, grads.flat(), params_.flat(), state_.flat());
+    detail::check_finite(backend_, config_, "backward", "dy", dy);
   }
 
   // An expert tensor's draws by its index among all E experts' values, so
@@ -479,25 +401,6 @@ class Layer {
                        (values.size() / static_cast<std::size_t>(local_experts_.count));
     for (std::size_t i = 0; i < values.size(); ++i)
       values[i] = static_cast<Scalar>(bound * (2.0 * math::uniform01(key, 0, first + i) - 1.0));
-  }
-
-  EstimatorBatch<Scalar> batch_of(const CacheData& c) const {
-    const auto& tokens = c.dispatch.tokens();
-    EstimatorBatch<Scalar> b;
-    b.tokens = c.tokens;
-    b.experts = config_.experts;
-    b.d_model = config_.d_model;
-    b.gates = c.selection.gates.data();
-    b.probabilities =
-        c.selection.probabilities.size() > 0 ? c.selection.probabilities.data() : nullptr;
-    b.token_offsets = c.selection.token_offsets.data();
-    b.pair_expert = c.selection.pair_expert.data();
-    b.expert_offsets = tokens.row_offsets.data();
-    b.rows = tokens.rows();
-    b.row_token = tokens.row_token.data();
-    b.expert_out = c.out_rows.data();
-    b.group = &dispatcher_.group();
-    return b;
   }
 
   // The pairs the experts compute (see LayerCacheData::all_pairs).
@@ -513,7 +416,7 @@ class Layer {
     return Estimator::kComputesAllExperts ? c.all_pairs : c.selection;
   }
 
-  InstanceId id_;
+  detail::LayerId id_;  // caches remember which layer filled them
   LayerConfig config_;
   Router router_;
   Estimator estimator_;
@@ -523,7 +426,7 @@ class Layer {
   std::uint64_t seed_ = 0;
   TensorBuffer<double> state_;  // non-parameter state: counters, estimator buffers, ...
   Parameters params_;
-  std::uint64_t parameters_version_ = 0;  // counts parameters() taken for writing
+  detail::ParametersVersion parameters_version_;
 };
 
 }  // namespace moe
