@@ -11,6 +11,8 @@
 
 #include "../examples/train_lm/model.hpp"
 #include "../examples/train_lm/recipes.hpp"
+#include "../examples/train_lm/seed_report.hpp"
+#include "../examples/train_lm/statistics.hpp"
 #include "../examples/train_lm/text.hpp"
 #include "../examples/train_lm/train.hpp"
 
@@ -145,7 +147,7 @@ TEST_CASE("train_lm: the whole model's backward matches finite differences, per 
   const Batch batch = make_batch(shape.context, shape.vocab, 7, 9);
   // ACMoE's cluster weights take no gradient (docs/algorithms.md 3.3) and DefaultEMA
   // updates its state in every training forward: the layer tests check those.
-  for (const std::string recipe : {"dense", "topk", "remoe", "smoe-dropout"}) {
+  for (const std::string recipe : {"dense", "topk", "remoe", "smoe-dropout", "smoe-learned"}) {
     CAPTURE(recipe);
     Model<double> model(shape, make_blocks<double>(recipe, options, 3), 3);
     auto loss = [&] {
@@ -213,4 +215,107 @@ TEST_CASE("train_lm: learning rate warms up, then follows the cosine to the floo
   CHECK(learning_rate(o, 10) == doctest::Approx(1.0));
   CHECK(learning_rate(o, 60) == doctest::Approx(0.55));
   CHECK(learning_rate(o, 110) == doctest::Approx(0.1));
+}
+
+TEST_CASE("train_lm: seed statistics: means, Student t intervals, paired differences") {
+  CHECK(student_t_975(1) == 12.706);
+  CHECK(student_t_975(2) == 4.303);
+  CHECK(student_t_975(30) == 2.042);
+  CHECK(student_t_975(60) == doctest::Approx(2.000).epsilon(1e-3));
+  // {1, 2, 3}: mean 2, standard deviation 1, half-width t(2) / sqrt(3).
+  const Interval i = mean_interval({1.0, 2.0, 3.0});
+  CHECK(i.n == 3);
+  CHECK(i.mean == 2.0);
+  CHECK(i.half == doctest::Approx(4.303 / std::sqrt(3.0)));
+  CHECK(!i.below_zero());
+  CHECK(i.above_zero() == (2.0 - 4.303 / std::sqrt(3.0) > 0));
+  // Non-finite values are left out; one value has no interval.
+  const Interval one = mean_interval({NAN, 5.0});
+  CHECK(one.n == 1);
+  CHECK(one.mean == 5.0);
+  CHECK(std::isnan(one.half));
+  CHECK(!one.below_zero());
+  // Paired: the differences {-2, -3, -4} lie below 0.
+  const Interval d = paired_interval({1.0, 2.0, 3.0}, {3.0, 5.0, 7.0});
+  CHECK(d.mean == -3.0);
+  CHECK(d.half == doctest::Approx(4.303 / std::sqrt(3.0)));
+  CHECK(d.below_zero());
+}
+
+TEST_CASE("train_lm: tokens to reach a loss interpolate between evaluations") {
+  const std::vector<std::pair<double, double>> curve{{0, 5}, {100, 3}, {200, 1}, {300, 2}};
+  CHECK(tokens_to_reach(curve, 2.0) == 150.0);
+  CHECK(tokens_to_reach(curve, 3.0) == 100.0);
+  CHECK(tokens_to_reach(curve, 6.0) == 0.0);
+  CHECK(std::isnan(tokens_to_reach(curve, 0.5)));
+}
+
+TEST_CASE("train_lm: expert dispersion is the within-expert share of the variance") {
+  // Expert 0 at (0,0) and (2,0), expert 1 at (10,0) and (12,0): each group
+  // scatters 1 + 1 = 2 about its mean, all four 36 + 16 + 16 + 36 = 104 about 6.
+  M x(4, 2);
+  x << 0, 0, 2, 0, 10, 0, 12, 0;
+  const std::vector<int> top1{0, 0, 1, 1};
+  ExpertDispersion clustered(2, 2);
+  clustered.add(x, top1);
+  CHECK(clustered.share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
+  // Split across two batches, and with a third expert that got no token.
+  ExpertDispersion split(3, 2);
+  split.add(M(x.topRows(2)), std::span<const int>(top1).first(2));
+  split.add(M(x.bottomRows(2)), std::span<const int>(top1).last(2));
+  CHECK(split.share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
+  // Routing blind to x: each expert holds one token of each cluster.
+  ExpertDispersion blind(2, 2);
+  blind.add(x, std::vector<int>{0, 1, 0, 1});
+  // Expert 0: {0, 10} scatters 50, expert 1: {2, 12} scatters 50.
+  CHECK(blind.share(moe::single_process()) == doctest::Approx(100.0 / 104.0));
+  CHECK(std::isnan(ExpertDispersion(1, 2).share(moe::single_process())));
+  // A token routed to no expert (-1) is left out; an expert past E is refused.
+  ExpertDispersion unrouted(2, 2);
+  M with_extra(5, 2);
+  with_extra << x, 100, 100;
+  unrouted.add(with_extra, std::vector<int>{0, 0, 1, 1, -1});
+  CHECK(unrouted.share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
+  CHECK_THROWS_AS(unrouted.add(x, std::vector<int>{0, 0, 1, 2}), moe::Error);
+}
+
+TEST_CASE("train_lm: seed measures pair each recipe's seeds with the baseline's") {
+  std::vector<RunResult> runs;
+  for (std::uint64_t seed : {1, 2, 3}) {
+    const double s = static_cast<double>(seed);
+    runs.push_back({.recipe = "topk",
+                    .seed = seed,
+                    .val_loss = 2.0 + 0.1 * s,
+                    .tokens_per_s = 100,
+                    .sparsity = 0.75,
+                    .dispersion = 0.9,
+                    .val_curve = {{0, 4}, {100, 2.0 + 0.1 * s}},
+                    .val_by_k = {}});
+    runs.push_back({.recipe = "default-moe",
+                    .seed = seed,
+                    .val_loss = 1.9 + 0.1 * s,
+                    .tokens_per_s = 98,
+                    .sparsity = 0.75,
+                    .dispersion = 0.8,
+                    .val_curve = {{0, 4}, {100, 1.9 + 0.1 * s}},
+                    .val_by_k = {}});
+  }
+  const auto measures = seed_measures(runs, {"topk", "default-moe"}, "topk");
+  const auto find = [&](const std::string& recipe, const std::string& name) {
+    for (const auto& m : measures)
+      if (m.recipe == recipe && m.name == name) return m.value;
+    FAIL("no measure " << recipe << " " << name);
+    return Interval{};
+  };
+  CHECK(find("topk", "val_loss").mean == doctest::Approx(2.2));
+  const Interval d = find("default-moe", "val_loss_minus_topk");
+  CHECK(d.n == 3);
+  CHECK(d.mean == doctest::Approx(-0.1));
+  CHECK(d.half == doctest::Approx(0.0).epsilon(1e-9));
+  // Default MoE reaches topk's final loss (2.0 + 0.1 s) at a fraction of the
+  // way from 4 to 1.9 + 0.1 s: (4 - 2.1) / (4 - 2.0) for seed 1, and so on.
+  const Interval reach = find("default-moe", "tokens_to_topk_loss_ratio");
+  CHECK(reach.mean == doctest::Approx(((1.9 / 2.0) + (1.8 / 1.9) + (1.7 / 1.8)) / 3));
+  CHECK(find("default-moe", "tokens_per_s_ratio_to_topk").mean == doctest::Approx(0.98));
+  CHECK(find("default-moe", "expert_dispersion_minus_topk").mean == doctest::Approx(-0.1));
 }

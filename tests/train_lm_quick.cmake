@@ -20,7 +20,7 @@ function(read_csv path header_expected rows_var)
 endfunction()
 
 read_csv(${DIR}/summary.csv
-  "recipe,inference_k,train_loss,val_loss,val_bpc,tokens_per_s,active_parameters,total_parameters,sparsity,max_load_over_mean,wall_s"
+  "recipe,inference_k,train_loss,val_loss,val_bpc,tokens_per_s,active_parameters,total_parameters,sparsity,max_load_over_mean,wall_s,seed"
   summary)
 list(LENGTH summary n)
 if(NOT n EQUAL 14)  # six recipes and smoe-dropout at k = 1..8
@@ -37,7 +37,7 @@ foreach(row IN LISTS summary)
 endforeach()
 
 read_csv(${DIR}/metrics.csv
-  "recipe,step,tokens,train_loss,val_loss,sparsity,lambda,k,max_load_over_mean,tokens_per_s"
+  "recipe,step,tokens,train_loss,val_loss,sparsity,lambda,k,max_load_over_mean,tokens_per_s,seed"
   metrics)
 foreach(recipe dense topk default-moe remoe acmoe smoe-dropout)
   set(first "")

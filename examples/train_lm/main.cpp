@@ -5,6 +5,7 @@
 //   moe-train-lm [--recipes all|dense,topk,...] [--data FILE] [--out DIR] [--quick] ...
 //   moe-train-lm --help
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "report.hpp"
+#include "seed_report.hpp"
 #include "train.hpp"
 
 #ifdef MOE_TRAIN_LM_MPI
@@ -43,6 +45,8 @@ struct Cli {
   double valid_fraction = 0.1;
   int sample = 0;
   bool expert_parallel = false;
+  std::vector<std::uint64_t> seeds;  // --seeds; empty: the one --seed
+  std::string baseline = "topk";
   ModelShape shape;
   RecipeOptions recipe;
   TrainOptions train;
@@ -51,7 +55,8 @@ struct Cli {
 constexpr const char* kUsage =
     R"(moe-train-lm: train small character-level MoE language models, one per recipe
 
-  --recipes LIST       comma-separated from dense,topk,default-moe,remoe,acmoe,smoe-dropout, or all [all]
+  --recipes LIST       comma-separated from dense,topk,default-moe,remoe,acmoe,smoe-dropout, or all [all];
+                       also smoe-learned (SMoE-Dropout's k curriculum with a learned router)
   --data FILE          UTF-8 text to train on [Debian's fortunes, see examples/README.md]
   --valid-fraction F   last fraction of the text used for validation [0.1]
   --out DIR            write DIR/metrics.csv, DIR/summary.csv and plots (SVG, with gnuplot)
@@ -63,6 +68,10 @@ constexpr const char* kUsage =
   --weight-decay X     AdamW weight decay (not on norm gains, head bias) [0.1]
   --clip X             global gradient-norm clip, 0 for none [1]
   --seed N             seed of initialisation and batches [1]
+  --seeds N|LIST       train each recipe once per seed (N: seeds 1..N), then print per recipe
+                       the mean and 95% confidence interval of each measure, and the paired
+                       difference to --baseline (writes seeds.csv, val_curve.csv with --out)
+  --baseline NAME      the recipe the others are compared with under --seeds [topk]
   --context N          characters the model sees [12]
   --d-model N          width of the residual stream [128]
   --d-ff N             hidden width of one expert [128]; the dense FFN has k * d-ff
@@ -115,6 +124,26 @@ double parse_real(const std::string& flag, const std::string& text) {
     throw moe::Error(
         moe::detail::concat("moe-train-lm: ", flag, "=", text, ", expected a finite number"));
   return v;
+}
+
+// "N": seeds 1..N; "a,b,c": those seeds.
+std::vector<std::uint64_t> parse_seeds(const std::string& text) {
+  std::vector<std::uint64_t> seeds;
+  if (text.find(',') == std::string::npos) {
+    const auto n = parse_integer<int>("--seeds", text);
+    moe::detail::require(n >= 1 && n <= 1000, "moe-train-lm: --seeds=", text,
+                         ", expected a count in [1, 1000] or a comma-separated list");
+    for (int i = 1; i <= n; ++i) seeds.push_back(static_cast<std::uint64_t>(i));
+    return seeds;
+  }
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    const auto seed = parse_integer<std::uint64_t>("--seeds", item);
+    moe::detail::require(std::find(seeds.begin(), seeds.end(), seed) == seeds.end(),
+                         "moe-train-lm: --seeds names seed ", seed, " twice");
+    seeds.push_back(seed);
+  }
+  return seeds;
 }
 
 Cli parse(int argc, char** argv) {
@@ -181,6 +210,10 @@ Cli parse(int argc, char** argv) {
       c.train.clip = parse_real(flag, v);
     else if (flag == "--seed")
       c.train.seed = parse_integer<std::uint64_t>(flag, v);
+    else if (flag == "--seeds")
+      c.seeds = parse_seeds(v);
+    else if (flag == "--baseline")
+      c.baseline = v;
     else if (flag == "--context")
       c.shape.context = parse_integer<int>(flag, v);
     else if (flag == "--d-model")
@@ -252,12 +285,23 @@ Cli parse(int argc, char** argv) {
   moe::detail::require(c.checkpoint_every == 0 || !c.checkpoint_dir.empty(),
                        "moe-train-lm: --checkpoint-every=", c.checkpoint_every,
                        " without --checkpoint-dir");
-  for (const auto& r : c.recipes) {
-    bool known = false;
-    for (const auto& n : recipe_names()) known = known || n == r;
-    moe::detail::require(known, "moe-train-lm: --recipes: unknown recipe '", r,
-                         "', expected dense, topk, default-moe, remoe, acmoe, smoe-dropout or all");
-  }
+  const auto known = [](const std::string& r) {
+    const auto& a = recipe_names();
+    const auto& b = extra_recipe_names();
+    return std::find(a.begin(), a.end(), r) != a.end() ||
+           std::find(b.begin(), b.end(), r) != b.end();
+  };
+  for (const auto& r : c.recipes)
+    moe::detail::require(known(r), "moe-train-lm: --recipes: unknown recipe '", r,
+                         "', expected dense, topk, default-moe, remoe, acmoe, smoe-dropout, "
+                         "smoe-learned or all");
+  moe::detail::require(known(c.baseline), "moe-train-lm: --baseline=", c.baseline,
+                       ", expected a recipe's name");
+  if (c.seeds.empty()) c.seeds.push_back(c.train.seed);
+  moe::detail::require(c.seeds.size() == 1 || (c.checkpoint_dir.empty() && c.resume.empty()),
+                       "moe-train-lm: --seeds with ", c.seeds.size(),
+                       " seeds and --checkpoint-dir or --resume, expected one seed with "
+                       "checkpoints");
   return c;
 }
 
@@ -300,14 +344,159 @@ struct Processes {
 };
 
 std::unique_ptr<Run> make_run(const std::string& recipe, const Corpus& corpus,
-                              const ModelShape& shape, const Cli& cli, const Processes& processes) {
+                              const ModelShape& shape, const Cli& cli, const TrainOptions& train,
+                              const Processes& processes) {
 #ifdef MOE_TRAIN_LM_MPI
   if (processes.dispatcher)
-    return std::make_unique<Run>(recipe, corpus, shape, cli.recipe, cli.train,
-                                 *processes.dispatcher);
+    return std::make_unique<Run>(recipe, corpus, shape, cli.recipe, train, *processes.dispatcher);
 #endif
   (void)processes;
-  return std::make_unique<Run>(recipe, corpus, shape, cli.recipe, cli.train);
+  return std::make_unique<Run>(recipe, corpus, shape, cli.recipe, train);
+}
+
+// Trains one recipe with one seed: its metrics and summary rows, and what
+// the seed statistics need.
+RunResult train_recipe(const std::string& recipe, std::uint64_t seed, const Corpus& corpus,
+                       const ModelShape& shape, const Cli& cli, const Processes& processes,
+                       std::vector<MetricsRow>& metrics, std::vector<SummaryRow>& summary) {
+  TrainOptions train = cli.train;
+  train.seed = seed;
+  const auto start = std::chrono::steady_clock::now();
+  const std::unique_ptr<Run> run_ptr = make_run(recipe, corpus, shape, cli, train, processes);
+  Run& run = *run_ptr;
+  if (!cli.resume.empty()) {
+    run.load(cli.resume);
+    moe::detail::require(
+        run.step() < train.steps && (cli.stop_after == 0 || cli.stop_after > run.step()),
+        "moe-train-lm: --resume ", cli.resume, " is at step ", run.step(),
+        ", nothing left to train with --steps=", train.steps,
+        cli.stop_after > 0 ? " and --stop-after=" : "",
+        cli.stop_after > 0 ? std::to_string(cli.stop_after) : std::string());
+    std::printf("%s: resumed at step %llu from %s\n", recipe.c_str(),
+                static_cast<unsigned long long>(run.step()), cli.resume.c_str());
+  }
+  const auto tokens_per_step = static_cast<std::uint64_t>(train.batch);
+  auto checkpoint_path = [&] {
+    return std::filesystem::path(cli.checkpoint_dir) / (recipe + ".safetensors");
+  };
+  const std::uint64_t end =
+      cli.stop_after > 0 ? std::min(cli.stop_after, train.steps) : train.steps;
+  ProgressBar bar(cli.seeds.size() > 1 ? recipe + " s" + std::to_string(train.seed) : recipe,
+                  train.steps, processes.first());
+  double train_seconds = 0, window_loss = 0, last_train_loss = NAN, last_val = NAN;
+  int window = 0;
+  std::uint64_t trained_tokens = 0;
+  if (run.step() == 0) {
+    last_val = run.evaluate();
+    metrics.push_back({.recipe = recipe,
+                       .val_loss = last_val,
+                       .lambda = run.model().block(0).lambda(),
+                       .k = run.model().block(0).k(),
+                       .seed = seed});
+  }
+  const auto loop_start = std::chrono::steady_clock::now();
+  const std::uint64_t first_step = run.step();
+  while (run.step() < end) {
+    // k and lambda of the step about to run, beside its statistics.
+    const int k = run.model().block(0).k();
+    const double lambda = run.model().block(0).lambda();
+    const auto t0 = std::chrono::steady_clock::now();
+    const double loss = run.train_step();
+    train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    trained_tokens += tokens_per_step;
+    window_loss += loss;
+    ++window;
+    const std::uint64_t step = run.step();
+    const double tokens_per_s = static_cast<double>(trained_tokens) / train_seconds;
+    const bool eval = step % train.eval_every == 0 || step == end;
+    if (eval || step % train.log_every == 0) {
+      if (eval) last_val = run.evaluate();
+      last_train_loss = window_loss / window;
+      const auto routing = run.take_routing_window();
+      metrics.push_back({.recipe = recipe,
+                         .step = step,
+                         .tokens = step * tokens_per_step,
+                         .train_loss = last_train_loss,
+                         .val_loss = eval ? last_val : NAN,
+                         .sparsity = routing.sparsity,
+                         .lambda = lambda,
+                         .k = k,
+                         .max_load_over_mean = routing.max_load_over_mean,
+                         .tokens_per_s = tokens_per_s,
+                         .seed = seed});
+      window_loss = 0;
+      window = 0;
+      if (!std::isfinite(last_train_loss))
+        throw moe::Error(moe::detail::concat("moe-train-lm: ", recipe, ": the training loss is ",
+                                             last_train_loss, " at step ", step,
+                                             "; try a smaller --lr"));
+    }
+    if (cli.checkpoint_every > 0 && step % cli.checkpoint_every == 0 && step != end)
+      run.save(checkpoint_path());
+    // Wall time per step so far, evaluations and checkpoints included.
+    const double wall =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
+    const double eta =
+        wall / static_cast<double>(step - first_step) * static_cast<double>(end - step);
+    bar.update(step, loss, last_val, tokens_per_s, eta, step == end);
+  }
+  bar.finish();
+  if (!cli.checkpoint_dir.empty()) {
+    run.save(checkpoint_path());
+    std::printf("%s: checkpoint %s (step %llu)\n", recipe.c_str(), checkpoint_path().c_str(),
+                static_cast<unsigned long long>(run.step()));
+  }
+
+  // The summary: the last logged window of training steps (loss and
+  // routing statistics) and the last validation pass.
+  const auto routing = run.last_routing_window();
+  SummaryRow row{
+      .recipe = recipe,
+      .train_loss = last_train_loss,
+      .val_loss = last_val,
+      .tokens_per_s = train_seconds > 0 ? static_cast<double>(trained_tokens) / train_seconds : 0,
+      .active_parameters = routing.experts_per_token.empty()
+                               ? 0
+                               : run.model().active_parameters(routing.experts_per_token),
+      .total_parameters = static_cast<double>(run.model().total_parameters()),
+      .sparsity = routing.sparsity,
+      .max_load_over_mean = routing.max_load_over_mean,
+      .seed = seed};
+  const std::size_t row_index = summary.size();
+  summary.push_back(row);
+  RunResult result{.recipe = recipe,
+                   .seed = seed,
+                   .val_loss = last_val,
+                   .tokens_per_s = row.tokens_per_s,
+                   .sparsity = row.sparsity,
+                   .dispersion = run.expert_dispersion(),
+                   .val_curve = {},
+                   .val_by_k = {}};
+  for (const auto& m : metrics)
+    if (m.recipe == recipe && m.seed == seed && std::isfinite(m.val_loss))
+      result.val_curve.emplace_back(static_cast<double>(m.tokens), m.val_loss);
+  if (has_inference_k(recipe)) {
+    // Self-slimming: the trained model evaluated at every k in 1..E.
+    for (int k = 1; k <= cli.recipe.experts; ++k) {
+      run.set_inference_k(k);
+      const double val = run.evaluate();
+      std::vector<double> per_token(run.model().layers(), static_cast<double>(k));
+      summary.push_back({.recipe = recipe,
+                         .inference_k = k,
+                         .val_loss = val,
+                         .active_parameters = run.model().active_parameters(per_token),
+                         .total_parameters = row.total_parameters,
+                         .sparsity = 1.0 - static_cast<double>(k) / cli.recipe.experts,
+                         .seed = seed});
+      result.val_by_k.push_back(val);
+    }
+    run.set_inference_k(0);
+  }
+  // The recipe's wall time includes its self-slimming sweep.
+  summary[row_index].wall_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (cli.sample > 0) print_sample(run, corpus, cli.sample);
+  return result;
 }
 
 int run_main(int argc, char** argv, Processes& processes) {
@@ -357,133 +546,27 @@ int run_main(int argc, char** argv, Processes& processes) {
   std::vector<MetricsRow> metrics;
   std::vector<SummaryRow> summary;
   const auto all_start = std::chrono::steady_clock::now();
-  for (const auto& recipe : cli.recipes) {
-    const auto start = std::chrono::steady_clock::now();
-    const std::unique_ptr<Run> run_ptr = make_run(recipe, corpus, shape, cli, processes);
-    Run& run = *run_ptr;
-    if (!cli.resume.empty()) {
-      run.load(cli.resume);
-      moe::detail::require(
-          run.step() < cli.train.steps && (cli.stop_after == 0 || cli.stop_after > run.step()),
-          "moe-train-lm: --resume ", cli.resume, " is at step ", run.step(),
-          ", nothing left to train with --steps=", cli.train.steps,
-          cli.stop_after > 0 ? " and --stop-after=" : "",
-          cli.stop_after > 0 ? std::to_string(cli.stop_after) : std::string());
-      std::printf("%s: resumed at step %llu from %s\n", recipe.c_str(),
-                  static_cast<unsigned long long>(run.step()), cli.resume.c_str());
-    }
-    const auto tokens_per_step = static_cast<std::uint64_t>(cli.train.batch);
-    auto checkpoint_path = [&] {
-      return std::filesystem::path(cli.checkpoint_dir) / (recipe + ".safetensors");
-    };
-    const std::uint64_t end =
-        cli.stop_after > 0 ? std::min(cli.stop_after, cli.train.steps) : cli.train.steps;
-    ProgressBar bar(recipe, cli.train.steps, processes.first());
-    double train_seconds = 0, window_loss = 0, last_train_loss = NAN, last_val = NAN;
-    int window = 0;
-    std::uint64_t trained_tokens = 0;
-    if (run.step() == 0) {
-      last_val = run.evaluate();
-      metrics.push_back({.recipe = recipe,
-                         .val_loss = last_val,
-                         .lambda = run.model().block(0).lambda(),
-                         .k = run.model().block(0).k()});
-    }
-    const auto loop_start = std::chrono::steady_clock::now();
-    const std::uint64_t first_step = run.step();
-    while (run.step() < end) {
-      // k and lambda of the step about to run, beside its statistics.
-      const int k = run.model().block(0).k();
-      const double lambda = run.model().block(0).lambda();
-      const auto t0 = std::chrono::steady_clock::now();
-      const double loss = run.train_step();
-      train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      trained_tokens += tokens_per_step;
-      window_loss += loss;
-      ++window;
-      const std::uint64_t step = run.step();
-      const double tokens_per_s = static_cast<double>(trained_tokens) / train_seconds;
-      const bool eval = step % cli.train.eval_every == 0 || step == end;
-      if (eval || step % cli.train.log_every == 0) {
-        if (eval) last_val = run.evaluate();
-        last_train_loss = window_loss / window;
-        const auto routing = run.take_routing_window();
-        metrics.push_back({.recipe = recipe,
-                           .step = step,
-                           .tokens = step * tokens_per_step,
-                           .train_loss = last_train_loss,
-                           .val_loss = eval ? last_val : NAN,
-                           .sparsity = routing.sparsity,
-                           .lambda = lambda,
-                           .k = k,
-                           .max_load_over_mean = routing.max_load_over_mean,
-                           .tokens_per_s = tokens_per_s});
-        window_loss = 0;
-        window = 0;
-        if (!std::isfinite(last_train_loss))
-          throw moe::Error(moe::detail::concat("moe-train-lm: ", recipe, ": the training loss is ",
-                                               last_train_loss, " at step ", step,
-                                               "; try a smaller --lr"));
-      }
-      if (cli.checkpoint_every > 0 && step % cli.checkpoint_every == 0 && step != end)
-        run.save(checkpoint_path());
-      // Wall time per step so far, evaluations and checkpoints included.
-      const double wall =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
-      const double eta =
-          wall / static_cast<double>(step - first_step) * static_cast<double>(end - step);
-      bar.update(step, loss, last_val, tokens_per_s, eta, step == end);
-    }
-    bar.finish();
-    if (!cli.checkpoint_dir.empty()) {
-      run.save(checkpoint_path());
-      std::printf("%s: checkpoint %s (step %llu)\n", recipe.c_str(), checkpoint_path().c_str(),
-                  static_cast<unsigned long long>(run.step()));
-    }
-
-    // The summary: the last logged window of training steps (loss and
-    // routing statistics) and the last validation pass.
-    const auto routing = run.last_routing_window();
-    SummaryRow row{
-        .recipe = recipe,
-        .train_loss = last_train_loss,
-        .val_loss = last_val,
-        .tokens_per_s = train_seconds > 0 ? static_cast<double>(trained_tokens) / train_seconds : 0,
-        .active_parameters = routing.experts_per_token.empty()
-                                 ? 0
-                                 : run.model().active_parameters(routing.experts_per_token),
-        .total_parameters = static_cast<double>(run.model().total_parameters()),
-        .sparsity = routing.sparsity,
-        .max_load_over_mean = routing.max_load_over_mean};
-    const std::size_t row_index = summary.size();
-    summary.push_back(row);
-    if (recipe == "smoe-dropout") {
-      // Self-slimming: the trained model evaluated at every k in 1..E.
-      for (int k = 1; k <= cli.recipe.experts; ++k) {
-        run.set_inference_k(k);
-        const double val = run.evaluate();
-        std::vector<double> per_token(run.model().layers(), static_cast<double>(k));
-        summary.push_back({.recipe = recipe,
-                           .inference_k = k,
-                           .val_loss = val,
-                           .active_parameters = run.model().active_parameters(per_token),
-                           .total_parameters = row.total_parameters,
-                           .sparsity = 1.0 - static_cast<double>(k) / cli.recipe.experts});
-      }
-      run.set_inference_k(0);
-    }
-    // The recipe's wall time includes its self-slimming sweep.
-    summary[row_index].wall_s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (cli.sample > 0) print_sample(run, corpus, cli.sample);
+  std::vector<RunResult> runs;
+  for (const auto& recipe : cli.recipes)
+    for (const std::uint64_t seed : cli.seeds)
+      runs.push_back(train_recipe(recipe, seed, corpus, shape, cli, processes, metrics, summary));
+  print_table(summary, cli.seeds.size() > 1);
+  std::vector<Measure> measures;
+  if (cli.seeds.size() > 1) {
+    measures = seed_measures(runs, cli.recipes, cli.baseline);
+    print_seed_report(measures, cli.seeds.size());
   }
-  print_table(summary);
   std::printf("\nwall time %.0f s\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - all_start).count());
   if (!out_dir.empty()) {
     write_metrics_csv(out_dir / "metrics.csv", metrics);
     write_summary_csv(out_dir / "summary.csv", summary);
-    write_plots(out_dir, cli.recipes);
+    write_plots(out_dir, cli.recipes, cli.seeds.front());
+    if (!measures.empty()) {
+      write_seeds_csv(out_dir / "seeds.csv", measures);
+      write_val_curve_csv(out_dir / "val_curve.csv", runs, cli.recipes);
+      write_seed_plots(out_dir, cli.recipes);
+    }
     std::printf("wrote %s/metrics.csv, summary.csv, plots.gp and its SVG plots\n", out_dir.c_str());
   }
   return 0;

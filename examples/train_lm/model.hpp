@@ -72,6 +72,8 @@ class Model {
   std::size_t layers() const { return blocks_.size(); }
   Block<T>& block(std::size_t l) { return *blocks_[l]; }
   const Block<T>& block(std::size_t l) const { return *blocks_[l]; }
+  // Block l's input (RMSNorm of h_l) in the last forward, one row per token.
+  const Matrix<T>& block_input(std::size_t l) const { return normed_[l]; }
 
   // Mean cross-entropy (nats) of the batch; keeps what backward needs.
   double forward(const Batch& batch, moe::Mode mode) {

@@ -7,6 +7,8 @@
 //   remoe         ReLU router + adaptive L1, target 1 - k/E (Wang et al. 2025)
 //   acmoe         TopK first, AdaptiveCluster after (Nielsen et al. 2025)
 //   smoe-dropout  frozen random router, k from --smoe-k-min to E (Chen et al. 2023)
+//   smoe-learned  the same router form and k curriculum, learned (with the aux
+//                 loss): SMoE-Dropout's learned-router baseline; not in "all"
 // Experts are GELU FFNs with biases in every recipe, so that only the routing
 // and the gradient estimator differ.
 
@@ -25,6 +27,15 @@ inline const std::vector<std::string>& recipe_names() {
                                               "remoe", "acmoe", "smoe-dropout"};
   return names;
 }
+
+// Recipes named only explicitly (--recipes), for the reproductions.
+inline const std::vector<std::string>& extra_recipe_names() {
+  static const std::vector<std::string> names{"smoe-learned"};
+  return names;
+}
+
+// Recipes whose k can be set for inference (self-slimming sweeps).
+inline bool has_inference_k(const std::string& recipe) { return recipe.starts_with("smoe-"); }
 
 struct RecipeOptions {
   int d_model = 128;
@@ -88,9 +99,22 @@ std::vector<std::unique_ptr<Block<T>>> make_blocks(
           make_block(moe::SMoEDropoutLayer<Backend, Act, moe::router::schedule::Linear, Dispatcher>(
               moe_config, moe::router::random_frozen(curriculum), {}, layer_seed, Backend{},
               dispatcher)));
+    } else if (recipe == "smoe-learned") {
+      // SMoE-Dropout's router form, learned, with the load-balancing loss a
+      // learned router needs.
+      moe::router::TopK learned = moe::router::random_frozen_topk(o.smoe_k_min);
+      learned.frozen = false;
+      learned.aux_coef = o.aux_coef;
+      const moe::router::schedule::Linear curriculum{
+          .k_min = o.smoe_k_min, .k_max = o.experts, .total_steps = o.total_steps};
+      using Router = moe::router::Scheduled<moe::router::TopK, moe::router::schedule::Linear>;
+      blocks.push_back(
+          make_block(moe::Layer<Router, moe::estimator::Sparse, Backend, Act, Dispatcher>(
+              moe_config, Router(learned, curriculum), {}, layer_seed, Backend{}, dispatcher)));
     } else {
       std::string known;
       for (const auto& n : recipe_names()) known += (known.empty() ? "" : ", ") + n;
+      for (const auto& n : extra_recipe_names()) known += ", " + n;
       throw moe::Error(moe::detail::concat("moe-train-lm: --recipes: unknown recipe '", recipe,
                                            "', expected one of: ", known, ", all"));
     }

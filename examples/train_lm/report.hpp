@@ -86,6 +86,7 @@ struct SummaryRow {
   double train_loss = NAN, val_loss = NAN, tokens_per_s = NAN;
   double active_parameters = NAN, total_parameters = NAN;
   double sparsity = NAN, max_load_over_mean = NAN, wall_s = NAN;
+  std::uint64_t seed = 0;
   double val_bpc() const { return val_loss / std::log(2.0); }
 };
 
@@ -102,12 +103,12 @@ inline void write_metrics_csv(const std::filesystem::path& path,
                               const std::vector<MetricsRow>& rows) {
   std::ofstream out(path);
   out << "recipe,step,tokens,train_loss,val_loss,sparsity,lambda,k,max_load_over_mean,"
-         "tokens_per_s\n";
+         "tokens_per_s,seed\n";
   for (const auto& r : rows)
     out << r.recipe << ',' << r.step << ',' << r.tokens << ',' << csv_number(r.train_loss, 9) << ','
         << csv_number(r.val_loss, 9) << ',' << csv_number(r.sparsity) << ',' << csv_number(r.lambda)
         << ',' << (r.k >= 0 ? std::to_string(r.k) : "") << ',' << csv_number(r.max_load_over_mean)
-        << ',' << csv_number(r.tokens_per_s) << '\n';
+        << ',' << csv_number(r.tokens_per_s) << ',' << r.seed << '\n';
   if (!out) throw moe::Error(moe::detail::concat("moe-train-lm: cannot write ", path.string()));
 }
 
@@ -115,23 +116,25 @@ inline void write_summary_csv(const std::filesystem::path& path,
                               const std::vector<SummaryRow>& rows) {
   std::ofstream out(path);
   out << "recipe,inference_k,train_loss,val_loss,val_bpc,tokens_per_s,active_parameters,"
-         "total_parameters,sparsity,max_load_over_mean,wall_s\n";
+         "total_parameters,sparsity,max_load_over_mean,wall_s,seed\n";
   for (const auto& r : rows)
     out << r.recipe << ',' << (r.inference_k >= 0 ? std::to_string(r.inference_k) : "") << ','
         << csv_number(r.train_loss, 9) << ',' << csv_number(r.val_loss, 9) << ','
         << csv_number(r.val_bpc()) << ',' << csv_number(r.tokens_per_s) << ','
         << csv_number(r.active_parameters) << ',' << csv_number(r.total_parameters) << ','
         << csv_number(r.sparsity) << ',' << csv_number(r.max_load_over_mean) << ','
-        << csv_number(r.wall_s) << '\n';
+        << csv_number(r.wall_s) << ',' << r.seed << '\n';
   if (!out) throw moe::Error(moe::detail::concat("moe-train-lm: cannot write ", path.string()));
 }
 
-inline void print_table(const std::vector<SummaryRow>& rows) {
+// `seeds`: the rows name their seed (--seeds).
+inline void print_table(const std::vector<SummaryRow>& rows, bool seeds = false) {
   std::printf("\n%-16s %10s %9s %8s %9s %10s %9s %13s\n", "recipe", "train loss", "val loss",
               "val bpc", "tok/s", "active par", "sparsity", "load max/mean");
   for (const auto& r : rows) {
     std::string name = r.recipe;
     if (r.inference_k >= 0) name += " k=" + std::to_string(r.inference_k);
+    if (seeds) name += " s" + std::to_string(r.seed);
     std::printf("%-16s %10s %9.4f %8.4f %9s %10.0f %9.3f %13s\n", name.c_str(),
                 std::isfinite(r.train_loss) ? csv_number(r.train_loss).c_str() : "", r.val_loss,
                 r.val_bpc(),
@@ -142,7 +145,10 @@ inline void print_table(const std::vector<SummaryRow>& rows) {
 }
 
 // The plots, as a gnuplot script beside the CSVs; run when gnuplot exists.
-inline void write_plots(const std::filesystem::path& dir, const std::vector<std::string>& recipes) {
+// With several seeds, the per-step plots show `seed`'s runs.
+inline void write_plots(const std::filesystem::path& dir, const std::vector<std::string>& recipes,
+                        std::uint64_t seed) {
+  const std::string this_seed = "$11 == " + std::to_string(seed);
   const auto script = dir / "plots.gp";
   std::ofstream gp(script);
   gp << "# gnuplot " << script.filename().string() << " (run in this directory)\n"
@@ -152,8 +158,8 @@ inline void write_plots(const std::filesystem::path& dir, const std::vector<std:
     std::string s = "plot ";
     for (std::size_t i = 0; i < recipes.size(); ++i) {
       if (i) s += ", \\\n     ";
-      s += "'metrics.csv' using (strcol(1) eq '" + recipes[i] + "' ? $" + x + " : 1/0):" + col +
-           " with linespoints pt 7 ps 0.4 title '" + recipes[i] + "'";
+      s += "'metrics.csv' using (strcol(1) eq '" + recipes[i] + "' && " + this_seed + " ? $" + x +
+           " : 1/0):" + col + " with linespoints pt 7 ps 0.4 title '" + recipes[i] + "'";
     }
     return s + "\n";
   };
@@ -169,17 +175,18 @@ inline void write_plots(const std::filesystem::path& dir, const std::vector<std:
     gp << "set output 'remoe_sparsity.svg'\nset title 'ReMoE: sparsity and lambda'\n"
        << "set xlabel 'step'\nset ylabel 'sparsity (zero gates)'\nset y2label 'lambda'\n"
        << "set logscale y2\nset y2tics\nset format y2 '%.0e'\nset ytics nomirror\n"
-       << "plot 'metrics.csv' using (strcol(1) eq 'remoe' ? $2 : 1/0):6 with lines lw 2 "
-          "title 'sparsity', \\\n     'metrics.csv' using (strcol(1) eq 'remoe' ? $2 : 1/0):7 "
-          "axes x1y2 with lines title 'lambda'\n"
+       << "plot 'metrics.csv' using (strcol(1) eq 'remoe' && " << this_seed
+       << " ? $2 : 1/0):6 with lines lw 2 title 'sparsity', \\\n     'metrics.csv' using "
+          "(strcol(1) eq 'remoe' && "
+       << this_seed << " ? $2 : 1/0):7 axes x1y2 with lines title 'lambda'\n"
        << "unset logscale y2\nunset y2tics\nunset y2label\nset ytics mirror\n";
   }
   if (std::find(recipes.begin(), recipes.end(), "smoe-dropout") != recipes.end()) {
     gp << "set output 'smoe_dropout_k.svg'\nset title 'SMoE-Dropout: validation loss vs "
           "inference k'\nset xlabel 'experts per token at inference (k)'\n"
        << "set ylabel 'validation loss (nats/char)'\nunset key\n"
-       << "plot 'summary.csv' using (strcol(1) eq 'smoe-dropout' && strcol(2) ne '' ? $2 : "
-          "1/0):4 with linespoints pt 7 lw 2\n";
+       << "plot 'summary.csv' using (strcol(1) eq 'smoe-dropout' && strcol(2) ne '' && $12 == "
+       << seed << " ? $2 : 1/0):4 with linespoints pt 7 lw 2\n";
   }
   gp.close();
   if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {

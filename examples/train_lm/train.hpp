@@ -6,12 +6,15 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <limits>
 #include <moe/io/checkpoint.hpp>
 #include <moe/io/safetensors.hpp>
 #include <moe/optim/adamw.hpp>
 #include <numbers>
+#include <span>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model.hpp"
@@ -49,6 +52,7 @@ struct MetricsRow {
   double train_loss = NAN, val_loss = NAN, sparsity = NAN, lambda = NAN;
   int k = -1;
   double max_load_over_mean = NAN, tokens_per_s = NAN;
+  std::uint64_t seed = 0;
 };
 
 // Routing statistics of a window of training steps, averaged over the blocks.
@@ -114,6 +118,64 @@ class RoutingWindow {
   std::vector<double> selected_, zero_fraction_;
   double tokens_ = 0;
   int steps_ = 0;
+};
+
+// The share of the inputs' variance left within the experts, each token at
+// its top-1 expert:
+//   sum_e sum_{t -> e} |x_t - mean_e|^2 / sum_t |x_t - mean|^2,
+// 1 for a routing blind to x, lower for tighter per-expert clusters (ACMoE's
+// claim). Accumulated over batches, summed over processes.
+class ExpertDispersion {
+ public:
+  ExpertDispersion(int experts, int d)
+      : experts_(static_cast<std::size_t>(experts)),
+        d_(static_cast<std::size_t>(d)),
+        sums_((experts_ + 1) * (d_ + 2), 0.0) {}
+
+  // Tokens routed to no expert (top1 -1: a ReLU router's) are left out.
+  template <class Rows>
+  void add(const Rows& x, std::span<const int> top1) {
+    moe::detail::require(top1.size() == static_cast<std::size_t>(x.rows()),
+                         "ExpertDispersion::add: top1 has ", top1.size(), " tokens, expected ",
+                         x.rows());
+    for (Eigen::Index t = 0; t < x.rows(); ++t) {
+      const int expert = top1[static_cast<std::size_t>(t)];
+      if (expert < 0) continue;
+      moe::detail::require(static_cast<std::size_t>(expert) < experts_,
+                           "ExpertDispersion::add: top1[", t, "]=", expert, ", expected < ",
+                           experts_);
+      for (const std::size_t group :
+           {static_cast<std::size_t>(expert), experts_}) {  // its expert's sums, and all tokens'
+        double* s = &sums_[group * (d_ + 2)];               // count, sum |x|^2, sum x
+        s[0] += 1;
+        for (std::size_t j = 0; j < d_; ++j) {
+          const auto v = static_cast<double>(x(t, static_cast<Eigen::Index>(j)));
+          s[1] += v * v;
+          s[2 + j] += v;
+        }
+      }
+    }
+  }
+
+  double share(const moe::ProcessGroup& group) {
+    if (experts_ < 2) return std::numeric_limits<double>::quiet_NaN();
+    group.sum(sums_.data(), static_cast<moe::Index>(sums_.size()));
+    double within = 0;
+    for (std::size_t e = 0; e < experts_; ++e) within += scatter(e);
+    return within / scatter(experts_);
+  }
+
+ private:
+  double scatter(std::size_t group) const {  // sum |x - mean|^2 of the group
+    const double* s = &sums_[group * (d_ + 2)];
+    if (s[0] == 0) return 0.0;
+    double mean_sq = 0;
+    for (std::size_t j = 0; j < d_; ++j) mean_sq += s[2 + j] * s[2 + j];
+    return s[1] - mean_sq / s[0];
+  }
+
+  std::size_t experts_, d_;
+  std::vector<double> sums_;
 };
 
 class Run {
@@ -183,33 +245,26 @@ class Run {
   // Mean cross-entropy (nats per character) over the first eval_chars
   // predictions of the validation split (all of it when 0): the same
   // characters at every evaluation and for every recipe.
-  double evaluate(int chunk = 2048) {
-    const auto& valid = corpus_.valid;
-    const std::size_t n_scored =
-        options_.eval_chars == 0
-            ? valid.size()
-            : std::min(valid.size(),
-                       options_.eval_chars + static_cast<std::size_t>(batch_.context));
-    const std::size_t n = static_cast<std::size_t>(batch_.context);
+  double evaluate() {
     double sum = 0;
     std::size_t count = 0;
-    Batch b;
-    b.context = batch_.context;
-    std::vector<std::size_t> pos;
-    const auto processes = static_cast<std::size_t>(group_->size());
-    for (std::size_t start = n; start < n_scored;) {
-      // A chunk, with the rest when fewer than one token per process would remain.
-      std::size_t end = std::min(n_scored, start + static_cast<std::size_t>(chunk));
-      if (n_scored - end < processes) end = n_scored;
-      pos.clear();
-      for (std::size_t t = start; t < end; ++t) pos.push_back(t);
-      const std::vector<std::size_t> mine = share(pos);
-      fill_batch(valid, mine, b);
-      sum += model_.forward(b, moe::Mode::eval) * static_cast<double>(mine.size());
-      count += pos.size();
-      start = end;
-    }
+    for_each_validation_chunk([&](const Batch& b, std::size_t whole_chunk) {
+      sum += model_.forward(b, moe::Mode::eval) * static_cast<double>(b.rows());
+      count += whole_chunk;
+    });
     return group_->sum(sum) / static_cast<double>(count);
+  }
+
+  // How tightly the last block's experts' inputs cluster, over the
+  // characters evaluate() scores (ExpertDispersion). NaN with one expert.
+  double expert_dispersion() {
+    auto& block = model_.block(model_.layers() - 1);
+    ExpertDispersion dispersion(block.experts(), model_.shape().d_model);
+    for_each_validation_chunk([&](const Batch& b, std::size_t) {
+      model_.forward(b, moe::Mode::eval);
+      dispersion.add(model_.block_input(model_.layers() - 1), block.top1());
+    });
+    return dispersion.share(*group_);
   }
 
   // Eval forwards at k experts (SMoE-Dropout's self-slimming); 0 clears.
@@ -318,6 +373,33 @@ class Run {
             {"seed", str(o.seed)},
             {"valid_fraction", str(corpus_.valid_fraction)},
             {"data_fingerprint", str(corpus_.fingerprint)}};
+  }
+
+  // Calls f(batch, rows of the whole chunk) on this process's share of each
+  // chunk of the characters evaluate() scores.
+  template <class F>
+  void for_each_validation_chunk(F&& f, std::size_t chunk = 2048) {
+    const auto& valid = corpus_.valid;
+    const std::size_t n_scored =
+        options_.eval_chars == 0
+            ? valid.size()
+            : std::min(valid.size(),
+                       options_.eval_chars + static_cast<std::size_t>(batch_.context));
+    const auto n = static_cast<std::size_t>(batch_.context);
+    Batch b;
+    b.context = batch_.context;
+    std::vector<std::size_t> pos;
+    const auto processes = static_cast<std::size_t>(group_->size());
+    for (std::size_t start = n; start < n_scored;) {
+      // A chunk, with the rest when fewer than one token per process would remain.
+      std::size_t end = std::min(n_scored, start + chunk);
+      if (n_scored - end < processes) end = n_scored;
+      pos.clear();
+      for (std::size_t t = start; t < end; ++t) pos.push_back(t);
+      fill_batch(valid, share(pos), b);
+      f(std::as_const(b), pos.size());
+      start = end;
+    }
   }
 
   static void fill_batch(const std::vector<int>& text, const std::vector<std::size_t>& positions,

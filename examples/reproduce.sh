@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Each paper's headline claim in miniature (examples/README.md, "Reproductions"):
+# one moe-train-lm setting per claim, every recipe of it trained with 3 seeds,
+# compared with its baseline seed by seed (means and 95% intervals).
+#
+#   examples/reproduce.sh [--quick] <moe-train-lm> <out dir> [setting...]
+#
+# Settings (all four by default), each under 30 minutes on 2 cores:
+#   default-moe   8 experts top-1 ("8c1", its paper's setting), beta 0.9: topk vs default-moe
+#   remoe         top-2 of 8 with the aux loss vs ReLU routing with the adaptive L1
+#   acmoe         3 blocks (two of them clustering) top-2 vs plain top-2
+#   smoe-dropout  the k curriculum 2 -> 8 with the frozen random router vs the same
+#                 curriculum with a learned router, each evaluated at every k
+# Each writes <out dir>/<setting>/ (metrics, seeds.csv, plots) and its log.
+# --quick: 2 seeds of the small --quick model for 60 steps, to check that the
+# whole path runs (the ctest train_lm_reproduce_quick); its numbers mean nothing.
+set -euo pipefail
+quick=()
+seeds=3
+if [ "${1:-}" = "--quick" ]; then
+  quick=(--quick --steps 60 --eval-every 20)
+  seeds=2
+  shift
+fi
+if [ $# -lt 2 ]; then
+  echo "usage: $0 [--quick] <moe-train-lm> <out dir> [default-moe|remoe|acmoe|smoe-dropout ...]" >&2
+  exit 2
+fi
+exe=$1 out=$2
+shift 2
+settings=("$@")
+[ ${#settings[@]} -gt 0 ] || settings=(default-moe remoe acmoe smoe-dropout)
+
+for setting in "${settings[@]}"; do
+  case "$setting" in
+    # Evaluations every 100 steps: the tokens-to-TopK's-loss ratio interpolates between them.
+    default-moe) args=(--recipes topk,default-moe --k 1 --ema-beta 0.9 --eval-every 100) ;;
+    remoe) args=(--recipes topk,remoe) ;;
+    acmoe) args=(--recipes topk,acmoe --layers 3) ;;
+    smoe-dropout) args=(--recipes smoe-dropout,smoe-learned --baseline smoe-learned) ;;
+    *)
+      echo "$0: unknown setting '$setting', expected default-moe, remoe, acmoe or smoe-dropout" >&2
+      exit 2
+      ;;
+  esac
+  mkdir -p "$out/$setting"
+  echo "== $setting: $exe ${args[*]} --seeds $seeds ${quick[*]}"
+  "$exe" "${args[@]}" --seeds "$seeds" "${quick[@]}" --out "$out/$setting" \
+    2>"$out/$setting/progress.log" | tee "$out/$setting/log.txt"
+done
