@@ -227,19 +227,17 @@ TEST_CASE("train_lm: seed statistics: means, Student t intervals, paired differe
   CHECK(i.n == 3);
   CHECK(i.mean == 2.0);
   CHECK(i.half == doctest::Approx(4.303 / std::sqrt(3.0)));
-  CHECK(!i.below_zero());
-  CHECK(i.above_zero() == (2.0 - 4.303 / std::sqrt(3.0) > 0));
+  // 2 - 2.48 < 0 < 2 + 2.48: the interval holds 0, and lies below 5.
+  CHECK(!i.below(0.0));
+  CHECK(!i.above(0.0));
+  CHECK(i.below(5.0));
+  CHECK(i.above(-1.0));
   // Non-finite values are left out; one value has no interval.
   const Interval one = mean_interval({NAN, 5.0});
   CHECK(one.n == 1);
   CHECK(one.mean == 5.0);
   CHECK(std::isnan(one.half));
-  CHECK(!one.below_zero());
-  // Paired: the differences {-2, -3, -4} lie below 0.
-  const Interval d = paired_interval({1.0, 2.0, 3.0}, {3.0, 5.0, 7.0});
-  CHECK(d.mean == -3.0);
-  CHECK(d.half == doctest::Approx(4.303 / std::sqrt(3.0)));
-  CHECK(d.below_zero());
+  CHECK(!one.below(10.0));
 }
 
 TEST_CASE("train_lm: tokens to reach a loss interpolate between evaluations") {
@@ -248,6 +246,22 @@ TEST_CASE("train_lm: tokens to reach a loss interpolate between evaluations") {
   CHECK(tokens_to_reach(curve, 3.0) == 100.0);
   CHECK(tokens_to_reach(curve, 6.0) == 0.0);
   CHECK(std::isnan(tokens_to_reach(curve, 0.5)));
+  CHECK(std::isnan(tokens_to_reach(curve, NAN)));
+  // The best loss so far: a rise (to 4) does not undo the crossing of 3.5,
+  // and 2.5 is crossed from the best so far (3), not from the last value (4).
+  const std::vector<std::pair<double, double>> noisy{{0, 5}, {100, 3}, {200, 4}, {300, 2}};
+  CHECK(tokens_to_reach(noisy, 3.5) == 75.0);
+  CHECK(tokens_to_reach(noisy, 2.5) == 250.0);
+}
+
+TEST_CASE("train_lm: the tokens ratio compares both runs at the worse final loss") {
+  RunResult fast{
+      .recipe = "a", .val_loss = 1.0, .val_curve = {{0, 5}, {100, 3}, {200, 1}}, .val_by_k = {}};
+  RunResult slow{
+      .recipe = "b", .val_loss = 2.0, .val_curve = {{0, 5}, {100, 4}, {200, 2}}, .val_by_k = {}};
+  // Both reach 2.0 (the worse final loss): fast at 150 tokens, slow at 200.
+  CHECK(tokens_to_same_loss_ratio(fast, slow) == doctest::Approx(0.75));
+  CHECK(tokens_to_same_loss_ratio(slow, fast) == doctest::Approx(1.0 / 0.75));
 }
 
 TEST_CASE("train_lm: expert dispersion is the within-expert share of the variance") {
@@ -258,64 +272,73 @@ TEST_CASE("train_lm: expert dispersion is the within-expert share of the varianc
   const std::vector<int> top1{0, 0, 1, 1};
   ExpertDispersion clustered(2, 2);
   clustered.add(x, top1);
-  CHECK(clustered.share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
+  CHECK(clustered.within_share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
   // Split across two batches, and with a third expert that got no token.
   ExpertDispersion split(3, 2);
   split.add(M(x.topRows(2)), std::span<const int>(top1).first(2));
   split.add(M(x.bottomRows(2)), std::span<const int>(top1).last(2));
-  CHECK(split.share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
+  CHECK(split.within_share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
   // Routing blind to x: each expert holds one token of each cluster.
   ExpertDispersion blind(2, 2);
   blind.add(x, std::vector<int>{0, 1, 0, 1});
   // Expert 0: {0, 10} scatters 50, expert 1: {2, 12} scatters 50.
-  CHECK(blind.share(moe::single_process()) == doctest::Approx(100.0 / 104.0));
-  CHECK(std::isnan(ExpertDispersion(1, 2).share(moe::single_process())));
+  CHECK(blind.within_share(moe::single_process()) == doctest::Approx(100.0 / 104.0));
+  CHECK(std::isnan(ExpertDispersion(1, 2).within_share(moe::single_process())));
   // A token routed to no expert (-1) is left out; an expert past E is refused.
   ExpertDispersion unrouted(2, 2);
   M with_extra(5, 2);
   with_extra << x, 100, 100;
   unrouted.add(with_extra, std::vector<int>{0, 0, 1, 1, -1});
-  CHECK(unrouted.share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
+  CHECK(unrouted.within_share(moe::single_process()) == doctest::Approx(4.0 / 104.0));
   CHECK_THROWS_AS(unrouted.add(x, std::vector<int>{0, 0, 1, 2}), moe::Error);
 }
 
 TEST_CASE("train_lm: seed measures pair each recipe's seeds with the baseline's") {
+  // Default MoE ends 0.1 below topk with every seed. The runs come in
+  // another order than their seeds, and topk lacks seed 4.
   std::vector<RunResult> runs;
-  for (std::uint64_t seed : {1, 2, 3}) {
-    const double s = static_cast<double>(seed);
-    runs.push_back({.recipe = "topk",
+  const auto add = [&](const std::string& recipe, std::uint64_t seed, double final_loss,
+                       double speed, double dispersion) {
+    runs.push_back({.recipe = recipe,
                     .seed = seed,
-                    .val_loss = 2.0 + 0.1 * s,
-                    .tokens_per_s = 100,
+                    .val_loss = final_loss,
+                    .tokens_per_s = speed,
                     .sparsity = 0.75,
-                    .dispersion = 0.9,
-                    .val_curve = {{0, 4}, {100, 2.0 + 0.1 * s}},
+                    .dispersion = dispersion,
+                    .val_curve = {{0, 4}, {100, final_loss}},
                     .val_by_k = {}});
-    runs.push_back({.recipe = "default-moe",
-                    .seed = seed,
-                    .val_loss = 1.9 + 0.1 * s,
-                    .tokens_per_s = 98,
-                    .sparsity = 0.75,
-                    .dispersion = 0.8,
-                    .val_curve = {{0, 4}, {100, 1.9 + 0.1 * s}},
-                    .val_by_k = {}});
-  }
+  };
+  add("default-moe", 3, 2.2, 98, 0.8);
+  add("topk", 1, 2.1, 100, 0.9);
+  add("default-moe", 1, 2.0, 98, 0.8);
+  add("topk", 3, 2.3, 100, 0.9);
+  add("default-moe", 4, 9.0, 1, 0.1);  // no topk run to pair it with
+  add("default-moe", 2, 2.1, 98, 0.8);
+  add("topk", 2, 2.2, 100, 0.9);
   const auto measures = seed_measures(runs, {"topk", "default-moe"}, "topk");
   const auto find = [&](const std::string& recipe, const std::string& name) {
     for (const auto& m : measures)
-      if (m.recipe == recipe && m.name == name) return m.value;
+      if (m.recipe == recipe && m.name == name) return m;
     FAIL("no measure " << recipe << " " << name);
-    return Interval{};
+    return Measure{};
   };
-  CHECK(find("topk", "val_loss").mean == doctest::Approx(2.2));
-  const Interval d = find("default-moe", "val_loss_minus_topk");
-  CHECK(d.n == 3);
-  CHECK(d.mean == doctest::Approx(-0.1));
-  CHECK(d.half == doctest::Approx(0.0).epsilon(1e-9));
-  // Default MoE reaches topk's final loss (2.0 + 0.1 s) at a fraction of the
-  // way from 4 to 1.9 + 0.1 s: (4 - 2.1) / (4 - 2.0) for seed 1, and so on.
-  const Interval reach = find("default-moe", "tokens_to_topk_loss_ratio");
-  CHECK(reach.mean == doctest::Approx(((1.9 / 2.0) + (1.8 / 1.9) + (1.7 / 1.8)) / 3));
-  CHECK(find("default-moe", "tokens_per_s_ratio_to_topk").mean == doctest::Approx(0.98));
-  CHECK(find("default-moe", "expert_dispersion_minus_topk").mean == doctest::Approx(-0.1));
+  CHECK(find("topk", "val_loss").value.mean == doctest::Approx(2.2));
+  const Measure d = find("default-moe", "val_loss_minus_topk");
+  CHECK(d.value.n == 3);
+  CHECK(d.missing == 1);
+  CHECK(d.reference == 0.0);
+  CHECK(d.value.mean == doctest::Approx(-0.1));
+  CHECK(d.value.half == doctest::Approx(0.0).epsilon(1e-9));
+  CHECK(d.value.below(0.0));
+  // Both reach topk's final loss 2.0 + 0.1 s; from 4 at 0 tokens to the
+  // final loss at 100, default-moe gets there at (4 - 2.1) / (4 - 2.0) of
+  // the way for seed 1, and so on.
+  const Measure reach = find("default-moe", "tokens_to_same_loss_ratio_to_topk");
+  CHECK(reach.reference == 1.0);
+  CHECK(reach.value.mean == doctest::Approx(((1.9 / 2.0) + (1.8 / 1.9) + (1.7 / 1.8)) / 3));
+  CHECK(find("default-moe", "tokens_per_s_ratio_to_topk").value.mean == doctest::Approx(0.98));
+  CHECK(find("default-moe", "expert_dispersion_minus_topk").value.mean == doctest::Approx(-0.1));
+  // The baseline is not paired with itself.
+  for (const auto& m : measures)
+    CHECK(!(m.recipe == "topk" && m.name.find("_topk") != std::string::npos));
 }

@@ -23,8 +23,7 @@ expect() {
 expect default-moe topk val_loss
 expect default-moe default-moe val_loss_minus_topk
 expect default-moe default-moe tokens_per_s_ratio_to_topk
-grep -q "^default-moe,tokens_to_topk_loss_ratio," "$dir/default-moe/seeds.csv" ||
-  { echo "default-moe: no tokens_to_topk_loss_ratio row"; status=1; }
+expect default-moe default-moe tokens_to_same_loss_ratio_to_topk
 expect remoe remoe val_loss_minus_topk
 expect remoe remoe sparsity
 expect acmoe acmoe val_loss_minus_topk

@@ -136,6 +136,8 @@ std::vector<std::uint64_t> parse_seeds(const std::string& text) {
     for (int i = 1; i <= n; ++i) seeds.push_back(static_cast<std::uint64_t>(i));
     return seeds;
   }
+  moe::detail::require(text.back() != ',', "moe-train-lm: --seeds=", text,
+                       ", expected a comma-separated list without an empty item");
   std::stringstream ss(text);
   for (std::string item; std::getline(ss, item, ',');) {
     const auto seed = parse_integer<std::uint64_t>("--seeds", item);
@@ -148,6 +150,7 @@ std::vector<std::uint64_t> parse_seeds(const std::string& text) {
 
 Cli parse(int argc, char** argv) {
   Cli c;
+  bool seed_given = false;
   // --quick first, so that explicit flags override its values wherever they stand.
   for (int i = 1; i < argc; ++i)
     if (std::string(argv[i]) == "--quick") {
@@ -208,9 +211,10 @@ Cli parse(int argc, char** argv) {
       c.train.weight_decay = parse_real(flag, v);
     else if (flag == "--clip")
       c.train.clip = parse_real(flag, v);
-    else if (flag == "--seed")
+    else if (flag == "--seed") {
       c.train.seed = parse_integer<std::uint64_t>(flag, v);
-    else if (flag == "--seeds")
+      seed_given = true;
+    } else if (flag == "--seeds")
       c.seeds = parse_seeds(v);
     else if (flag == "--baseline")
       c.baseline = v;
@@ -297,7 +301,14 @@ Cli parse(int argc, char** argv) {
                          "smoe-learned or all");
   moe::detail::require(known(c.baseline), "moe-train-lm: --baseline=", c.baseline,
                        ", expected a recipe's name");
+  moe::detail::require(!seed_given || c.seeds.empty(),
+                       "moe-train-lm: --seed and --seeds, expected one of them");
   if (c.seeds.empty()) c.seeds.push_back(c.train.seed);
+  moe::detail::require(
+      c.seeds.size() == 1 ||
+          std::find(c.recipes.begin(), c.recipes.end(), c.baseline) != c.recipes.end(),
+      "moe-train-lm: --baseline=", c.baseline,
+      " is not among --recipes, expected one of them (the recipe the others are paired with)");
   moe::detail::require(c.seeds.size() == 1 || (c.checkpoint_dir.empty() && c.resume.empty()),
                        "moe-train-lm: --seeds with ", c.seeds.size(),
                        " seeds and --checkpoint-dir or --resume, expected one seed with "
@@ -547,8 +558,10 @@ int run_main(int argc, char** argv, Processes& processes) {
   std::vector<SummaryRow> summary;
   const auto all_start = std::chrono::steady_clock::now();
   std::vector<RunResult> runs;
-  for (const auto& recipe : cli.recipes)
-    for (const std::uint64_t seed : cli.seeds)
+  // Seed by seed, every recipe in turn: a drift of the machine's speed
+  // over the run falls on every recipe alike.
+  for (const std::uint64_t seed : cli.seeds)
+    for (const auto& recipe : cli.recipes)
       runs.push_back(train_recipe(recipe, seed, corpus, shape, cli, processes, metrics, summary));
   print_table(summary, cli.seeds.size() > 1);
   std::vector<Measure> measures;

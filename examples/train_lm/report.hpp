@@ -129,13 +129,13 @@ inline void write_summary_csv(const std::filesystem::path& path,
 
 // `seeds`: the rows name their seed (--seeds).
 inline void print_table(const std::vector<SummaryRow>& rows, bool seeds = false) {
-  std::printf("\n%-16s %10s %9s %8s %9s %10s %9s %13s\n", "recipe", "train loss", "val loss",
+  std::printf("\n%-22s %10s %9s %8s %9s %10s %9s %13s\n", "recipe", "train loss", "val loss",
               "val bpc", "tok/s", "active par", "sparsity", "load max/mean");
   for (const auto& r : rows) {
     std::string name = r.recipe;
     if (r.inference_k >= 0) name += " k=" + std::to_string(r.inference_k);
     if (seeds) name += " s" + std::to_string(r.seed);
-    std::printf("%-16s %10s %9.4f %8.4f %9s %10.0f %9.3f %13s\n", name.c_str(),
+    std::printf("%-22s %10s %9.4f %8.4f %9s %10.0f %9.3f %13s\n", name.c_str(),
                 std::isfinite(r.train_loss) ? csv_number(r.train_loss).c_str() : "", r.val_loss,
                 r.val_bpc(),
                 r.tokens_per_s > 0 ? csv_number(std::round(r.tokens_per_s)).c_str() : "",
@@ -149,6 +149,7 @@ inline void print_table(const std::vector<SummaryRow>& rows, bool seeds = false)
 inline void write_plots(const std::filesystem::path& dir, const std::vector<std::string>& recipes,
                         std::uint64_t seed) {
   const std::string this_seed = "$11 == " + std::to_string(seed);
+  const std::string of_seed = " (seed " + std::to_string(seed) + ")";
   const auto script = dir / "plots.gp";
   std::ofstream gp(script);
   gp << "# gnuplot " << script.filename().string() << " (run in this directory)\n"
@@ -164,15 +165,18 @@ inline void write_plots(const std::filesystem::path& dir, const std::vector<std:
     return s + "\n";
   };
   // From the first evaluation after step 0: the initial ln(V) would flatten the curves.
-  gp << "set output 'val_loss.svg'\nset title 'validation loss vs training tokens'\n"
+  gp << "set output 'val_loss.svg'\nset title 'validation loss vs training tokens" << of_seed
+     << "'\n"
      << "set xlabel 'tokens'\nset ylabel 'validation loss (nats/char)'\n"
      << "set xrange [1:*]\n"
      << per_recipe("5", "3") << "set xrange [*:*]\n";
-  gp << "set output 'expert_load.svg'\nset title 'expert load: max / mean tokens per expert'\n"
+  gp << "set output 'expert_load.svg'\nset title 'expert load: max / mean tokens per expert"
+     << of_seed << "'\n"
      << "set xlabel 'step'\nset ylabel 'max load / mean load'\n"
      << per_recipe("9", "2");
   if (std::find(recipes.begin(), recipes.end(), "remoe") != recipes.end()) {
-    gp << "set output 'remoe_sparsity.svg'\nset title 'ReMoE: sparsity and lambda'\n"
+    gp << "set output 'remoe_sparsity.svg'\nset title 'ReMoE: sparsity and lambda" << of_seed
+       << "'\n"
        << "set xlabel 'step'\nset ylabel 'sparsity (zero gates)'\nset y2label 'lambda'\n"
        << "set logscale y2\nset y2tics\nset format y2 '%.0e'\nset ytics nomirror\n"
        << "plot 'metrics.csv' using (strcol(1) eq 'remoe' && " << this_seed
@@ -183,7 +187,8 @@ inline void write_plots(const std::filesystem::path& dir, const std::vector<std:
   }
   if (std::find(recipes.begin(), recipes.end(), "smoe-dropout") != recipes.end()) {
     gp << "set output 'smoe_dropout_k.svg'\nset title 'SMoE-Dropout: validation loss vs "
-          "inference k'\nset xlabel 'experts per token at inference (k)'\n"
+          "inference k"
+       << of_seed << "'\nset xlabel 'experts per token at inference (k)'\n"
        << "set ylabel 'validation loss (nats/char)'\nunset key\n"
        << "plot 'summary.csv' using (strcol(1) eq 'smoe-dropout' && strcol(2) ne '' && $12 == "
        << seed << " ? $2 : 1/0):4 with linespoints pt 7 lw 2\n";

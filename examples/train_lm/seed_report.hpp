@@ -29,24 +29,36 @@ struct RunResult {
   std::vector<double> val_by_k;                      // self-slimming: [k - 1]
 };
 
-// Tokens until the curve first reaches `target` (linear between
-// evaluations), NaN if it never does.
+// Tokens until the curve's best loss so far first reaches `target` (linear
+// between evaluations), NaN if it never does.
 inline double tokens_to_reach(const std::vector<std::pair<double, double>>& curve, double target) {
+  if (!std::isfinite(target)) return NAN;
+  double best = INFINITY;  // the running minimum: a noisy rise does not undo a crossing
   for (std::size_t i = 0; i < curve.size(); ++i) {
-    if (curve[i].second > target) continue;
+    const double previous = best;
+    best = std::min(best, curve[i].second);
+    if (best > target) continue;
     if (i == 0) return curve[0].first;
-    const auto [t0, v0] = curve[i - 1];
-    const auto [t1, v1] = curve[i];
-    return t0 + (t1 - t0) * (v0 - target) / (v0 - v1);
+    const double t0 = curve[i - 1].first, t1 = curve[i].first;
+    return t0 + (t1 - t0) * (previous - target) / (previous - best);
   }
   return NAN;
+}
+
+// Tokens the recipe needs for the worse of the two final losses, over the
+// tokens the baseline needs for it: both curves reach that loss, below 1
+// where the recipe gets there first, and swapping the two inverts it.
+inline double tokens_to_same_loss_ratio(const RunResult& recipe, const RunResult& baseline) {
+  const double loss = std::max(recipe.val_loss, baseline.val_loss);
+  return tokens_to_reach(recipe.val_curve, loss) / tokens_to_reach(baseline.val_curve, loss);
 }
 
 struct Measure {
   std::string recipe, name;
   int k = -1;  // the inference k of self-slimming measures
   Interval value;
-  std::size_t missing = 0;  // seeds without a value (e.g. never reached the target)
+  std::size_t missing = 0;  // seeds without a value (no baseline run with that seed, ...)
+  double reference = NAN;   // what the interval is judged against: 0 (a difference), 1 (a ratio)
 };
 
 // Every measure of every recipe, in the order of `recipes`; paired ones
@@ -68,49 +80,51 @@ inline std::vector<Measure> seed_measures(const std::vector<RunResult>& runs,
   };
   std::vector<Measure> out;
   const auto add = [&](const std::string& recipe, const std::string& name,
-                       const std::vector<double>& values, int k = -1) {
+                       const std::vector<double>& values, double reference = NAN, int k = -1) {
     std::size_t missing = 0;
     for (double v : values) missing += std::isfinite(v) ? 0 : 1;
-    out.push_back({recipe, name, k, mean_interval(values), missing});
+    out.push_back({recipe, name, k, mean_interval(values), missing, reference});
   };
   for (const auto& recipe : recipes) {
     const auto rs = of(recipe);
     std::vector<double> val, speed, sparsity, dispersion, d_val, speed_ratio, d_dispersion,
-        reach_ratio;
+        same_loss_ratio;
     for (const auto* r : rs) {
       val.push_back(r->val_loss);
       speed.push_back(r->tokens_per_s);
       sparsity.push_back(r->sparsity);
       dispersion.push_back(r->dispersion);
+      if (recipe == baseline) continue;
+      // Paired by seed; a seed the baseline lacks counts as missing.
       const RunResult* b = base_for(r->seed);
-      if (b == nullptr || recipe == baseline) continue;
-      d_val.push_back(r->val_loss - b->val_loss);
-      speed_ratio.push_back(r->tokens_per_s / b->tokens_per_s);
-      d_dispersion.push_back(r->dispersion - b->dispersion);
-      // Tokens to the baseline's final loss, over the baseline's own tokens to it.
-      reach_ratio.push_back(tokens_to_reach(r->val_curve, b->val_loss) /
-                            tokens_to_reach(b->val_curve, b->val_loss));
+      d_val.push_back(b ? r->val_loss - b->val_loss : NAN);
+      speed_ratio.push_back(b ? r->tokens_per_s / b->tokens_per_s : NAN);
+      d_dispersion.push_back(b ? r->dispersion - b->dispersion : NAN);
+      same_loss_ratio.push_back(b ? tokens_to_same_loss_ratio(*r, *b) : NAN);
     }
     add(recipe, "val_loss", val);
-    if (!d_val.empty()) {
-      add(recipe, "val_loss_minus_" + baseline, d_val);
-      add(recipe, "tokens_to_" + baseline + "_loss_ratio", reach_ratio);
-      add(recipe, "tokens_per_s_ratio_to_" + baseline, speed_ratio);
+    if (recipe != baseline) {
+      add(recipe, "val_loss_minus_" + baseline, d_val, 0.0);
+      add(recipe, "tokens_to_same_loss_ratio_to_" + baseline, same_loss_ratio, 1.0);
+      add(recipe, "tokens_per_s_ratio_to_" + baseline, speed_ratio, 1.0);
     }
     add(recipe, "tokens_per_s", speed);
     add(recipe, "sparsity", sparsity);
     add(recipe, "expert_dispersion", dispersion);
-    if (!d_dispersion.empty()) add(recipe, "expert_dispersion_minus_" + baseline, d_dispersion);
+    if (recipe != baseline) add(recipe, "expert_dispersion_minus_" + baseline, d_dispersion, 0.0);
     // Self-slimming: the loss at each inference k, and each step k -> k + 1.
     const std::size_t ks = rs.empty() ? 0 : rs.front()->val_by_k.size();
+    for (const auto* r : rs)
+      moe::detail::require(r->val_by_k.size() == ks, "moe-train-lm: ", recipe, " seed ", r->seed,
+                           " has ", r->val_by_k.size(), " inference-k losses, expected ", ks);
     for (std::size_t k = 0; k < ks; ++k) {
       std::vector<double> at_k, step;
       for (const auto* r : rs) {
         at_k.push_back(r->val_by_k[k]);
         if (k + 1 < ks) step.push_back(r->val_by_k[k + 1] - r->val_by_k[k]);
       }
-      add(recipe, "val_loss_at_k", at_k, static_cast<int>(k + 1));
-      if (k + 1 < ks) add(recipe, "val_loss_step_to_next_k", step, static_cast<int>(k + 1));
+      add(recipe, "val_loss_at_k", at_k, NAN, static_cast<int>(k + 1));
+      if (k + 1 < ks) add(recipe, "val_loss_step_to_next_k", step, 0.0, static_cast<int>(k + 1));
     }
   }
   return out;
@@ -126,26 +140,26 @@ inline std::string interval_text(const Interval& i) {
   return buf;
 }
 
-// "below 0" / "above 0" where the interval excludes 0.
-inline const char* sign_verdict(const Interval& i) {
-  if (i.below_zero()) return "below 0";
-  if (i.above_zero()) return "above 0";
-  return i.n >= 2 ? "0 inside" : "";
+// "below 0" / "above 1" where the interval lies on one side of the
+// measure's reference, "0 inside" where it holds it.
+inline std::string reference_verdict(const Measure& m) {
+  if (!std::isfinite(m.reference) || m.value.n < 2) return "";
+  const std::string ref = csv_number(m.reference);
+  if (m.value.below(m.reference)) return "below " + ref;
+  if (m.value.above(m.reference)) return "above " + ref;
+  return ref + " inside";
 }
 
 inline void print_seed_report(const std::vector<Measure>& measures, std::size_t seeds) {
   std::printf("\nOver %zu seeds: mean ± half-width [95%% confidence interval, Student t]\n", seeds);
-  std::printf("%-14s %-36s %-44s %s\n", "recipe", "measure", "value", "interval vs 0");
+  std::printf("%-14s %-40s %-44s %s\n", "recipe", "measure", "value", "vs reference");
   for (const auto& m : measures) {
     if (m.value.n == 0) continue;
     std::string name = m.name;
     if (m.k >= 0) name += " k=" + std::to_string(m.k);
-    std::string note =
-        m.name.find("minus") != std::string::npos || m.name.find("step_to") != std::string::npos
-            ? sign_verdict(m.value)
-            : "";
+    std::string note = reference_verdict(m);
     if (m.missing > 0) note += " (" + std::to_string(m.missing) + " seeds without a value)";
-    std::printf("%-14s %-36s %-44s %s\n", m.recipe.c_str(), name.c_str(),
+    std::printf("%-14s %-40s %-44s %s\n", m.recipe.c_str(), name.c_str(),
                 interval_text(m.value).c_str(), note.c_str());
   }
 }
@@ -153,11 +167,12 @@ inline void print_seed_report(const std::vector<Measure>& measures, std::size_t 
 inline void write_seeds_csv(const std::filesystem::path& path,
                             const std::vector<Measure>& measures) {
   std::ofstream out(path);
-  out << "recipe,measure,k,n,missing,mean,ci_low,ci_high\n";
+  out << "recipe,measure,k,n,missing,mean,ci_low,ci_high,reference\n";
   for (const auto& m : measures)
     out << m.recipe << ',' << m.name << ',' << (m.k >= 0 ? std::to_string(m.k) : "") << ','
         << m.value.n << ',' << m.missing << ',' << csv_number(m.value.mean, 9) << ','
-        << csv_number(m.value.low(), 9) << ',' << csv_number(m.value.high(), 9) << '\n';
+        << csv_number(m.value.low(), 9) << ',' << csv_number(m.value.high(), 9) << ','
+        << csv_number(m.reference) << '\n';
   if (!out) throw moe::Error(moe::detail::concat("moe-train-lm: cannot write ", path.string()));
 }
 

@@ -1,7 +1,7 @@
 #pragma once
 // Seed statistics for moe-train-lm --seeds: the mean of a measure over the
 // seeds with its 95% confidence interval (Student's t, n - 1 degrees of
-// freedom), and paired differences (recipe minus baseline, seed by seed).
+// freedom).
 
 #include <cmath>
 #include <cstddef>
@@ -30,9 +30,10 @@ struct Interval {
   double half = std::numeric_limits<double>::quiet_NaN();
   double low() const { return mean - half; }
   double high() const { return mean + half; }
-  // Whether the interval excludes 0 (needs two values or more).
-  bool below_zero() const { return n >= 2 && high() < 0; }
-  bool above_zero() const { return n >= 2 && low() > 0; }
+  // Whether the interval lies wholly below or above `reference` (needs two
+  // values or more).
+  bool below(double reference) const { return n >= 2 && high() < reference; }
+  bool above(double reference) const { return n >= 2 && low() > reference; }
 };
 
 // Non-finite values (a measure a run did not produce) are left out.
@@ -50,13 +51,6 @@ inline Interval mean_interval(const std::vector<double>& values) {
   const double sd = std::sqrt(squares / static_cast<double>(r.n - 1));
   r.half = student_t_975(r.n - 1) * sd / std::sqrt(static_cast<double>(r.n));
   return r;
-}
-
-// The interval of a[i] - b[i] over the pairs (seeds) where both exist.
-inline Interval paired_interval(const std::vector<double>& a, const std::vector<double>& b) {
-  std::vector<double> d;
-  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i) d.push_back(a[i] - b[i]);
-  return mean_interval(d);
 }
 
 }  // namespace train_lm

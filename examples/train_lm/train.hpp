@@ -124,7 +124,11 @@ class RoutingWindow {
 // its top-1 expert:
 //   sum_e sum_{t -> e} |x_t - mean_e|^2 / sum_t |x_t - mean|^2,
 // 1 for a routing blind to x, lower for tighter per-expert clusters (ACMoE's
-// claim). Accumulated over batches, summed over processes.
+// claim). Accumulated over batches, summed over processes. A plain
+// Euclidean measure of the block's input by the block's own top-1 choice:
+// ACMoE's router weighs features by its own metric, and top-2 routing sends
+// each token to a second expert this leaves out; a collapsed routing (every
+// token at one expert) scores 1.
 class ExpertDispersion {
  public:
   ExpertDispersion(int experts, int d)
@@ -157,17 +161,20 @@ class ExpertDispersion {
     }
   }
 
-  double share(const moe::ProcessGroup& group) {
+  // The share over every process's tokens (a collective: every process calls it).
+  double within_share(const moe::ProcessGroup& group) const {
     if (experts_ < 2) return std::numeric_limits<double>::quiet_NaN();
-    group.sum(sums_.data(), static_cast<moe::Index>(sums_.size()));
+    std::vector<double> all = sums_;
+    group.sum(all.data(), static_cast<moe::Index>(all.size()));
     double within = 0;
-    for (std::size_t e = 0; e < experts_; ++e) within += scatter(e);
-    return within / scatter(experts_);
+    for (std::size_t e = 0; e < experts_; ++e) within += scatter(all, e);
+    return within / scatter(all, experts_);
   }
 
  private:
-  double scatter(std::size_t group) const {  // sum |x - mean|^2 of the group
-    const double* s = &sums_[group * (d_ + 2)];
+  // sum |x - mean|^2 over a group's tokens from its sums: [count, sum |x|^2, sum x (d)].
+  double scatter(const std::vector<double>& sums, std::size_t group) const {
+    const double* s = &sums[group * (d_ + 2)];
     if (s[0] == 0) return 0.0;
     double mean_sq = 0;
     for (std::size_t j = 0; j < d_; ++j) mean_sq += s[2 + j] * s[2 + j];
@@ -264,7 +271,7 @@ class Run {
       model_.forward(b, moe::Mode::eval);
       dispersion.add(model_.block_input(model_.layers() - 1), block.top1());
     });
-    return dispersion.share(*group_);
+    return dispersion.within_share(*group_);
   }
 
   // Eval forwards at k experts (SMoE-Dropout's self-slimming); 0 clears.
