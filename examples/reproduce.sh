@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Each paper's headline claim in miniature (examples/README.md, "Reproductions"):
-# one moe-train-lm setting per claim, every recipe of it trained with 3 seeds,
+# one moe-train-lm setting per claim, every recipe of it trained with 4 seeds,
 # compared with its baseline seed by seed (means and 95% intervals).
 #
 #   examples/reproduce.sh [--quick] <moe-train-lm> <out dir> [setting...]
@@ -24,7 +24,7 @@
 # whole path runs (the ctest train_lm_reproduce_quick); its numbers mean nothing.
 set -euo pipefail
 quick=()
-seeds=3
+seeds=4
 if [ "${1:-}" = "--quick" ]; then
   quick=(--quick --steps 60 --eval-every 20)
   seeds=2

@@ -90,15 +90,15 @@ case "$mode" in
     # compiles them.
     configure sanitize
     cmake --build "$root/build-sanitize" -j"$jobs"
-    # Packaging tests rebuild the library without sanitizers, bitwise resume
-    # runs moe-train-lm 18 times and the reproductions' quick run 16 times:
-    # the plain run covers them.
+    # Packaging tests (not built by this preset), bitwise resume (18 runs of
+    # moe-train-lm) and the reproductions' quick run (16): the plain run
+    # covers them.
     # allocator_may_return_null: a test asks for more memory than exists and
     # expects moe::Error (std::bad_alloc), not ASan's abort.
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
       UBSAN_OPTIONS=print_stacktrace=1 \
       ctest --test-dir "$root/build-sanitize" --output-on-failure -j"$jobs" \
-      -E "consumer_|compile_fail|headers_self_contained|train_lm_resume|train_lm_reproduce" -LE mpi
+      -E "train_lm_resume|train_lm_reproduce" -LE mpi
     # OpenMPI keeps its own allocations to the end (LeakSanitizer reports them
     # in libmpi and its plugins): the MPI tests run without leak detection.
     ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \

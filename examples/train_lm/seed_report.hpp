@@ -117,14 +117,16 @@ inline std::vector<Measure> seed_measures(const std::vector<RunResult>& runs,
     for (const auto* r : rs)
       moe::detail::require(r->val_by_k.size() == ks, "moe-train-lm: ", recipe, " seed ", r->seed,
                            " has ", r->val_by_k.size(), " inference-k losses, expected ", ks);
+    // (All the losses first: consecutive rows draw one line in the plot.)
     for (std::size_t k = 0; k < ks; ++k) {
-      std::vector<double> at_k, step;
-      for (const auto* r : rs) {
-        at_k.push_back(r->val_by_k[k]);
-        if (k + 1 < ks) step.push_back(r->val_by_k[k + 1] - r->val_by_k[k]);
-      }
+      std::vector<double> at_k;
+      for (const auto* r : rs) at_k.push_back(r->val_by_k[k]);
       add(recipe, "val_loss_at_k", at_k, NAN, static_cast<int>(k + 1));
-      if (k + 1 < ks) add(recipe, "val_loss_step_to_next_k", step, 0.0, static_cast<int>(k + 1));
+    }
+    for (std::size_t k = 0; k + 1 < ks; ++k) {
+      std::vector<double> step;
+      for (const auto* r : rs) step.push_back(r->val_by_k[k + 1] - r->val_by_k[k]);
+      add(recipe, "val_loss_step_to_next_k", step, 0.0, static_cast<int>(k + 1));
     }
   }
   return out;
@@ -225,7 +227,7 @@ inline void write_seed_plots(const std::filesystem::path& dir,
   if (!slimming.empty()) {
     gp << "set output 'inference_k_seeds.svg'\n"
        << "set title 'validation loss vs inference k: seed mean and 95% interval'\n"
-       << "set xlabel 'experts per token at inference (k)'\nplot ";
+       << "set xlabel 'experts per token at inference (k)'\nset offsets 0.5, 0.5, 0, 0\nplot ";
     for (std::size_t i = 0; i < slimming.size(); ++i) {
       if (i) gp << ", \\\n     ";
       gp << "'seeds.csv' using (strcol(1) eq '" << slimming[i]
