@@ -3,10 +3,14 @@
 // L = <R, y> + aux, and central finite differences of it.
 
 #include <doctest/doctest.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <fstream>
 #include <functional>
 #include <numeric>
 #include <string>
@@ -133,5 +137,32 @@ inline std::vector<cpu::Gemm> gemm_engines() {
   if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
   return engines;
 }
+
+// Caps the address space at what the process holds now plus `headroom`
+// bytes, for a test that wants an allocation to fail; restores the limit
+// when it ends. active() is false where the existing limit is already
+// tighter (nothing changed).
+class AddressSpaceLimit {
+ public:
+  explicit AddressSpaceLimit(std::uint64_t headroom) {
+    std::uint64_t pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    if (pages == 0 || ::getrlimit(RLIMIT_AS, &saved_) != 0) return;
+    rlimit tight = saved_;
+    tight.rlim_cur = pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) + headroom;
+    if (saved_.rlim_cur != RLIM_INFINITY && tight.rlim_cur >= saved_.rlim_cur) return;
+    active_ = ::setrlimit(RLIMIT_AS, &tight) == 0;
+  }
+  ~AddressSpaceLimit() {
+    if (active_) ::setrlimit(RLIMIT_AS, &saved_);
+  }
+  AddressSpaceLimit(const AddressSpaceLimit&) = delete;
+  AddressSpaceLimit& operator=(const AddressSpaceLimit&) = delete;
+  bool active() const { return active_; }
+
+ private:
+  rlimit saved_{};
+  bool active_ = false;
+};
 
 }  // namespace moe::test

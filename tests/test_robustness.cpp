@@ -85,25 +85,19 @@ TEST_CASE("a batch the memory refuses is moe::Error, not std::bad_alloc") {
   const Index T = Index{1} << 22;
   std::vector<double> x(static_cast<std::size_t>(T), 0.5), y(x.size());
   L<>::Cache cache;
-  std::uint64_t pages = 0;
-  std::ifstream("/proc/self/statm") >> pages;
-  REQUIRE(pages > 0);
-  rlimit saved{};
-  REQUIRE(::getrlimit(RLIMIT_AS, &saved) == 0);
-  rlimit tight = saved;
-  tight.rlim_cur = pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) + (1ull << 30);
-  if (saved.rlim_cur != RLIM_INFINITY && tight.rlim_cur >= saved.rlim_cur) return;
-  REQUIRE(::setrlimit(RLIMIT_AS, &tight) == 0);
   std::string what;
-  try {
-    layer.forward(ConstMatrixView<double>(x.data(), T, 1), MatrixView<double>(y.data(), T, 1),
-                  cache, Mode::eval);
-  } catch (const Error& e) {
-    what = e.what();
-  } catch (const std::bad_alloc&) {
-    what = "std::bad_alloc";
+  {
+    test::AddressSpaceLimit limit(std::uint64_t{1} << 30);
+    if (!limit.active()) return;  // a tighter limit is already set
+    try {
+      layer.forward(ConstMatrixView<double>(x.data(), T, 1), MatrixView<double>(y.data(), T, 1),
+                    cache, Mode::eval);
+    } catch (const Error& e) {
+      what = e.what();
+    } catch (const std::bad_alloc&) {
+      what = "std::bad_alloc";
+    }
   }
-  ::setrlimit(RLIMIT_AS, &saved);
   CAPTURE(what);
   CHECK(what.find("moe::Layer::forward: out of memory for x.rows()=4194304 tokens") !=
         std::string::npos);
