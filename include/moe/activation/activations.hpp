@@ -6,6 +6,7 @@
 
 #include "moe/core/concepts.hpp"
 #include "moe/math/activation.hpp"
+#include "moe/math/activation_span.hpp"
 
 namespace moe::act {
 
@@ -41,6 +42,15 @@ struct GELU {
   MOE_HOST_DEVICE static S value_and_derivative(S u, S& derivative) {
     return math::gelu_and_derivative(u, derivative);
   }
+  // A row at a time: vectorised erf and exp on the CPU.
+  template <class S>
+  MOE_HOST_DEVICE static void value_span(const S* u, S* value, Index n) {
+    math::gelu_span(u, value, n);
+  }
+  template <class S>
+  MOE_HOST_DEVICE static void value_and_derivative_span(S* u, S* value, Index n) {
+    math::gelu_and_derivative_span(u, value, n);
+  }
 };
 
 // E(x) = W2 (silu(W1 x) * (W3 x)), no biases (Shazeer 2020; ReMoE, Default MoE).
@@ -60,6 +70,15 @@ struct SwiGLU {
   template <class S>
   MOE_HOST_DEVICE static S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
     return math::swiglu_and_partials(gate, up, d_gate, d_up);
+  }
+  // A row at a time: vectorised exp on the CPU.
+  template <class S>
+  MOE_HOST_DEVICE static void value_span(const S* gate, const S* up, S* value, Index n) {
+    math::swiglu_span(gate, up, value, n);
+  }
+  template <class S>
+  MOE_HOST_DEVICE static void value_and_partials_span(S* gate, S* up, S* value, Index n) {
+    math::swiglu_and_partials_span(gate, up, value, n);
   }
 };
 

@@ -103,6 +103,53 @@ MOE_HOST_DEVICE S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
   }
 }
 
+// Columns [begin, end) of one row: hidden = act(pre), pre as (gate, up) for a
+// gated activation; with derivatives, pre becomes the derivative (partials).
+// Through the policy's span functions where it has them (vectorised on the
+// CPU), else element by element.
+template <class A, class S>
+MOE_HOST_DEVICE void activate_columns(S* pre, S* hidden, Index h, Index begin, Index end,
+                                      bool derivatives) {
+  S* u = pre + begin;
+  S* v = hidden + begin;
+  const Index n = end - begin;
+  if constexpr (A::kGated) {
+    S* up = pre + h + begin;
+    if (derivatives) {
+      if constexpr (requires { A::value_and_partials_span(u, up, v, n); }) {
+        A::value_and_partials_span(u, up, v, n);
+      } else {
+        for (Index j = 0; j < n; ++j) {
+          S d_gate, d_up;
+          v[j] = value_and_partials<A>(u[j], up[j], d_gate, d_up);
+          u[j] = d_gate;
+          up[j] = d_up;
+        }
+      }
+    } else if constexpr (requires { A::value_span(u, up, v, n); }) {
+      A::value_span(u, up, v, n);
+    } else {
+      for (Index j = 0; j < n; ++j) v[j] = A::value(u[j], up[j]);
+    }
+  } else {
+    if (derivatives) {
+      if constexpr (requires { A::value_and_derivative_span(u, v, n); }) {
+        A::value_and_derivative_span(u, v, n);
+      } else {
+        for (Index j = 0; j < n; ++j) {
+          S derivative;
+          v[j] = value_and_derivative<A>(u[j], derivative);
+          u[j] = derivative;
+        }
+      }
+    } else if constexpr (requires { A::value_span(u, v, n); }) {
+      A::value_span(u, v, n);
+    } else {
+      for (Index j = 0; j < n; ++j) v[j] = A::value(u[j]);
+    }
+  }
+}
+
 // rows (n, cols) += bias of each row's expert (E, cols).
 template <class B, class S>
 void add_row_bias(const B& be, const Dispatch<B::template Buffer>& rows, Index cols, const S* bias,
@@ -159,21 +206,10 @@ void activate(const B& be, const Dispatch<B::template Buffer>& rows, Index h,
           const S* b = b1 + row_expert[r] * h;
           for (Index j = begin; j < end; ++j) pr[j] += b[j];
         }
+        // Value (and derivative in place); the dropout factor, when there is
+        // one, in a second loop, so the first has no branch per element.
+        activate_columns<A>(pr, hr, h, begin, end, derivatives);
         if (derivatives) {
-          // Value and derivative in place; the dropout factor, when there is
-          // one, in a second loop, so this one has no branch per element.
-          for (Index j = begin; j < end; ++j) {
-            if constexpr (A::kGated) {
-              S d_gate, d_up;
-              hr[j] = value_and_partials<A>(pr[j], pr[h + j], d_gate, d_up);
-              pr[j] = d_gate;
-              pr[h + j] = d_up;
-            } else {
-              S derivative;
-              hr[j] = value_and_derivative<A>(pr[j], derivative);
-              pr[j] = derivative;
-            }
-          }
           if (dropout.rate > 0) {  // the dropout factor, on the value and the derivative
             for (Index j = begin; j < end; ++j) {
               const S m = dropout.keeps(row_pair[r], j) ? keep_scale : S(0);
@@ -183,13 +219,6 @@ void activate(const B& be, const Dispatch<B::template Buffer>& rows, Index h,
             }
           }
           return;
-        }
-        for (Index j = begin; j < end; ++j) {
-          if constexpr (A::kGated) {
-            hr[j] = A::value(pr[j], pr[h + j]);
-          } else {
-            hr[j] = A::value(pr[j]);
-          }
         }
         if (dropout.rate > 0) {
           for (Index j = begin; j < end; ++j)
