@@ -133,11 +133,12 @@ TEST_CASE("DefaultEMA forward adds G_ti Ehat_i for unselected experts and its ga
   b.token_offsets = {0, 1, 2, 2, 4};  // token 2 selected nothing; token 3 both
   b.pair_expert = {0, 1, 0, 1};
   std::vector<double> y(8, 0.0), dy = {1, 1, 2, 0, 0, 1, 5, 5}, dg(8, -7.0);
-  est.add_unselected_outputs(B(1), b.view(), state, y.data());
+  estimator::DefaultEMA::Cache<B> cache;  // the estimator's scratch
+  est.add_unselected_outputs(B(1), b.view(), state, cache, y.data());
   // t0 selected {0}: + 0.4 * [-1, 3]; t1 {1}: + 0.7 * [1, 2]; t2 {}: both; t3: nothing.
   const std::vector<double> expected = {-0.4, 1.2, 0.7, 1.4, 0.2 - 0.8, 0.4 + 2.4, 0, 0};
   for (int i = 0; i < 8; ++i) CHECK(y[i] == doctest::Approx(expected[i]));
-  est.add_unselected_gate_gradients(B(1), b.view(), state, dy.data(), dg.data());
+  est.add_unselected_gate_gradients(B(1), b.view(), state, cache, dy.data(), dg.data());
   // dG_ti = <dy_t, Ehat_i> only for i outside A_t; selected entries untouched.
   const std::vector<double> expected_dg = {-7, 2, 2, -7, 2, 3, -7, -7};
   for (int i = 0; i < 8; ++i) CHECK(dg[i] == doctest::Approx(expected_dg[i]));

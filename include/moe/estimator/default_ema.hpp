@@ -53,6 +53,9 @@ struct DefaultEMA {
     typename B::template Buffer<int> updated;        // (E) 1 where Ehat_i moved, else 0
     typename B::template Buffer<int> non_finite;     // (E) 1 where m_i had a NaN or Inf
     typename B::template Buffer<double> totals;      // (E) sum of m_i's weights (scratch)
+    // Scratch of the dense terms: Ehat in the layer's scalar (E, d), and G~
+    // off A_t (0 on it) in the forward, dL/dG~ in the backward (T, E).
+    typename B::template Buffer<typename B::Scalar> defaults, unselected;
   };
 
   // The EMA step of a training forward: m_i per expert over its rows in row
@@ -122,16 +125,15 @@ struct DefaultEMA {
           totals[e] = total;
         },
         batch.rows);
+    // Each column's sum in row order, the rows walked once (contiguous reads).
     be.parallel_for_rows(
         E, d,
         [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
-          for (Index j = begin; j < end; ++j) {
-            double sum = 0;
-            for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
-              const double w = weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
-              sum += w * static_cast<double>(out[r * d + j]);
-            }
-            mean[e * d + j] = sum;
+          double* sum = mean + e * d;
+          for (Index j = begin; j < end; ++j) sum[j] = 0;
+          for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
+            const double w = weighted ? static_cast<double>(scores[row_token[r] * E + e]) : 1.0;
+            for (Index j = begin; j < end; ++j) sum[j] += w * static_cast<double>(out[r * d + j]);
           }
         },
         batch.rows * d);
@@ -148,50 +150,71 @@ struct DefaultEMA {
         E * d);
   }
 
-  // y_t += sum_{i not in A_t} G~_ti Ehat_i.
+  // y_t += sum_{i not in A_t} G~_ti Ehat_i: one (T, E) x (E, d) product
+  // with G~ zeroed on A_t.
   template <class B>
   void add_unselected_outputs(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
-                              const TensorBuffer<double>& state, typename B::Scalar* y) const {
+                              const TensorBuffer<double>& state, Cache<B>& cache,
+                              typename B::Scalar* y) const {
     using S = typename B::Scalar;
-    const double* ema = state["estimator.ema"].data();
+    const Index T = batch.tokens, d = batch.d_model, E = batch.experts;
+    const S* defaults = defaults_in_scalar(be, state, E, d, cache);
+    cache.unselected.resize(static_cast<std::size_t>(T * E));
+    S* unselected = cache.unselected.data();
     const S* gates = batch.gates;
     const Index* offsets = batch.token_offsets;
     const int* pair_expert = batch.pair_expert;
-    const Index d = batch.d_model, E = batch.experts;
     be.parallel_for_rows(
-        batch.tokens, d,
+        T, E,
         [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
-          for (Index e = 0; e < E; ++e) {
-            if (selected(offsets, pair_expert, t, e)) continue;
-            const S g = gates[t * E + e];
-            if (g == S(0)) continue;
-            for (Index j = begin; j < end; ++j) y[t * d + j] += g * static_cast<S>(ema[e * d + j]);
-          }
+          for (Index e = begin; e < end; ++e)
+            unselected[t * E + e] = selected(offsets, pair_expert, t, e) ? S(0) : gates[t * E + e];
         },
-        batch.tokens * E * d);
+        T * E);
+    be.gemm_rows(false, T, d, E, S(1), unselected, E, defaults, d, S(1), y, d);
   }
 
-  // dL/dG~_ti = <g_t, Ehat_i> for i not in A_t.
+  // dL/dG~_ti = <g_t, Ehat_i> for i not in A_t: one (T, d) x (d, E) product,
+  // then the unselected entries copied out.
   template <class B>
   void add_unselected_gate_gradients(const B& be, const EstimatorBatch<typename B::Scalar>& batch,
-                                     const TensorBuffer<double>& state,
+                                     const TensorBuffer<double>& state, Cache<B>& cache,
                                      const typename B::Scalar* dy,
                                      typename B::Scalar* dgates) const {
     using S = typename B::Scalar;
-    const double* ema = state["estimator.ema"].data();
+    const Index T = batch.tokens, d = batch.d_model, E = batch.experts;
+    const S* defaults = defaults_in_scalar(be, state, E, d, cache);
+    cache.unselected.resize(static_cast<std::size_t>(T * E));
+    S* dots = cache.unselected.data();
+    be.gemm_rows(true, T, E, d, S(1), dy, d, defaults, d, S(0), dots, E);
     const Index* offsets = batch.token_offsets;
     const int* pair_expert = batch.pair_expert;
-    const Index d = batch.d_model, E = batch.experts;
-    // One sum per (t, i) = (q / E, q % E); the selected ones are not stored.
-    be.parallel_sum_rows(
-        batch.tokens * E, d,
-        [=] MOE_HOST_DEVICE(Index q, Index j) {
-          return dy[(q / E) * d + j] * static_cast<S>(ema[(q % E) * d + j]);
+    be.parallel_for_rows(
+        T, E,
+        [=] MOE_HOST_DEVICE(Index t, Index begin, Index end) {
+          for (Index e = begin; e < end; ++e)
+            if (!selected(offsets, pair_expert, t, e)) dgates[t * E + e] = dots[t * E + e];
         },
-        [=] MOE_HOST_DEVICE(Index q, S dot) {
-          if (!selected(offsets, pair_expert, q / E, q % E)) dgates[q] = dot;
+        T * E);
+  }
+
+  // Ehat (E, d) of `state` in the layer's scalar, in cache.defaults. Public
+  // only because nvcc's device lambdas cannot live in private members.
+  template <class B>
+  static const typename B::Scalar* defaults_in_scalar(const B& be,
+                                                      const TensorBuffer<double>& state, Index E,
+                                                      Index d, Cache<B>& cache) {
+    using S = typename B::Scalar;
+    cache.defaults.resize(static_cast<std::size_t>(E * d));
+    S* defaults = cache.defaults.data();
+    const double* ema = state["estimator.ema"].data();
+    be.parallel_for_rows(
+        E, d,
+        [=] MOE_HOST_DEVICE(Index e, Index begin, Index end) {
+          for (Index j = begin; j < end; ++j) defaults[e * d + j] = static_cast<S>(ema[e * d + j]);
         },
-        batch.tokens * E * d);
+        E * d);
+    return defaults;
   }
 
  private:

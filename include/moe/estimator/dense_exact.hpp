@@ -30,12 +30,12 @@ struct DenseExact {
 
   template <class B>
   void add_unselected_outputs(const B&, const EstimatorBatch<typename B::Scalar>&,
-                              const TensorBuffer<double>&, typename B::Scalar*) const {}
+                              const TensorBuffer<double>&, Cache<B>&, typename B::Scalar*) const {}
 
   template <class B>
   void add_unselected_gate_gradients(const B&, const EstimatorBatch<typename B::Scalar>&,
-                                     const TensorBuffer<double>&, const typename B::Scalar*,
-                                     typename B::Scalar*) const {}
+                                     const TensorBuffer<double>&, Cache<B>&,
+                                     const typename B::Scalar*, typename B::Scalar*) const {}
 };
 
 static_assert(EstimatorPolicy<DenseExact, archetype::Backend>);

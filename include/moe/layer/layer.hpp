@@ -254,7 +254,8 @@ class Layer {
             tokens.rows(), y.data());
     const auto batch = detail::estimator_batch(c, dispatcher_.group());
     estimator_.update_state(backend_, mode, batch, state_, c.estimator);  // before use
-    estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), y.data());
+    estimator_.add_unselected_outputs(backend_, batch, std::as_const(state_), c.estimator,
+                                      y.data());
     detail::keep_state(backend_, state_, c.state);
     detail::record_stats<Estimator>(config_, c);
     c.filled = true;
@@ -273,7 +274,7 @@ class Layer {
                      ws.d_gates.data());
     estimator_.add_unselected_gate_gradients(backend_,
                                              detail::estimator_batch(c, dispatcher_.group()),
-                                             c.state, dy.data(), ws.d_gates.data());
+                                             c.state, c.estimator, dy.data(), ws.d_gates.data());
     backward_experts(c, grads);
     sum_input_gradients(backend_, pairs, ws.d_x_rows.data(), d, tokens.rows(), dx.data());
     // The router adds its own dL/dx and parameter gradients (aux loss included).

@@ -35,7 +35,8 @@ struct EstimatorBatch {
 //  - which entries of dL/dG the backward adds beyond the computed pairs (the
 //    layer always supplies dL/dG_te = <g_t, E_e(x_t)> for computed pairs).
 // Its per-batch Cache (in the layer's cache) holds what a researcher may
-// read after a forward, e.g. DefaultEMA's batch means.
+// read after a forward, e.g. DefaultEMA's batch means, and the estimator's
+// scratch (every hook gets it: one layer serves several caches at once).
 template <class Est, class B>
 concept EstimatorPolicy = BackendPolicy<B> &&
     requires(const Est& est, const B& be, const LayerConfig& cfg, TensorLayout& layout, Mode mode,
@@ -47,8 +48,8 @@ concept EstimatorPolicy = BackendPolicy<B> &&
   est.validate(cfg);
   est.add_state(layout, cfg);
   est.update_state(be, mode, batch, state, cache);
-  est.add_unselected_outputs(be, batch, std::as_const(state), y);
-  est.add_unselected_gate_gradients(be, batch, std::as_const(state), dy, dgates);
+  est.add_unselected_outputs(be, batch, std::as_const(state), cache, y);
+  est.add_unselected_gate_gradients(be, batch, std::as_const(state), cache, dy, dgates);
 };
 
 }  // namespace moe
