@@ -20,12 +20,18 @@ inline constexpr double kClusterClampFactor = 10.0;    // w clamped at 10 * mean
 //   (then mean /= count[k], the tokens of cluster k, where count > 0)
 //   cluster_feature_deviations: mad[k * d + q] = sum over cluster k of |x_tq - mu_kq|
 //   cluster_feature_finish:     mad /= count[k]; w[k * d + q] = 1 / (mad + 1e-4)
+// The two passes over x take a span of features [q0, q1): each sum runs over
+// t in order whatever the span, and a wide span reads x's rows contiguously.
 template <class S>
 MOE_HOST_DEVICE void cluster_feature_sums(const S* x, const int* cluster, Index T, Index d, Index K,
-                                          Index q, double* mean) {
-  for (Index k = 0; k < K; ++k) mean[k * d + q] = 0;
-  for (Index t = 0; t < T; ++t)
-    if (cluster[t] >= 0) mean[cluster[t] * d + q] += static_cast<double>(x[t * d + q]);
+                                          Index q0, Index q1, double* mean) {
+  for (Index k = 0; k < K; ++k)
+    for (Index q = q0; q < q1; ++q) mean[k * d + q] = 0;
+  for (Index t = 0; t < T; ++t) {
+    if (cluster[t] < 0) continue;
+    double* sum = mean + cluster[t] * d;
+    for (Index q = q0; q < q1; ++q) sum[q] += static_cast<double>(x[t * d + q]);
+  }
 }
 
 MOE_HOST_DEVICE inline void cluster_feature_means(const Index* count, Index d, Index K, Index q,
@@ -36,13 +42,16 @@ MOE_HOST_DEVICE inline void cluster_feature_means(const Index* count, Index d, I
 
 template <class S>
 MOE_HOST_DEVICE void cluster_feature_deviations(const S* x, const int* cluster, Index T, Index d,
-                                                Index K, Index q, const double* mean, double* mad) {
-  for (Index k = 0; k < K; ++k) mad[k * d + q] = 0;
-  for (Index t = 0; t < T; ++t)
-    if (cluster[t] >= 0) {
-      const Index k = cluster[t];
-      mad[k * d + q] += std::fabs(static_cast<double>(x[t * d + q]) - mean[k * d + q]);
-    }
+                                                Index K, Index q0, Index q1, const double* mean,
+                                                double* mad) {
+  for (Index k = 0; k < K; ++k)
+    for (Index q = q0; q < q1; ++q) mad[k * d + q] = 0;
+  for (Index t = 0; t < T; ++t) {
+    if (cluster[t] < 0) continue;
+    const double* mu = mean + cluster[t] * d;
+    double* sum = mad + cluster[t] * d;
+    for (Index q = q0; q < q1; ++q) sum[q] += std::fabs(static_cast<double>(x[t * d + q]) - mu[q]);
+  }
 }
 
 MOE_HOST_DEVICE inline void cluster_feature_finish(const Index* count, Index d, Index K, Index q,

@@ -295,17 +295,25 @@ struct AdaptiveCluster {
     double* mu = cache.mean.data();
     double* mad = cache.mad.data();
     double* w = cache.weights.data();
-    be.parallel_for(
-        d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_sums(xs, c, T, d, K, q, mu); },
+    // The passes over x by blocks of features (rows of parallel_for_rows),
+    // each block's columns spanned as the backend cuts them.
+    const Index blocks = (d + kFeatureBlock - 1) / kFeatureBlock;
+    be.parallel_for_rows(
+        blocks, kFeatureBlock,
+        [=] MOE_HOST_DEVICE(Index block, Index begin, Index end) {
+          const Index q0 = feature(block, begin, d), q1 = feature(block, end, d);
+          math::cluster_feature_sums(xs, c, T, d, K, q0, q1, mu);
+        },
         T * d);
     group.sum(mu, K * d);
     be.parallel_for(
         d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_means(count, d, K, q, mu); },
         K * d);
-    be.parallel_for(
-        d,
-        [=] MOE_HOST_DEVICE(Index q) {
-          math::cluster_feature_deviations(xs, c, T, d, K, q, mu, mad);
+    be.parallel_for_rows(
+        blocks, kFeatureBlock,
+        [=] MOE_HOST_DEVICE(Index block, Index begin, Index end) {
+          const Index q0 = feature(block, begin, d), q1 = feature(block, end, d);
+          math::cluster_feature_deviations(xs, c, T, d, K, q0, q1, mu, mad);
         },
         T * d);
     group.sum(mad, K * d);
@@ -337,6 +345,13 @@ struct AdaptiveCluster {
   }
 
   static constexpr double kNormFloor = 1e-4;
+  // Features per block of the statistics' passes over x: 512 bytes of a
+  // float row, and d = 512 in 4 blocks for the threads.
+  static constexpr Index kFeatureBlock = 128;
+  MOE_HOST_DEVICE static Index feature(Index block, Index column, Index d) {
+    const Index q = block * kFeatureBlock + column;
+    return q < d ? q : d;
+  }
   static constexpr std::uint64_t kStream = 0x61636d6f65ull;  // "acmoe"
 };
 
