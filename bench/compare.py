@@ -1,0 +1,73 @@
+#!/usr/bin/python3
+"""Interleaved rounds of two or more moe_bench binaries on the same rows: the
+way to measure a change on a shared machine, where one row moves by up to
+20% between runs.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=2 \\
+        python3 bench/compare.py --rounds 7 --filter '<regex>' before/moe_bench after/moe_bench
+
+Each round runs every binary once on the rows that --filter selects. For
+each row it prints the median tokens/s and ratio_vs_dense_gemm of every
+binary, and the median over rounds of tokens/s(binary) / tokens/s(first
+binary), with its range. With --relative-to ROW_PART=OTHER_PART it also
+prints, per binary, the median over rounds of a row's tokens/s over the same
+run's other row (e.g. DefaultEMA over Sparse: a cost measured inside one
+process).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+
+def run(binary, row_filter):
+    out = subprocess.run([binary, f"--benchmark_filter={row_filter}", "--benchmark_format=json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = {}
+    for row in json.loads(out)["benchmarks"]:
+        name = row["name"].split("/iterations")[0]
+        rows[name] = (row.get("tokens/s", 0.0), row.get("ratio_vs_dense_gemm", 0.0))
+    return rows
+
+
+def span(values):
+    return f"{statistics.median(values):.3f} ({min(values):.3f} to {max(values):.3f})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("binaries", nargs="+", help="moe_bench binaries; the first is the baseline")
+    parser.add_argument("--filter", required=True, help="Google Benchmark row regex")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--relative-to", action="append", default=[], metavar="PART=OTHER",
+                        help="also print tokens/s of rows naming PART over the row naming OTHER")
+    args = parser.parse_args()
+    runs = [[run(b, args.filter) for b in args.binaries] for _ in range(args.rounds)]
+    names = sorted(runs[0][0])
+    if not names:
+        sys.exit(f"compare: no row matches {args.filter}")
+    print(f"{args.rounds} interleaved rounds; medians (range over rounds)")
+    for name in names:
+        print(name)
+        for i, binary in enumerate(args.binaries):
+            tokens = [r[i][name][0] for r in runs]
+            ratio = [r[i][name][1] for r in runs]
+            line = (f"  {binary}: {statistics.median(tokens):9.0f} tok/s, ratio_vs_dense_gemm "
+                    f"{statistics.median(ratio):.3f}")
+            if i > 0:
+                line += f", speedup over the first {span([r[i][name][0] / r[0][name][0] for r in runs])}"
+            print(line)
+    for pair in args.relative_to:
+        part, other = pair.split("=")
+        for name in (n for n in names if part in n):
+            base = name.replace(part, other)
+            if base not in names:
+                continue
+            for i, binary in enumerate(args.binaries):
+                cost = [r[i][name][0] / r[i][base][0] for r in runs]
+                print(f"{name} / {base}  {binary}: {span(cost)}")
+
+
+if __name__ == "__main__":
+    main()
