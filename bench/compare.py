@@ -6,7 +6,8 @@ way to measure a change on a shared machine, where one row moves by up to
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=2 \\
         python3 bench/compare.py --rounds 7 --filter '<regex>' before/moe_bench after/moe_bench
 
-Each round runs every binary once on the rows that --filter selects. For
+Each round runs every binary once on the rows that --filter selects, every
+other round in reverse order. For
 each row it prints the median tokens/s and ratio_vs_dense_gemm of every
 binary, and the median over rounds of tokens/s(binary) / tokens/s(first
 binary), with its range. With --relative-to ROW_PART=OTHER_PART it also
@@ -43,10 +44,19 @@ def main():
     parser.add_argument("--relative-to", action="append", default=[], metavar="PART=OTHER",
                         help="also print tokens/s of rows naming PART over the row naming OTHER")
     args = parser.parse_args()
-    runs = [[run(b, args.filter) for b in args.binaries] for _ in range(args.rounds)]
+    runs = []
+    for r in range(args.rounds):  # every other round in reverse order
+        order = list(range(len(args.binaries)))[:: 1 if r % 2 == 0 else -1]
+        results = {i: run(args.binaries[i], args.filter) for i in order}
+        runs.append([results[i] for i in range(len(args.binaries))])
     names = sorted(runs[0][0])
     if not names:
         sys.exit(f"compare: no row matches {args.filter}")
+    for r in runs:
+        for i, rows in enumerate(r):
+            if sorted(rows) != names:
+                sys.exit(f"compare: {args.binaries[i]} runs other rows than {args.binaries[0]}: "
+                         f"{sorted(set(rows) ^ set(names))}")
     print(f"{args.rounds} interleaved rounds; medians (range over rounds)")
     for name in names:
         print(name)

@@ -7,7 +7,9 @@ usual dispatch codes, beside this library's rows, in one run.
 
 For each shape (T = 4096 tokens, d_model = 512, fp32, dropless, TopK softmax
 gates with the Switch aux loss, forward + backward into every parameter and
-x), each round times PyTorch with three dispatch codes and keeps the
+x; x and dy uniform in [-1, 1] and the router initialised as the library's,
+so that the load across experts is alike: the summary prints both max_load
+values), each round times PyTorch with three dispatch codes and keeps the
 fastest, then runs this library's row of the same shape (moe_bench,
 fwd+bwd, TopK/Sparse). Rounds interleave the two, so that both see the same
 machine; the ratio printed is the median over rounds of
@@ -51,7 +53,9 @@ class MoE(torch.nn.Module):
         super().__init__()
         self.E, self.k, self.h, self.act = experts, k, d_ff, act
         width = 2 * d_ff if act == "swiglu" else d_ff
-        self.router = torch.nn.Parameter(torch.randn(D, experts) / math.sqrt(D))
+        # The library's router init (TopK's small init, std sqrt(2 / (5 d))):
+        # the same spread of logits, so the same load imbalance.
+        self.router = torch.nn.Parameter(torch.randn(D, experts) * math.sqrt(2 / (5 * D)))
         self.w1 = torch.nn.Parameter(torch.randn(experts, D, width) / math.sqrt(D))
         self.w2 = torch.nn.Parameter(torch.randn(experts, d_ff, D) / math.sqrt(d_ff))
 
@@ -108,8 +112,9 @@ class MoE(torch.nn.Module):
 
 def time_torch(model, code, iters):
     torch.manual_seed(11)
-    x = torch.randn(T, D, requires_grad=True)
-    dy = torch.randn(T, D)
+    # Uniform in [-1, 1], as moe_bench fills x and dy.
+    x = (torch.rand(T, D) * 2 - 1).requires_grad_()
+    dy = torch.rand(T, D) * 2 - 1
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -131,7 +136,17 @@ def time_library(moe_bench, shape_name):
     runs = json.loads(out)["benchmarks"]
     if len(runs) != 1:
         sys.exit(f"torch_peer: {len(runs)} moe_bench rows match {row}, expected 1")
-    return runs[0]["tokens/s"]
+    return runs[0]["tokens/s"], runs[0]["max_load"]
+
+
+def max_load(model):
+    """The busiest expert's routed rows over the mean, on an input like
+    time_torch's: the padded code's waste, comparable to moe_bench's max_load."""
+    torch.manual_seed(11)
+    with torch.no_grad():
+        _, experts, _ = model.route(torch.rand(T, D) * 2 - 1)
+        counts = torch.bincount(experts.reshape(-1), minlength=model.E).double()
+    return float(counts.max() / counts.mean())
 
 
 def main():
@@ -157,16 +172,17 @@ def main():
             line = (f"{name:22s} torch " + " ".join(f"{c} {T / s:7.0f}" for c, s in seconds.items())
                     + " tok/s")
             if args.moe_bench:
-                library_rates.append(time_library(args.moe_bench, name))
+                rate, library_load = time_library(args.moe_bench, name)
+                library_rates.append(rate)
                 ratios.append(library_rates[-1] / torch_rates[-1])
                 line += f" | moe {library_rates[-1]:7.0f} tok/s, ratio {ratios[-1]:.2f}"
             print(line, flush=True)
         summary = (f"{name:22s} torch best {statistics.median(torch_rates):7.0f} tok/s "
-                   f"({'/'.join(sorted(set(best_names)))})")
+                   f"({'/'.join(sorted(set(best_names)))}), max_load {max_load(model):.3f}")
         if ratios:
             summary += (f", moe {statistics.median(library_rates):7.0f} tok/s, ratio median "
                         f"{statistics.median(ratios):.2f} (range {min(ratios):.2f} to "
-                        f"{max(ratios):.2f})")
+                        f"{max(ratios):.2f}), moe max_load {library_load:.3f}")
         print("=>", summary, flush=True)
 
 

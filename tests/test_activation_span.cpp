@@ -87,26 +87,45 @@ TEST_CASE("SwiGLU over a span agrees with the formula in double") {
   CHECK_MESSAGE(du.worst <= 0, "d/dup off by ", du.worst, " at gate = ", du.at);
 }
 
+namespace {
+// Every span function on (a, b): its outputs, concatenated.
+std::vector<float> all_spans(const float* a, const float* b, Index n) {
+  std::vector<float> out;
+  std::vector<float> v(n), u(a, a + n), g(a, a + n), up(b, b + n);
+  math::gelu_span(a, v.data(), n);
+  out.insert(out.end(), v.begin(), v.end());
+  math::gelu_and_derivative_span(u.data(), v.data(), n);
+  out.insert(out.end(), v.begin(), v.end());
+  out.insert(out.end(), u.begin(), u.end());
+  math::swiglu_span(a, b, v.data(), n);
+  out.insert(out.end(), v.begin(), v.end());
+  math::swiglu_and_partials_span(g.data(), up.data(), v.data(), n);
+  for (const auto* part : {&v, &g, &up}) out.insert(out.end(), part->begin(), part->end());
+  return out;
+}
+}  // namespace
+
 TEST_CASE("an element's value does not depend on where it sits in the span") {
   // The same 37 inputs as spans of every length and misalignment: the tail
   // and the packets must agree bitwise (determinism across runs and cuts).
-  std::vector<float> storage(64 + 37);
-  std::vector<float> want_value(37), want_derivative(37);
-  std::vector<float> base(37);
-  for (int j = 0; j < 37; ++j) base[j] = -4.0f + 0.23f * static_cast<float>(j);
-  want_derivative = base;
-  math::gelu_and_derivative_span(want_derivative.data(), want_value.data(), 37);
-  for (int offset = 0; offset < 17; ++offset) {
-    for (int start = 0; start < 37; ++start) {
-      const Index n = 37 - start;
-      float* u = storage.data() + offset;
-      std::copy(base.begin() + start, base.end(), u);
-      std::vector<float> value(static_cast<std::size_t>(n));
-      math::gelu_and_derivative_span(u, value.data(), n);
-      for (Index j = 0; j < n; ++j) {
-        REQUIRE(value[j] == want_value[start + j]);
-        REQUIRE(u[j] == want_derivative[start + j]);
-      }
+  constexpr Index kN = 37;
+  std::vector<float> a(kN), b(kN);
+  for (Index j = 0; j < kN; ++j) {
+    a[j] = -4.0f + 0.23f * static_cast<float>(j);
+    b[j] = 1.5f - 0.11f * static_cast<float>(j);
+  }
+  const std::vector<float> whole = all_spans(a.data(), b.data(), kN);
+  std::vector<float> storage(2 * (64 + kN));
+  for (Index offset = 0; offset < 17; ++offset) {
+    for (Index start = 0; start < kN; ++start) {
+      const Index n = kN - start;
+      float* sa = storage.data() + offset;
+      float* sb = sa + 64 + kN;
+      std::copy(a.begin() + start, a.end(), sa);
+      std::copy(b.begin() + start, b.end(), sb);
+      const std::vector<float> part = all_spans(sa, sb, n);
+      for (Index f = 0; f < 7; ++f)  // the 7 outputs
+        for (Index j = 0; j < n; ++j) REQUIRE(part[f * n + j] == whole[f * kN + start + j]);
     }
   }
 }
@@ -137,8 +156,15 @@ TEST_CASE("the policies expose the span functions the layer calls") {
   static_assert(requires { act::SwiGLU::value_span(gate, up, v, Index{3}); });
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__SSE2__)
   // x86 builds vectorise float (the speed this header is for).
-  CHECK(math::detail::kVectorSpan<float>);
+  CHECK(math::kActivationLanes > 1);
 #endif
+  // Width 1 is the scalar formula (what nvcc compiles), a function of its
+  // own: a program linking both kinds of units keeps both definitions.
+  float scalar[3];
+  math::gelu_span<float, 1>(u, scalar, 3);
+  for (int j = 0; j < 3; ++j) CHECK(scalar[j] == math::gelu(u[j]));
+  if constexpr (math::kActivationLanes > 1)
+    CHECK((&math::gelu_span<float, 1> != &math::gelu_span<float, math::kActivationLanes>));
   act::GELU::value_span(u, v, 3);
   CHECK(v[1] == 0.0f);
   CHECK(v[2] == doctest::Approx(2.0 * 0.97724986805182079).epsilon(1e-6));

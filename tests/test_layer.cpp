@@ -407,3 +407,76 @@ TEST_CASE("bitwise identical at sizes where Eigen would thread its own GEMMs") {
   }
 }
 #endif
+
+namespace {
+// GELU and SwiGLU without the span functions: the layer's element-wise
+// fallback of the activation pass.
+struct PlainGELU {
+  static constexpr bool kGated = false;
+  static constexpr bool kSupportsBias = true;
+  static constexpr const char* kName = "plain_gelu";
+  template <class S>
+  static S value(S u) {
+    return math::gelu(u);
+  }
+  template <class S>
+  static S derivative(S u) {
+    return math::gelu_derivative(u);
+  }
+  template <class S>
+  static S value_and_derivative(S u, S& derivative) {
+    return math::gelu_and_derivative(u, derivative);
+  }
+};
+struct PlainSwiGLU {
+  static constexpr bool kGated = true;
+  static constexpr bool kSupportsBias = false;
+  static constexpr const char* kName = "plain_swiglu";
+  template <class S>
+  static S value(S gate, S up) {
+    return math::swiglu(gate, up);
+  }
+  template <class S>
+  static void partials(S gate, S up, S& d_gate, S& d_up) {
+    math::swiglu_partials(gate, up, d_gate, d_up);
+  }
+  template <class S>
+  static S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
+    return math::swiglu_and_partials(gate, up, d_gate, d_up);
+  }
+};
+
+// The layer with Act and with Plain on the same parameters, dropout on.
+template <class Act, class Plain, class S>
+void check_span_matches_fallback(double tolerance) {
+  static_assert(!requires(S * u, S * v) { Plain::value_span(u, v, Index{1}); });
+  LayerConfig cfg{.d_model = 16, .d_ff = 40, .experts = 4, .dropout = 0.25};
+  TopKLayer<Act, S> with_spans(cfg, router::TopK{.k = 2}, {}, 9);
+  TopKLayer<Plain, S> plain(cfg, router::TopK{.k = 2}, {}, 9);
+  for (Index i = 0; i < with_spans.parameters().size(); ++i)
+    plain.parameters().flat()[i] = with_spans.parameters().flat()[i];
+  const auto x = random_matrix<S>(50, 16, 3), dy = random_matrix<S>(50, 16, 4);
+  for (Mode mode : {Mode::train, Mode::eval}) {
+    CAPTURE(static_cast<int>(mode));
+    const auto a = run(with_spans, x, dy, mode), b = run(plain, x, dy, mode);
+    CHECK((a.y - b.y).norm() <= tolerance * b.y.norm());
+    CHECK((a.dx - b.dx).norm() <= tolerance * b.dx.norm());
+    const auto ga = a.grads["experts.w1"], gb = b.grads["experts.w1"];
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < ga.size(); ++i) {
+      diff += std::pow(static_cast<double>(ga[i]) - static_cast<double>(gb[i]), 2);
+      norm += std::pow(static_cast<double>(gb[i]), 2);
+    }
+    CHECK(std::sqrt(diff) <= tolerance * std::sqrt(norm));
+  }
+}
+}  // namespace
+
+// In double the span functions are the scalar formulas: bitwise the same
+// layer. In float they are the vectorised ones: the same to rounding.
+TEST_CASE("the activation spans and the element-wise fallback give the same layer") {
+  check_span_matches_fallback<act::GELU, PlainGELU, double>(0.0);
+  check_span_matches_fallback<act::SwiGLU, PlainSwiGLU, double>(0.0);
+  check_span_matches_fallback<act::GELU, PlainGELU, float>(1e-5);
+  check_span_matches_fallback<act::SwiGLU, PlainSwiGLU, float>(1e-5);
+}

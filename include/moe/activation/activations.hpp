@@ -43,13 +43,14 @@ struct GELU {
     return math::gelu_and_derivative(u, derivative);
   }
   // A row at a time: vectorised erf and exp on the CPU.
-  template <class S>
+  // (Lanes: see moe/math/activation_span.hpp.)
+  template <class S, int Lanes = math::kActivationLanes>
   MOE_HOST_DEVICE static void value_span(const S* u, S* value, Index n) {
-    math::gelu_span(u, value, n);
+    math::gelu_span<S, Lanes>(u, value, n);
   }
-  template <class S>
+  template <class S, int Lanes = math::kActivationLanes>
   MOE_HOST_DEVICE static void value_and_derivative_span(S* u, S* value, Index n) {
-    math::gelu_and_derivative_span(u, value, n);
+    math::gelu_and_derivative_span<S, Lanes>(u, value, n);
   }
 };
 
@@ -72,13 +73,13 @@ struct SwiGLU {
     return math::swiglu_and_partials(gate, up, d_gate, d_up);
   }
   // A row at a time: vectorised exp on the CPU.
-  template <class S>
+  template <class S, int Lanes = math::kActivationLanes>
   MOE_HOST_DEVICE static void value_span(const S* gate, const S* up, S* value, Index n) {
-    math::swiglu_span(gate, up, value, n);
+    math::swiglu_span<S, Lanes>(gate, up, value, n);
   }
-  template <class S>
+  template <class S, int Lanes = math::kActivationLanes>
   MOE_HOST_DEVICE static void value_and_partials_span(S* gate, S* up, S* value, Index n) {
-    math::swiglu_and_partials_span(gate, up, value, n);
+    math::swiglu_and_partials_span<S, Lanes>(gate, up, value, n);
   }
 };
 

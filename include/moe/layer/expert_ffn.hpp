@@ -11,6 +11,7 @@
 #include "moe/core/concepts.hpp"
 #include "moe/core/routing.hpp"
 #include "moe/core/tensor_buffer.hpp"
+#include "moe/math/activation_span.hpp"
 #include "moe/math/random.hpp"
 
 namespace moe {
@@ -106,8 +107,8 @@ MOE_HOST_DEVICE S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
 // Columns [begin, end) of one row: hidden = act(pre), pre as (gate, up) for a
 // gated activation; with derivatives, pre becomes the derivative (partials).
 // Through the policy's span functions where it has them (vectorised on the
-// CPU), else element by element.
-template <class A, class S>
+// CPU), else element by element. (Lanes: see moe/math/activation_span.hpp.)
+template <class A, class S, int Lanes = math::kActivationLanes>
 MOE_HOST_DEVICE void activate_columns(S* pre, S* hidden, Index h, Index begin, Index end,
                                       bool derivatives) {
   S* u = pre + begin;

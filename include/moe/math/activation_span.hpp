@@ -2,16 +2,25 @@
 // The activations of moe/math/activation.hpp over a contiguous span: the
 // forward's activation pass calls these once per row. For float on the host
 // they run on SIMD packets with Eigen's vector exp and erf (Eigen's
-// SpecialFunctions module, the rational erf TensorFlow and XLA use), which
-// agree with the scalar formulas to a few ulp (tests/test_activation_span.cpp
-// states the bound). Every other case, and device code, runs the scalar
-// formulas element by element (nvcc compiles only that loop, so the
-// functions are callable from the backends' host-device loops).
+// SpecialFunctions module, the rational erf TensorFlow and XLA use). They
+// agree with the scalar formulas evaluated in double within 1e-6 absolute
+// plus 1e-6 relative, as the scalar float formulas do (tests/
+// test_activation_span.cpp). Every other case runs the scalar formulas
+// element by element: double, and anything nvcc compiles (Eigen does not
+// vectorise there; nvcc sees only that loop, so the functions are callable
+// from the backends' host-device loops).
 //
 // Each element is computed the same way wherever it sits in the span: the
 // tail is padded into one more packet instead of falling back to the scalar
 // formula, so a value never depends on a buffer's alignment or on how a row
 // was cut (bitwise determinism across runs and thread counts).
+//
+// The packet width (1: scalar) is a template argument, kActivationLanes by
+// default, of every function whose body depends on it, here and in the
+// callers that pick a span function (the activation policies, the layer's
+// activation pass). A program that links a g++ and an nvcc translation unit
+// thus gets two distinct functions, never one inline function with two
+// different definitions.
 
 #include <algorithm>
 #include <type_traits>
@@ -80,16 +89,29 @@ inline FloatPacket sigmoid(const FloatPacket& g) {
 inline constexpr bool kVectorFloat = false;
 #endif
 
-template <class S>
-inline constexpr bool kVectorSpan = std::is_same_v<S, float>&& kVectorFloat;
+}  // namespace detail
 
+// The float packet width the spans run at in this translation unit.
+#if defined(MOE_VECTOR_ACTIVATIONS)
+inline constexpr int kActivationLanes = detail::kVectorFloat ? int{detail::kFloatLanes} : 1;
+#else
+inline constexpr int kActivationLanes = 1;
+#endif
+
+namespace detail {
+// Whether a span of S runs on packets at this width.
+template <class S, int Lanes>
+inline constexpr bool kVectorSpan = std::is_same_v<S, float>&& Lanes > 1;
+template <int Lanes>
+inline constexpr bool kLanesOfThisUnit = Lanes == 1 || Lanes == kActivationLanes;
 }  // namespace detail
 
 // value[j] = gelu(u[j]).
-template <class S>
+template <class S, int Lanes = kActivationLanes>
 MOE_HOST_DEVICE void gelu_span(const S* u, S* value, Index n) {
 #if defined(MOE_VECTOR_ACTIVATIONS)
-  if constexpr (detail::kVectorSpan<S>) {
+  static_assert(detail::kLanesOfThisUnit<Lanes>, "the packet width of this translation unit");
+  if constexpr (detail::kVectorSpan<S, Lanes>) {
     detail::for_each_packet<1, 1>(n, {u}, {value}, [](const auto* x, auto* y) {
       y[0] = Eigen::internal::pmul(x[0], detail::gelu_cdf(x[0]));
     });
@@ -100,10 +122,11 @@ MOE_HOST_DEVICE void gelu_span(const S* u, S* value, Index n) {
 }
 
 // value[j] = gelu(u[j]), and u[j] becomes gelu'(u[j]).
-template <class S>
+template <class S, int Lanes = kActivationLanes>
 MOE_HOST_DEVICE void gelu_and_derivative_span(S* u, S* value, Index n) {
 #if defined(MOE_VECTOR_ACTIVATIONS)
-  if constexpr (detail::kVectorSpan<S>) {
+  static_assert(detail::kLanesOfThisUnit<Lanes>, "the packet width of this translation unit");
+  if constexpr (detail::kVectorSpan<S, Lanes>) {
     namespace ei = Eigen::internal;
     using P = detail::FloatPacket;
     detail::for_each_packet<1, 2>(n, {u}, {value, u}, [](const P* x, P* y) {
@@ -120,10 +143,11 @@ MOE_HOST_DEVICE void gelu_and_derivative_span(S* u, S* value, Index n) {
 }
 
 // value[j] = swiglu(gate[j], up[j]).
-template <class S>
+template <class S, int Lanes = kActivationLanes>
 MOE_HOST_DEVICE void swiglu_span(const S* gate, const S* up, S* value, Index n) {
 #if defined(MOE_VECTOR_ACTIVATIONS)
-  if constexpr (detail::kVectorSpan<S>) {
+  static_assert(detail::kLanesOfThisUnit<Lanes>, "the packet width of this translation unit");
+  if constexpr (detail::kVectorSpan<S, Lanes>) {
     namespace ei = Eigen::internal;
     using P = detail::FloatPacket;
     detail::for_each_packet<2, 1>(n, {gate, up}, {value}, [](const P* x, P* y) {
@@ -136,10 +160,11 @@ MOE_HOST_DEVICE void swiglu_span(const S* gate, const S* up, S* value, Index n) 
 }
 
 // value[j] = swiglu(gate[j], up[j]); gate[j] and up[j] become its partials.
-template <class S>
+template <class S, int Lanes = kActivationLanes>
 MOE_HOST_DEVICE void swiglu_and_partials_span(S* gate, S* up, S* value, Index n) {
 #if defined(MOE_VECTOR_ACTIVATIONS)
-  if constexpr (detail::kVectorSpan<S>) {
+  static_assert(detail::kLanesOfThisUnit<Lanes>, "the packet width of this translation unit");
+  if constexpr (detail::kVectorSpan<S, Lanes>) {
     namespace ei = Eigen::internal;
     using P = detail::FloatPacket;
     detail::for_each_packet<2, 3>(n, {gate, up}, {value, gate, up}, [](const P* x, P* y) {

@@ -297,11 +297,13 @@ struct AdaptiveCluster {
     double* w = cache.weights.data();
     // The passes over x by blocks of features (rows of parallel_for_rows),
     // each block's columns spanned as the backend cuts them.
-    const Index blocks = (d + kFeatureBlock - 1) / kFeatureBlock;
+    const Index width = feature_block(d, be.threads());
+    const Index blocks = (d + width - 1) / width;
     be.parallel_for_rows(
-        blocks, kFeatureBlock,
+        blocks, width,
         [=] MOE_HOST_DEVICE(Index block, Index begin, Index end) {
-          const Index q0 = feature(block, begin, d), q1 = feature(block, end, d);
+          const Index q0 = std::min(d, block * width + begin),
+                      q1 = std::min(d, block * width + end);
           math::cluster_feature_sums(xs, c, T, d, K, q0, q1, mu);
         },
         T * d);
@@ -310,9 +312,10 @@ struct AdaptiveCluster {
         d, [=] MOE_HOST_DEVICE(Index q) { math::cluster_feature_means(count, d, K, q, mu); },
         K * d);
     be.parallel_for_rows(
-        blocks, kFeatureBlock,
+        blocks, width,
         [=] MOE_HOST_DEVICE(Index block, Index begin, Index end) {
-          const Index q0 = feature(block, begin, d), q1 = feature(block, end, d);
+          const Index q0 = std::min(d, block * width + begin),
+                      q1 = std::min(d, block * width + end);
           math::cluster_feature_deviations(xs, c, T, d, K, q0, q1, mu, mad);
         },
         T * d);
@@ -345,12 +348,14 @@ struct AdaptiveCluster {
   }
 
   static constexpr double kNormFloor = 1e-4;
-  // Features per block of the statistics' passes over x: 512 bytes of a
-  // float row, and d = 512 in 4 blocks for the threads.
-  static constexpr Index kFeatureBlock = 128;
-  MOE_HOST_DEVICE static Index feature(Index block, Index column, Index d) {
-    const Index q = block * kFeatureBlock + column;
-    return q < d ? q : d;
+  // Features per block of the statistics' passes over x: at most 128 (512
+  // bytes of a float row, read contiguously), down to 16 so that there are
+  // about two blocks per thread. Each sum runs over the tokens in order
+  // whatever the width, so the width never changes a result.
+  static Index feature_block(Index d, int threads) {
+    const Index parts = 2 * Index{std::max(threads, 1)};
+    const Index per_thread = (d + parts - 1) / parts;
+    return std::clamp<Index>((per_thread + 15) / 16 * 16, 16, 128);
   }
   static constexpr std::uint64_t kStream = 0x61636d6f65ull;  // "acmoe"
 };
