@@ -165,4 +165,36 @@ class AddressSpaceLimit {
   bool active_ = false;
 };
 
+// GELU and SwiGLU with only the required functions (no fused
+// value_and_derivative, no span functions): the layer's element-wise
+// fallbacks.
+struct PlainGELU {
+  static constexpr bool kGated = false;
+  static constexpr bool kSupportsBias = true;
+  static constexpr const char* kName = "plain_gelu";
+  template <class S>
+  static S value(S u) {
+    return math::gelu(u);
+  }
+  template <class S>
+  static S derivative(S u) {
+    return math::gelu_derivative(u);
+  }
+};
+struct PlainSwiGLU {
+  static constexpr bool kGated = true;
+  static constexpr bool kSupportsBias = false;
+  static constexpr const char* kName = "plain_swiglu";
+  template <class S>
+  static S value(S gate, S up) {
+    return math::swiglu(gate, up);
+  }
+  template <class S>
+  static void partials(S gate, S up, S& d_gate, S& d_up) {
+    math::swiglu_partials(gate, up, d_gate, d_up);
+  }
+};
+static_assert(ActivationPolicy<PlainGELU>);
+static_assert(ActivationPolicy<PlainSwiGLU>);
+
 }  // namespace moe::test

@@ -132,25 +132,6 @@ TEST_CASE_TEMPLATE("backward matches central finite differences", Act, act::ReLU
   }
 }
 
-namespace {
-// An activation with only value and derivative: the layer's fallback for
-// policies without value_and_derivative (a training forward uses it).
-struct PlainGELU {
-  static constexpr bool kGated = false;
-  static constexpr bool kSupportsBias = true;
-  static constexpr const char* kName = "plain_gelu";
-  template <class S>
-  static S value(S u) {
-    return math::gelu(u);
-  }
-  template <class S>
-  static S derivative(S u) {
-    return math::gelu_derivative(u);
-  }
-};
-static_assert(ActivationPolicy<PlainGELU>);
-}  // namespace
-
 TEST_CASE("an activation without the fused value_and_derivative: training forward's fallback") {
   for (const Case& c : kCases) {
     if (c.dropout == 0) continue;  // dropout > 0 runs Mode::train, the fused path

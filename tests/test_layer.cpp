@@ -409,43 +409,6 @@ TEST_CASE("bitwise identical at sizes where Eigen would thread its own GEMMs") {
 #endif
 
 namespace {
-// GELU and SwiGLU without the span functions: the layer's element-wise
-// fallback of the activation pass.
-struct PlainGELU {
-  static constexpr bool kGated = false;
-  static constexpr bool kSupportsBias = true;
-  static constexpr const char* kName = "plain_gelu";
-  template <class S>
-  static S value(S u) {
-    return math::gelu(u);
-  }
-  template <class S>
-  static S derivative(S u) {
-    return math::gelu_derivative(u);
-  }
-  template <class S>
-  static S value_and_derivative(S u, S& derivative) {
-    return math::gelu_and_derivative(u, derivative);
-  }
-};
-struct PlainSwiGLU {
-  static constexpr bool kGated = true;
-  static constexpr bool kSupportsBias = false;
-  static constexpr const char* kName = "plain_swiglu";
-  template <class S>
-  static S value(S gate, S up) {
-    return math::swiglu(gate, up);
-  }
-  template <class S>
-  static void partials(S gate, S up, S& d_gate, S& d_up) {
-    math::swiglu_partials(gate, up, d_gate, d_up);
-  }
-  template <class S>
-  static S value_and_partials(S gate, S up, S& d_gate, S& d_up) {
-    return math::swiglu_and_partials(gate, up, d_gate, d_up);
-  }
-};
-
 // The layer with Act and with Plain on the same parameters, dropout on.
 template <class Act, class Plain, class S>
 void check_span_matches_fallback(double tolerance) {
