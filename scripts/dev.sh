@@ -47,8 +47,9 @@ need_packages() {
 base_packages=(cmake make g++ libeigen3-dev libopenblas-dev)
 # moe::io (safetensors checkpoints) and its tests need nlohmann-json; the
 # moe-train-lm smoke test trains on Debian's fortunes (its default corpus);
-# the expert-parallel tests run under OpenMPI's mpiexec.
-test_packages=(doctest-dev nlohmann-json3-dev fortunes libopenmpi-dev openmpi-bin)
+# the expert-parallel tests run under OpenMPI's mpiexec; the bf16 engine's
+# tests (and benchmark rows) need oneDNN.
+test_packages=(doctest-dev nlohmann-json3-dev fortunes libopenmpi-dev openmpi-bin libdnnl-dev)
 
 # nvcc, where the CUDA toolkit has one: moe::cuda, its tests and its benchmark
 # are built when CMake finds it (no GPU is needed to compile).

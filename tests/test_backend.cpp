@@ -235,6 +235,16 @@ TEST_CASE("the GEMM engine is chosen as asked, and blas without a BLAS is an err
   MESSAGE("BLAS: " << cpu::blas_info());
 }
 
+// This test is not linked with moe::onednn: the bf16 engine is refused with
+// what to link (tests/test_bf16.cpp covers the engine itself).
+TEST_CASE("gemm=onednn_bf16 without oneDNN in the build is an error that says what to link") {
+  static_assert(!cpu::onednn::kAvailable);
+  CHECK_THROWS_WITH_AS(cpu::Backend<float>(1, cpu::Gemm::onednn_bf16),
+                       doctest::Contains("gemm=onednn_bf16, expected automatic, blas or eigen "
+                                         "(this build has no oneDNN: link the moe::onednn"),
+                       Error);
+}
+
 TEST_CASE("parallel_for_rows visits every (row, column) once, through spans inside the row") {
   for (const int threads : {1, 2}) {
     const cpu::Backend<double> backend(threads);

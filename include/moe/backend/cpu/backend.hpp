@@ -5,18 +5,20 @@
 //
 // Determinism: work is split into tiles whose boundaries depend on the shapes
 // and the routing only, never on the thread count, and every tile is one
-// product on one thread (BLAS and Eigen kept serial inside it). Results are
-// therefore bitwise identical for any number of threads.
+// product on one thread (BLAS, Eigen and oneDNN kept serial inside it).
+// Results are therefore bitwise identical for any number of threads.
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <memory_resource>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "moe/backend/cpu/blas.hpp"
+#include "moe/backend/cpu/onednn.hpp"
 #include "moe/backend/cpu/serial_gemm.hpp"
 #include "moe/backend/cpu/tiling.hpp"
 #include "moe/core/concepts.hpp"
@@ -39,9 +41,10 @@ class Backend {
 
   // threads = 0: OpenMP's default (OMP_NUM_THREADS or all cores).
   // gemm: the engine of the large products (see Gemm); Gemm::blas needs a
-  // build with a CBLAS (MOE_HAVE_CBLAS).
+  // build with a CBLAS (MOE_HAVE_CBLAS), Gemm::onednn_bf16 a float backend
+  // linked with moe::onednn (MOE_HAVE_DNNL).
   explicit Backend(int threads = 0, Gemm gemm = Gemm::automatic)
-      : threads_(threads), gemm_(resolve(gemm)) {
+      : threads_(threads), gemm_(resolve(gemm)), dense_(dense_engine(gemm_)) {
     moe::detail::require(threads >= 0, "moe::cpu::Backend: threads=", threads, ", expected >= 0");
   }
 
@@ -62,8 +65,11 @@ class Backend {
     std::copy(src, src + n, dst);
   }
 
-  // The engine that runs this backend's products of T (never automatic).
-  Gemm gemm_engine() const { return blas::kHasGemm<T> ? gemm_ : Gemm::eigen; }
+  // The engine that runs this backend's expert products of T (never
+  // automatic).
+  Gemm gemm_engine() const {
+    return gemm_ == Gemm::onednn_bf16 || blas::kHasGemm<T> ? gemm_ : Gemm::eigen;
+  }
 
   // f(i) for every i in [0, n), in parallel when the loop does at least
   // kMinParallelWork units of `work` in total (roughly flops; opening a
@@ -138,7 +144,7 @@ class Backend {
     const Index tiles = (m + kRowTile - 1) / kRowTile;
     check_blas_sizes(std::min(m, kRowTile), n, k, lda, ldb, ldc);  // not inside the region
     // One serial-BLAS scope for the whole loop, not one per tile.
-    const blas::SerialScope serial(gemm_ == Gemm::blas);
+    const blas::SerialScope serial(dense_ == Gemm::blas);
     parallel_for(
         tiles,
         [&](Index tile) {
@@ -162,8 +168,14 @@ class Backend {
                     const S* b, Index b_stride, S beta, S* c) const {
     const detail::TilePlan plan(offsets, n, /*split_rows=*/true, kMinTiles, kTileRows,
                                 kColumnAlign);
+    if constexpr (std::is_same_v<S, float>) {
+      if (gemm_ == Gemm::onednn_bf16) {
+        bf16_grouped_gemm(plan, offsets, trans_b, n, k, a, b, b_stride, beta, c);
+        return;
+      }
+    }
     check_blas_sizes(kTileRows, n, k, k, trans_b ? k : n, n);  // not inside the region
-    const blas::SerialScope serial(gemm_ == Gemm::blas);
+    const blas::SerialScope serial(dense_ == Gemm::blas);
     parallel_for(
         plan.items(),
         [&](Index i) {
@@ -184,8 +196,14 @@ class Backend {
                        S* w, Index w_stride) const {
     const detail::TilePlan plan(offsets, n, /*split_rows=*/false, kMinWeightGradientTiles,
                                 kTileRows, kColumnAlign);
+    if constexpr (std::is_same_v<S, float>) {
+      if (gemm_ == Gemm::onednn_bf16) {
+        bf16_grouped_gemm_tn(plan, offsets, k, n, a, b, w, w_stride);
+        return;
+      }
+    }
     check_blas_sizes(k, n, offsets.back(), k, n, n);  // not inside the region
-    const blas::SerialScope serial(gemm_ == Gemm::blas);
+    const blas::SerialScope serial(dense_ == Gemm::blas);
     parallel_for(
         plan.items(),
         [&](Index i) {
@@ -285,8 +303,86 @@ class Backend {
   // Whether gemm() hands this product to the BLAS (not empty, not skinny).
   template <class S>
   bool runs_on_blas(bool trans_a, Index m, Index n, Index k) const {
-    return blas::kHasGemm<S> && gemm_ == Gemm::blas && m > 0 && n > 0 && k > 0 &&
+    return blas::kHasGemm<S> && dense_ == Gemm::blas && m > 0 && n > 0 && k > 0 &&
            (trans_a || m > kSkinnyRows);
+  }
+
+  // Gemm::onednn_bf16's expert products. Each operand is rounded to bf16
+  // once per call, not once per tile (for the weights: only the experts that
+  // have rows); then every tile is one oneDNN matmul on one thread.
+  void bf16_grouped_gemm(const detail::TilePlan& plan, const std::vector<Index>& offsets,
+                         bool trans_b, Index n, Index k, const float* a, const float* b,
+                         Index b_stride, float beta, float* c) const {
+    const Index rows = offsets.back();
+    if (rows == 0 || n == 0) return;
+    if (k == 0) return detail::scale(rows, n, beta, c, n);
+    onednn::Workspace& bf16 = onednn::Workspace::of_this_thread();
+    bf16_operand(a, rows * k, bf16.a);
+    const Index experts = static_cast<Index>(offsets.size()) - 1;
+    bf16.b.resize(static_cast<std::size_t>(experts * b_stride));
+    for (Index e = 0; e < experts; ++e)
+      if (offsets[e + 1] > offsets[e])
+        bf16_operand(b + e * b_stride, b_stride, bf16.b.data() + e * b_stride);
+    run_bf16_tiles(plan, false, trans_b, k, trans_b ? k : n, n, beta, [&](const detail::Tile& t) {
+      return std::tuple(t.rows, t.cols, k, bf16.a.data() + t.row * k,
+                        bf16.b.data() + t.expert * b_stride + (trans_b ? t.col * k : t.col),
+                        c + t.row * n + t.col);
+    });
+  }
+
+  // W_e (k, n) += A_e^T B_e on Gemm::onednn_bf16: both operands (rows of the
+  // layer's activations) rounded to bf16 once per call.
+  void bf16_grouped_gemm_tn(const detail::TilePlan& plan, const std::vector<Index>& offsets,
+                            Index k, Index n, const float* a, const float* b, float* w,
+                            Index w_stride) const {
+    const Index rows = offsets.back();
+    if (rows == 0 || k == 0 || n == 0) return;
+    onednn::Workspace& bf16 = onednn::Workspace::of_this_thread();
+    bf16_operand(a, rows * k, bf16.a);
+    bf16_operand(b, rows * n, bf16.b);
+    run_bf16_tiles(plan, true, false, k, n, n, 1.0f, [&](const detail::Tile& t) {
+      return std::tuple(k, t.cols, t.rows, bf16.a.data() + t.row * k,
+                        bf16.b.data() + t.row * n + t.col, w + t.expert * w_stride + t.col);
+    });
+  }
+
+  // Every tile of the plan as one bf16 matmul of the given layout;
+  // operands(tile) gives its (m, n, k, a, b, c).
+  template <class Operands>
+  void run_bf16_tiles(const detail::TilePlan& plan, bool trans_a, bool trans_b, Index lda,
+                      Index ldb, Index ldc, float beta, Operands&& operands) const {
+#if defined(MOE_HAVE_DNNL)
+    // Built (or found) here: a failure must not leave the parallel region.
+    const auto& matmul = onednn::Bf16Matmul::get(trans_a, trans_b, lda, ldb, ldc, beta);
+    parallel_for(
+        plan.items(),
+        [&](Index i) {
+          detail::Tile t;
+          if (!plan.tile(i, t)) return;
+          const auto [m, n, k, a, b, c] = operands(t);
+          [[maybe_unused]] detail::SerialOpenMP serial_icv;  // oneDNN threads by this ICV
+          matmul.run(m, n, k, a, b, c);
+        },
+        plan.items() * lda * ldc);
+#else
+    (void)plan, (void)trans_a, (void)trans_b, (void)lda, (void)ldb, (void)ldc, (void)beta;
+    (void)operands;
+#endif
+  }
+
+  // dst = src rounded to bf16, in parallel over fixed chunks.
+  void bf16_operand(const float* src, Index n, onednn::bf16* dst) const {
+    constexpr Index chunk = Index{1} << 16;
+    parallel_for((n + chunk - 1) / chunk,
+                 [&](Index i) {
+                   onednn::to_bf16(src + i * chunk, std::min(chunk, n - i * chunk),
+                                   dst + i * chunk);
+                 },
+                 n);
+  }
+  void bf16_operand(const float* src, Index n, std::vector<onednn::bf16>& dst) const {
+    dst.resize(static_cast<std::size_t>(n));
+    bf16_operand(src, n, dst.data());
   }
 
   // gemm() on the calling thread, inside the caller's serial-BLAS scope: the
@@ -306,7 +402,7 @@ class Backend {
       return;
     }
     if constexpr (blas::kHasGemm<S>) {  // compiled only where the BLAS has this type
-      if (gemm_ == Gemm::blas) {
+      if (dense_ == Gemm::blas) {
         // An OpenMP OpenBLAS threads by this thread's ICV.
         [[maybe_unused]] detail::SerialOpenMP serial_icv;
         blas::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -319,7 +415,7 @@ class Backend {
   // CBLAS takes int sizes. Checked before a parallel region: an exception
   // must not leave an OpenMP region (that would terminate the program).
   void check_blas_sizes(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) const {
-    if (gemm_ != Gemm::blas) return;
+    if (dense_ != Gemm::blas) return;
     moe::detail::require(std::max({m, n, k, lda, ldb, ldc}) <= Index{INT_MAX},
                          "moe::cpu::Backend: a GEMM size or stride above INT_MAX (m=", m, ", n=", n,
                          ", k=", k, "), expected what a CBLAS can index");
@@ -331,11 +427,25 @@ class Backend {
         "moe::cpu::Backend: gemm=blas, expected automatic or eigen (this build has no "
         "CBLAS: configure with MOE_USE_BLAS=ON and a BLAS installed, e.g. Debian's "
         "libopenblas-dev)");
-    return gemm == Gemm::automatic ? (blas::kAvailable ? Gemm::blas : Gemm::eigen) : gemm;
+    moe::detail::require(gemm != Gemm::onednn_bf16 || onednn::kAvailable,
+                         "moe::cpu::Backend: gemm=onednn_bf16, expected automatic, blas or "
+                         "eigen (this build has no oneDNN: link the moe::onednn target, found "
+                         "with Debian's libdnnl-dev)");
+    moe::detail::require(gemm != Gemm::onednn_bf16 || std::is_same_v<T, float>,
+                         "moe::cpu::Backend: gemm=onednn_bf16, expected a Backend<float> "
+                         "(bf16 products sum in fp32; double keeps its own precision)");
+    return gemm == Gemm::automatic ? dense_engine(gemm) : gemm;
+  }
+  // The engine of the products that are not the experts': the BLAS when
+  // the build has one, else Eigen (gemm itself when it is one of them).
+  static Gemm dense_engine(Gemm gemm) {
+    if (gemm == Gemm::blas || gemm == Gemm::eigen) return gemm;
+    return blas::kAvailable ? Gemm::blas : Gemm::eigen;
   }
 
   int threads_ = 0;
-  Gemm gemm_ = Gemm::eigen;
+  Gemm gemm_ = Gemm::eigen;   // the expert products' engine
+  Gemm dense_ = Gemm::eigen;  // the other products' engine: blas or eigen
 };
 
 static_assert(BackendPolicy<Backend<float>>);

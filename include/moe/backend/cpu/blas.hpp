@@ -20,9 +20,12 @@
 namespace moe::cpu {
 
 // The engine of the expert GEMMs. automatic: the BLAS when the build has one,
-// Eigen otherwise. blas without a BLAS in the build is an error (Backend's
+// Eigen otherwise. onednn_bf16: the expert GEMMs (the grouped products) with
+// their operands rounded to bfloat16 and fp32 sums, on oneDNN (see
+// moe/backend/cpu/onednn.hpp); the layer's other products stay in fp32 on
+// the BLAS or Eigen. An engine the build lacks is an error (Backend's
 // constructor says so).
-enum class Gemm { automatic, blas, eigen };
+enum class Gemm { automatic, blas, eigen, onednn_bf16 };
 
 inline const char* to_string(Gemm gemm) {
   switch (gemm) {
@@ -32,6 +35,8 @@ inline const char* to_string(Gemm gemm) {
       return "blas";
     case Gemm::eigen:
       return "eigen";
+    case Gemm::onednn_bf16:
+      return "onednn_bf16";
   }
   return "unknown";
 }
