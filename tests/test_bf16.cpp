@@ -31,10 +31,14 @@ double relative(const Mat<float>& got, const Mat<float>& want) {
 
 }  // namespace
 
-TEST_CASE("bf16 grouped products are fp32 products of the operands rounded to bf16") {
-  // Experts of 300, 0 (no rows) and 700 rows: several row tiles, an empty expert.
-  const std::vector<Index> offsets{0, 300, 300, 1000};
-  const Index rows = 1000, k = 96, n = 160, experts = 3;
+// Experts of 300, 0 (no rows) and 700 rows: packed weights, row blocks with
+// a partial last one, an empty expert. Or 5, 0 and 7 rows (a decode-size
+// batch): the runtime-size matmul on the weights as stored.
+TEST_CASE_TEMPLATE("bf16 grouped products are fp32 products of the operands rounded to bf16", Rows,
+                   std::integral_constant<Index, 300>, std::integral_constant<Index, 5>) {
+  const Index first = Rows::value, rows = first * 10 / 3;
+  const std::vector<Index> offsets{0, first, first, rows};
+  const Index k = 96, n = 160, experts = 3;
   const Mat<float> a = random_matrix<float>(rows, k, 1);
   const Backend bf16(2, cpu::Gemm::onednn_bf16), exact(1, cpu::Gemm::eigen);
   const Mat<float> a16 = rounded(a);
@@ -66,6 +70,22 @@ TEST_CASE("bf16 grouped products are fp32 products of the operands rounded to bf
   CHECK(relative(got, want) < 1e-6);
   // The empty expert's block is untouched.
   CHECK(got.middleRows(k, k) == w0.middleRows(k, k));
+}
+
+// One expert of 5 rows and 160 columns: the runtime-size matmul on two
+// column tiles (offsets into B and C); weights at a stride above k n.
+TEST_CASE("bf16 products on column tiles, and a weight stride that is not k n") {
+  const std::vector<Index> offsets{0, 5};
+  const Index k = 96, n = 160, stride = k * n + 7;
+  const Mat<float> a = random_matrix<float>(5, k, 6);
+  const Mat<float> b = random_matrix<float>(1, stride, 7);
+  Mat<float> got(5, n), want(5, n);
+  Backend(2, cpu::Gemm::onednn_bf16)
+      .grouped_gemm(offsets, false, n, k, a.data(), b.data(), stride, 0.0f, got.data());
+  const Mat<float> a16 = rounded(a), b16 = rounded(b);
+  Backend(1, cpu::Gemm::eigen)
+      .grouped_gemm(offsets, false, n, k, a16.data(), b16.data(), stride, 0.0f, want.data());
+  CHECK(relative(got, want) < 1e-6);
 }
 
 TEST_CASE("bf16 products with an empty sum scale C by beta") {
@@ -104,7 +124,8 @@ void check_against_fp32(const char* router_name, Router router, Estimator estima
   constexpr double kTolerance = 1e-2;
   CHECK(relative(y16, y32) < kTolerance);
   CHECK(relative(dx16, dx32) < kTolerance);
-  CHECK(relative(y16, y32) > 1e-5);  // the engine did run in bf16
+  CHECK(relative(y16, y32) > 1e-5);    // the engine did run in bf16, forward
+  CHECK(relative(dx16, dx32) > 1e-5);  // and backward
   MESSAGE("relative to fp32: y " << relative(y16, y32) << ", dx " << relative(dx16, dx32));
   for (const auto& spec : fp32.parameters().layout().specs()) {
     CAPTURE(spec.name);
@@ -143,7 +164,8 @@ TEST_CASE_TEMPLATE("a bf16 layer is within 1e-2 of the fp32 layer, every router 
 TEST_CASE("the bf16 layer is bitwise the same for 1 and 2 threads and across runs") {
   using L = Layer<router::TopK, estimator::Sparse, Backend, act::GELU>;
   const LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 4, .dropout = 0.1};
-  // Above kTileRows rows per expert: several row tiles.
+  // Above kTileRows rows per expert: several row tiles, and every product
+  // well above the backend's threshold for a parallel loop.
   const Index T = 2 * Backend::kTileRows + 300;
   const auto x = random_matrix<float>(T, 32, 8), dy = random_matrix<float>(T, 32, 9);
   std::vector<std::vector<float>> results;

@@ -12,13 +12,12 @@
 #include <climits>
 #include <cmath>
 #include <memory_resource>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "moe/backend/cpu/bf16_products.hpp"
 #include "moe/backend/cpu/blas.hpp"
-#include "moe/backend/cpu/onednn.hpp"
 #include "moe/backend/cpu/serial_gemm.hpp"
 #include "moe/backend/cpu/tiling.hpp"
 #include "moe/core/concepts.hpp"
@@ -170,7 +169,7 @@ class Backend {
                                 kColumnAlign);
     if constexpr (std::is_same_v<S, float>) {
       if (gemm_ == Gemm::onednn_bf16) {
-        bf16_grouped_gemm(plan, offsets, trans_b, n, k, a, b, b_stride, beta, c);
+        detail::bf16_grouped_gemm(*this, plan, offsets, trans_b, n, k, a, b, b_stride, beta, c);
         return;
       }
     }
@@ -198,7 +197,7 @@ class Backend {
                                 kTileRows, kColumnAlign);
     if constexpr (std::is_same_v<S, float>) {
       if (gemm_ == Gemm::onednn_bf16) {
-        bf16_grouped_gemm_tn(plan, offsets, k, n, a, b, w, w_stride);
+        detail::bf16_grouped_gemm_tn(*this, plan, offsets, k, n, a, b, w, w_stride);
         return;
       }
     }
@@ -307,84 +306,6 @@ class Backend {
            (trans_a || m > kSkinnyRows);
   }
 
-  // Gemm::onednn_bf16's expert products. Each operand is rounded to bf16
-  // once per call, not once per tile (for the weights: only the experts that
-  // have rows); then every tile is one oneDNN matmul on one thread.
-  void bf16_grouped_gemm(const detail::TilePlan& plan, const std::vector<Index>& offsets,
-                         bool trans_b, Index n, Index k, const float* a, const float* b,
-                         Index b_stride, float beta, float* c) const {
-    const Index rows = offsets.back();
-    if (rows == 0 || n == 0) return;
-    if (k == 0) return detail::scale(rows, n, beta, c, n);
-    onednn::Workspace& bf16 = onednn::Workspace::of_this_thread();
-    bf16_operand(a, rows * k, bf16.a);
-    const Index experts = static_cast<Index>(offsets.size()) - 1;
-    bf16.b.resize(static_cast<std::size_t>(experts * b_stride));
-    for (Index e = 0; e < experts; ++e)
-      if (offsets[e + 1] > offsets[e])
-        bf16_operand(b + e * b_stride, b_stride, bf16.b.data() + e * b_stride);
-    run_bf16_tiles(plan, false, trans_b, k, trans_b ? k : n, n, beta, [&](const detail::Tile& t) {
-      return std::tuple(t.rows, t.cols, k, bf16.a.data() + t.row * k,
-                        bf16.b.data() + t.expert * b_stride + (trans_b ? t.col * k : t.col),
-                        c + t.row * n + t.col);
-    });
-  }
-
-  // W_e (k, n) += A_e^T B_e on Gemm::onednn_bf16: both operands (rows of the
-  // layer's activations) rounded to bf16 once per call.
-  void bf16_grouped_gemm_tn(const detail::TilePlan& plan, const std::vector<Index>& offsets,
-                            Index k, Index n, const float* a, const float* b, float* w,
-                            Index w_stride) const {
-    const Index rows = offsets.back();
-    if (rows == 0 || k == 0 || n == 0) return;
-    onednn::Workspace& bf16 = onednn::Workspace::of_this_thread();
-    bf16_operand(a, rows * k, bf16.a);
-    bf16_operand(b, rows * n, bf16.b);
-    run_bf16_tiles(plan, true, false, k, n, n, 1.0f, [&](const detail::Tile& t) {
-      return std::tuple(k, t.cols, t.rows, bf16.a.data() + t.row * k,
-                        bf16.b.data() + t.row * n + t.col, w + t.expert * w_stride + t.col);
-    });
-  }
-
-  // Every tile of the plan as one bf16 matmul of the given layout;
-  // operands(tile) gives its (m, n, k, a, b, c).
-  template <class Operands>
-  void run_bf16_tiles(const detail::TilePlan& plan, bool trans_a, bool trans_b, Index lda,
-                      Index ldb, Index ldc, float beta, Operands&& operands) const {
-#if defined(MOE_HAVE_DNNL)
-    // Built (or found) here: a failure must not leave the parallel region.
-    const auto& matmul = onednn::Bf16Matmul::get(trans_a, trans_b, lda, ldb, ldc, beta);
-    parallel_for(
-        plan.items(),
-        [&](Index i) {
-          detail::Tile t;
-          if (!plan.tile(i, t)) return;
-          const auto [m, n, k, a, b, c] = operands(t);
-          [[maybe_unused]] detail::SerialOpenMP serial_icv;  // oneDNN threads by this ICV
-          matmul.run(m, n, k, a, b, c);
-        },
-        plan.items() * lda * ldc);
-#else
-    (void)plan, (void)trans_a, (void)trans_b, (void)lda, (void)ldb, (void)ldc, (void)beta;
-    (void)operands;
-#endif
-  }
-
-  // dst = src rounded to bf16, in parallel over fixed chunks.
-  void bf16_operand(const float* src, Index n, onednn::bf16* dst) const {
-    constexpr Index chunk = Index{1} << 16;
-    parallel_for((n + chunk - 1) / chunk,
-                 [&](Index i) {
-                   onednn::to_bf16(src + i * chunk, std::min(chunk, n - i * chunk),
-                                   dst + i * chunk);
-                 },
-                 n);
-  }
-  void bf16_operand(const float* src, Index n, std::vector<onednn::bf16>& dst) const {
-    dst.resize(static_cast<std::size_t>(n));
-    bf16_operand(src, n, dst.data());
-  }
-
   // gemm() on the calling thread, inside the caller's serial-BLAS scope: the
   // tiles of one grouped product share their caller's scope instead of
   // opening (and locking) one each. Sizes are checked by the caller.
@@ -431,6 +352,13 @@ class Backend {
                          "moe::cpu::Backend: gemm=onednn_bf16, expected automatic, blas or "
                          "eigen (this build has no oneDNN: link the moe::onednn target, found "
                          "with Debian's libdnnl-dev)");
+#if !defined(_OPENMP)
+    // oneDNN (Debian's: OpenMP) would thread each product by OMP_NUM_THREADS,
+    // which a build without OpenMP cannot hold at 1: results would change.
+    moe::detail::require(gemm != Gemm::onednn_bf16,
+                         "moe::cpu::Backend: gemm=onednn_bf16, expected automatic, blas or "
+                         "eigen (this build has no OpenMP: configure with MOE_USE_OPENMP=ON)");
+#endif
     moe::detail::require(gemm != Gemm::onednn_bf16 || std::is_same_v<T, float>,
                          "moe::cpu::Backend: gemm=onednn_bf16, expected a Backend<float> "
                          "(bf16 products sum in fp32; double keeps its own precision)");

@@ -1,26 +1,35 @@
 #pragma once
 // The CPU backend's bf16 engine (Gemm::onednn_bf16): products with both
-// operands rounded to bfloat16 and the sum kept in fp32, run by oneDNN's
-// matmul (on AMX or AVX512-BF16 where the CPU has them, emulated otherwise).
+// operands rounded to bfloat16 and the sum kept in fp32, on oneDNN's matmul
+// (moe/backend/cpu/bf16_products.hpp uses these pieces).
 //
 // MOE_HAVE_DNNL is a usage requirement of the moe::onednn CMake target (found
 // with Debian's libdnnl-dev); without it kAvailable is false and Backend
 // refuses the engine.
 //
-// One primitive serves every size: M, N and K are runtime dimensions, and
-// the strides, transposes and beta are fixed per primitive. The few
-// primitives a layer needs are built once per process and shared by every
-// thread (oneDNN primitives are safe to execute concurrently). Each call
-// runs on the calling thread: oneDNN's OpenMP runtime is serial inside the
-// backend's parallel region, and SerialOpenMP keeps it serial outside one,
-// so each product sums in a fixed order whatever the thread count.
+// Two kinds of product:
+// - Bf16PackedMatmul: a fixed block of rows times weights packed once into
+//   the kernel's own layout (oneDNN's brgemm: AMX on CPUs that have it).
+// - Bf16Matmul: any M, N and K (runtime sizes) on operands as stored
+//   (oneDNN's gemm:jit, which packs per call): small batches and the weight
+//   gradients.
+// The primitives a layer needs are built once per process, under a serial
+// OpenMP setting, and shared by every thread (oneDNN primitives are safe to
+// execute concurrently). Each call runs on the calling thread with the
+// OpenMP setting at 1 (SerialOpenMP): oneDNN sizes its K split by that
+// setting, so this keeps each product's order of sums fixed whatever the
+// thread count.
 
 #include <Eigen/Core>
+#include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <vector>
 
+#include "moe/backend/cpu/serial_gemm.hpp"
 #include "moe/core/config.hpp"
 #include "moe/core/error.hpp"
 
@@ -38,17 +47,28 @@ inline constexpr bool kAvailable = false;
 
 using bf16 = Eigen::bfloat16;
 
+// Rows per block of the packed products and of the rounding reorders.
+inline constexpr Index kBlockRows = 64;
+
 // dst[i] = src[i] rounded to the nearest bfloat16 (ties to even).
 inline void to_bf16(const float* src, Index n, bf16* dst) {
   Eigen::Map<Eigen::Array<bf16, Eigen::Dynamic, 1>>(dst, n) =
       Eigen::Map<const Eigen::ArrayXf>(src, n).cast<bf16>();
 }
 
-// A calling thread's bf16 copies of a product's operands. They only grow,
-// so steady-state steps reuse them; each thread that calls the backend has
-// its own, so one backend serves concurrent callers.
+// A 64-byte line: oneDNN's packed weights and scratchpads start on one.
+struct alignas(64) Line {
+  unsigned char bytes[64];
+};
+
+// A calling thread's bf16 copies of a product's operands, packed weights,
+// per-team-thread scratch and row offsets. They only grow, so steady-state
+// steps reuse them; each thread that calls the backend has its own, so one
+// backend serves concurrent callers.
 struct Workspace {
   std::vector<bf16> a, b;
+  std::vector<Line> packed, scratch;
+  std::vector<Index> block_offsets;
   static Workspace& of_this_thread() {
     thread_local Workspace workspace;
     return workspace;
@@ -56,6 +76,31 @@ struct Workspace {
 };
 
 #if defined(MOE_HAVE_DNNL)
+
+// The process's object for key, built by make() on first use with OpenMP
+// serial (oneDNN fixes a primitive's threading when it builds it). Never
+// destroyed: a backend may still run during static destruction. Call it
+// outside a parallel region: make() may throw.
+template <class Value, class Key, class Make>
+const Value& built_once(const Key& key, Make&& make) {
+  static auto* const mutex = new std::mutex;
+  static auto* const built = new std::map<Key, Value>;
+  const std::lock_guard<std::mutex> lock(*mutex);
+  auto found = built->find(key);
+  if (found == built->end()) {
+    [[maybe_unused]] const detail::SerialOpenMP serial;
+    try {
+      found = built->emplace(key, make()).first;
+    } catch (const dnnl::error& e) {
+      throw Error(moe::detail::concat(
+          "moe::cpu::Backend: gemm=onednn_bf16, oneDNN built no bf16 primitive (", e.what(), ")"));
+    }
+  }
+  return found->second;
+}
+
+// beta as a map key: its bits (a NaN has no order).
+inline std::uint32_t bits(float beta) { return std::bit_cast<std::uint32_t>(beta); }
 
 // Row-major C (m, n) = op(A) op(B) + beta C with A, B in bf16 and C in fp32:
 // a matmul for given transposes, row strides and beta, any m, n, k >= 1.
@@ -66,14 +111,9 @@ class Bf16Matmul {
   // one.
   static const Bf16Matmul& get(bool trans_a, bool trans_b, Index lda, Index ldb, Index ldc,
                                float beta) {
-    static std::mutex mutex;
-    static std::map<std::tuple<bool, bool, Index, Index, Index, float>, Bf16Matmul> built;
-    const std::lock_guard<std::mutex> lock(mutex);
-    const auto key = std::make_tuple(trans_a, trans_b, lda, ldb, ldc, beta);
-    auto found = built.find(key);
-    if (found == built.end())
-      found = built.emplace(key, Bf16Matmul(trans_a, trans_b, lda, ldb, ldc, beta)).first;
-    return found->second;
+    return built_once<Bf16Matmul>(std::tuple(trans_a, trans_b, lda, ldb, ldc, bits(beta)), [&] {
+      return Bf16Matmul(trans_a, trans_b, lda, ldb, ldc, beta);
+    });
   }
 
   // On the calling thread. a, b and c must follow the layout given to get().
@@ -104,27 +144,145 @@ class Bf16Matmul {
       ops.append_sum(beta);
       attr.set_post_ops(ops);
     }
-    try {
-      primitive_ = dnnl::matmul(
-          dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), attr, engine()));
-    } catch (const dnnl::error& e) {
-      throw Error(moe::detail::concat(
-          "moe::cpu::Backend: gemm=onednn_bf16, oneDNN built no bf16 matmul (", e.what(), ")"));
-    }
+    primitive_ = dnnl::matmul(
+        dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), attr, engine()));
   }
 
   // A row-major matrix with row stride ld; transposed: read as its transpose.
   static dnnl::memory::dims strides(bool transposed, Index ld) {
     return transposed ? dnnl::memory::dims{1, ld} : dnnl::memory::dims{ld, 1};
   }
-  static const dnnl::engine& engine() {
-    static const dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
-    return cpu;
+  static const dnnl::engine& engine() { return cpu_engine(); }
+
+ public:
+  // The process's CPU engine.
+  static const dnnl::engine& cpu_engine() {
+    static const auto* const cpu = new dnnl::engine(dnnl::engine::kind::cpu, 0);  // never destroyed
+    return *cpu;
   }
 
+ private:
   bool trans_a_, trans_b_;
   Index lda_, ldb_, ldc_;
   dnnl::matmul primitive_;
+};
+
+// Rounds blocks of kRows rows of a row-major fp32 matrix `width` wide to
+// bf16 with oneDNN's reorder, which is vectorised for the CPU it runs on
+// (Eigen's cast is scalar): several times faster on large operands.
+class Bf16Rounding {
+ public:
+  static constexpr Index kRows = kBlockRows;
+
+  // The process's reorder for this width. Call it outside a parallel region.
+  static const Bf16Rounding& get(Index width) {
+    return built_once<Bf16Rounding>(width, [&] { return Bf16Rounding(width); });
+  }
+
+  // dst (rows, width) = src rounded, rows <= kRows, on the calling thread.
+  void round(const float* src, Index rows, bf16* dst) const {
+    if (rows < kRows) return to_bf16(src, rows * width_, dst);
+    thread_local dnnl::stream stream(Bf16Matmul::cpu_engine());
+    dnnl::memory from(from_, Bf16Matmul::cpu_engine(), const_cast<float*>(src));
+    dnnl::memory to(to_, Bf16Matmul::cpu_engine(), dst);
+    reorder_.execute(stream, from, to);
+  }
+
+ private:
+  explicit Bf16Rounding(Index width) : width_(width) {
+    using dnnl::memory;
+    from_ = memory::desc({kRows, width}, memory::data_type::f32, memory::format_tag::ab);
+    to_ = memory::desc({kRows, width}, memory::data_type::bf16, memory::format_tag::ab);
+    reorder_ = dnnl::reorder(dnnl::reorder::primitive_desc(Bf16Matmul::cpu_engine(), from_,
+                                                           Bf16Matmul::cpu_engine(), to_));
+  }
+
+  Index width_;
+  dnnl::memory::desc from_, to_;
+  dnnl::reorder reorder_;
+};
+
+// C (kRows, n) = A (kRows, k) B + beta C with B packed once in oneDNN's
+// blocked layout: oneDNN's AMX or AVX512 kernel (brgemm) for a fixed row
+// count, which is several times faster than the runtime-size matmul, and
+// allocates nothing per call (its scratchpad is the caller's).
+class Bf16PackedMatmul {
+ public:
+  static constexpr Index kRows = kBlockRows;
+
+  // The process's primitive for B (k, n), stored (k, n) or, trans_b, (n, k)
+  // in fp32, and this beta. Call it outside a parallel region: it throws
+  // moe::Error if oneDNN cannot build one.
+  static const Bf16PackedMatmul& get(bool trans_b, Index k, Index n, float beta) {
+    return built_once<Bf16PackedMatmul>(std::tuple(trans_b, k, n, bits(beta)),
+                                        [&] { return Bf16PackedMatmul(trans_b, k, n, beta); });
+  }
+
+  // Lines of packed B, and of scratch per thread (the scratchpad and one
+  // tile of C for a partial row block).
+  Index packed_lines() const { return lines(packed_bytes_); }
+  Index scratch_lines() const { return lines(scratchpad_bytes_) + lines(kRows * n_ * 4); }
+
+  // packed = B rounded to bf16 in the kernel's layout, on the calling thread.
+  void pack(const float* b, Line* packed) const {
+    const dnnl::engine& cpu = engine();
+    thread_local dnnl::stream stream(cpu);
+    dnnl::memory from(from_, cpu, const_cast<float*>(b)), to(packed_desc_, cpu, packed);
+    pack_.execute(stream, from, to);
+  }
+
+  // C rows [0, rows) of a, rows <= kRows; a has kRows readable rows (those
+  // past `rows` are ignored). On the calling thread, with its scratch.
+  void run(Index rows, const bf16* a, const Line* packed, float* c, Line* scratch) const {
+    using dnnl::memory;
+    const dnnl::engine& cpu = engine();
+    thread_local dnnl::stream stream(cpu);
+    float* tile = rows == kRows ? c : reinterpret_cast<float*>(scratch + lines(scratchpad_bytes_));
+    if (rows < kRows && beta_ != 0) std::copy(c, c + rows * n_, tile);
+    const memory src(src_, cpu, const_cast<bf16*>(a));
+    const memory weights(packed_desc_, cpu, const_cast<Line*>(packed));
+    const memory dst(dst_, cpu, tile);
+    const memory pad(scratchpad_desc_, cpu, scratch);
+    primitive_.execute(stream, {{DNNL_ARG_SRC, src},
+                                {DNNL_ARG_WEIGHTS, weights},
+                                {DNNL_ARG_DST, dst},
+                                {DNNL_ARG_SCRATCHPAD, pad}});
+    if (rows < kRows) std::copy(tile, tile + rows * n_, c);
+  }
+
+ private:
+  Bf16PackedMatmul(bool trans_b, Index k, Index n, float beta) : n_(n), beta_(beta) {
+    using dnnl::memory;
+    src_ = memory::desc({kRows, k}, memory::data_type::bf16, memory::dims{k, 1});
+    dst_ = memory::desc({kRows, n}, memory::data_type::f32, memory::dims{n, 1});
+    from_ = memory::desc({k, n}, memory::data_type::f32,
+                         trans_b ? memory::dims{1, k} : memory::dims{n, 1});
+    const memory::desc any({k, n}, memory::data_type::bf16, memory::format_tag::any);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (beta != 0) {  // C = A B + beta C: oneDNN's sum post-op
+      dnnl::post_ops ops;
+      ops.append_sum(beta);
+      attr.set_post_ops(ops);
+    }
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_, any, dst_), attr, engine());
+    packed_desc_ = pd.weights_desc();
+    scratchpad_desc_ = pd.scratchpad_desc();
+    packed_bytes_ = static_cast<Index>(packed_desc_.get_size());
+    scratchpad_bytes_ = static_cast<Index>(scratchpad_desc_.get_size());
+    primitive_ = dnnl::matmul(pd);
+    pack_ = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), from_, engine(), packed_desc_));
+  }
+
+  static Index lines(Index bytes) { return (bytes + Index{63}) / 64; }
+  static const dnnl::engine& engine() { return Bf16Matmul::cpu_engine(); }
+
+  Index n_;
+  float beta_;
+  Index packed_bytes_ = 0, scratchpad_bytes_ = 0;
+  dnnl::memory::desc src_, dst_, from_, packed_desc_, scratchpad_desc_;
+  dnnl::matmul primitive_;
+  dnnl::reorder pack_;
 };
 
 #endif

@@ -1,0 +1,283 @@
+#pragma once
+// The expert products of Gemm::onednn_bf16 (see moe/backend/cpu/onednn.hpp),
+// over the CPU backend's parallel loop. Each operand is rounded to bf16 once
+// per call, never once per tile, and every tile is one oneDNN call on one
+// thread whose boundaries depend on the shapes and the routing only: results
+// are bitwise the same for any thread count.
+//
+// - Products with the weights (forward, and the input gradients): when the
+//   experts that have rows average at least kBlockRows (64) rows,
+//   each such expert's weights are packed once into the kernel's layout and
+//   its rows run in blocks of kRows (the last one padded with zero rows).
+//   Otherwise (decode-size batches) the tiles run on the runtime-size matmul,
+//   which reads the weights as they are.
+// - Weight gradients (W_e += A_e^T B_e, both operands activations): the
+//   runtime-size matmul, tiled like the fp32 engines.
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "moe/backend/cpu/onednn.hpp"
+#include "moe/backend/cpu/serial_gemm.hpp"
+#include "moe/backend/cpu/tiling.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace moe::cpu::detail {
+
+// Nothing may leave an OpenMP region: a loop body's exception (oneDNN's
+// dnnl::error, e.g. out of memory) is kept, and the first one is thrown
+// after the loop as moe::Error.
+class LoopErrors {
+ public:
+  template <class F>
+  void run(F&& body) noexcept {
+    try {
+      body();
+    } catch (const std::exception& e) {
+      keep(e.what());
+    } catch (...) {
+      keep("an unknown exception");
+    }
+  }
+  void rethrow() const {
+    if (failed_)
+      throw Error(
+          moe::detail::concat("moe::cpu::Backend: gemm=onednn_bf16, oneDNN failed: ", what_));
+  }
+
+ private:
+  void keep(const char* what) noexcept {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (failed_) return;
+    failed_ = true;
+    try {
+      what_ = what;
+    } catch (...) {  // no memory for the message: the flag still says it failed
+    }
+  }
+  std::mutex mutex_;
+  bool failed_ = false;
+  std::string what_;
+};
+
+// Reached only when one program mixes translation units built with and
+// without MOE_HAVE_DNNL (Backend refuses the engine without it): stop
+// rather than leave the product unwritten.
+[[noreturn]] inline void missing_onednn() {
+  std::fputs(
+      "moe::cpu::Backend: gemm=onednn_bf16 reached a translation unit built without "
+      "MOE_HAVE_DNNL (link every target of the program with moe::onednn)\n",
+      stderr);
+  std::abort();
+}
+
+// dst (rows, width) = src rounded to bf16, in parallel over blocks of
+// Bf16Rounding::kRows rows.
+template <class B>
+void bf16_operand(const B& be, const float* src, Index rows, Index width, onednn::bf16* dst) {
+#if defined(MOE_HAVE_DNNL)
+  using Rounding = onednn::Bf16Rounding;
+  const Rounding& rounding = Rounding::get(width);  // not inside a region
+  LoopErrors errors;
+  be.parallel_for((rows + Rounding::kRows - 1) / Rounding::kRows,
+                  [&](Index i) {
+                    errors.run([&] {
+                      const Index row = i * Rounding::kRows;
+                      [[maybe_unused]] SerialOpenMP serial_icv;
+                      rounding.round(src + row * width, std::min(Rounding::kRows, rows - row),
+                                     dst + row * width);
+                    });
+                  },
+                  rows * width);
+  errors.rethrow();
+#else
+  (void)be, (void)src, (void)rows, (void)width, (void)dst;
+  missing_onednn();
+#endif
+}
+template <class B>
+void bf16_operand(const B& be, const float* src, Index rows, Index width,
+                  std::vector<onednn::bf16>& dst) {
+  dst.resize(static_cast<std::size_t>(rows * width));
+  bf16_operand(be, src, rows, width, dst.data());
+}
+
+// The slot of the calling thread in a parallel loop opened at `level`: its
+// team number inside the loop's region, 0 when the loop ran serially.
+inline int loop_slot([[maybe_unused]] int level) {
+#if defined(_OPENMP)
+  return omp_get_level() > level ? omp_get_thread_num() : 0;
+#else
+  return 0;
+#endif
+}
+inline int parallel_level() {
+#if defined(_OPENMP)
+  return omp_get_level();
+#else
+  return 0;
+#endif
+}
+
+// Every tile of the plan as one runtime-size bf16 matmul of the given
+// layout; operands(tile) gives its (m, n, k, a, b, c); work: the flops.
+template <class B, class Operands>
+void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_b, Index lda,
+                    Index ldb, Index ldc, float beta, Index work, Operands&& operands) {
+#if defined(MOE_HAVE_DNNL)
+  // Built (or found) here: a failure must not leave the parallel region.
+  const auto& matmul = onednn::Bf16Matmul::get(trans_a, trans_b, lda, ldb, ldc, beta);
+  LoopErrors errors;
+  be.parallel_for(
+      plan.items(),
+      [&](Index i) {
+        Tile t;
+        if (!plan.tile(i, t)) return;
+        errors.run([&] {
+          const auto [m, n, k, a, b, c] = operands(t);
+          [[maybe_unused]] SerialOpenMP serial_icv;  // oneDNN splits K by this setting
+          matmul.run(m, n, k, a, b, c);
+        });
+      },
+      work);
+  errors.rethrow();
+#else
+  (void)be, (void)plan, (void)trans_a, (void)trans_b, (void)lda, (void)ldb, (void)ldc;
+  (void)beta, (void)work, (void)operands;
+  missing_onednn();
+#endif
+}
+
+// C_e = A_e B_e + beta C_e with each expert's B packed once and its rows in
+// blocks of kRows (see the top of this file).
+template <class B>
+void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
+                              Index k, const float* a, const float* b, Index b_stride, float beta,
+                              float* c) {
+#if defined(MOE_HAVE_DNNL)
+  using Matmul = onednn::Bf16PackedMatmul;
+  constexpr Index M = Matmul::kRows;
+  const Matmul& matmul = Matmul::get(trans_b, k, n, beta);  // not inside a region
+  onednn::Workspace& ws = onednn::Workspace::of_this_thread();
+  const Index experts = static_cast<Index>(offsets.size()) - 1;
+  // Expert e's rows are blocks [blocks[e], blocks[e + 1]) of kRows rows.
+  std::vector<Index>& blocks = ws.block_offsets;
+  blocks.resize(static_cast<std::size_t>(experts + 1));
+  blocks[0] = 0;
+  for (Index e = 0; e < experts; ++e)
+    blocks[e + 1] = blocks[e] + (offsets[e + 1] - offsets[e] + M - 1) / M;
+  const Index total = blocks[experts];
+  const auto block_rows = [&](Index i, Index& e, Index& row) {  // rows of block i
+    e = std::upper_bound(blocks.begin(), blocks.end(), i) - blocks.begin() - 1;
+    row = offsets[e] + (i - blocks[e]) * M;
+    return std::min(M, offsets[e + 1] - row);
+  };
+  // A in bf16, each block padded to kRows rows with zeros.
+  const onednn::Bf16Rounding& rounding = onednn::Bf16Rounding::get(k);
+  ws.a.resize(static_cast<std::size_t>(total * M * k));
+  onednn::bf16* a16 = ws.a.data();
+  LoopErrors errors;
+  be.parallel_for(
+      total,
+      [&](Index i) {
+        errors.run([&] {
+          Index e, row;
+          const Index rows = block_rows(i, e, row);
+          [[maybe_unused]] SerialOpenMP serial_icv;
+          rounding.round(a + row * k, rows, a16 + i * M * k);
+          std::fill(a16 + (i * M + rows) * k, a16 + (i + 1) * M * k, onednn::bf16(0.0f));
+        });
+      },
+      total * M * k);
+  // The weights of the experts that have rows, in the kernel's layout.
+  const Index packed_lines = matmul.packed_lines(), scratch_lines = matmul.scratch_lines();
+  ws.packed.resize(static_cast<std::size_t>(experts * packed_lines));
+  onednn::Line* packed = ws.packed.data();
+  be.parallel_for(
+      experts,
+      [&](Index e) {
+        if (offsets[e + 1] == offsets[e]) return;
+        errors.run([&] {
+          [[maybe_unused]] SerialOpenMP serial_icv;
+          matmul.pack(b + e * b_stride, packed + e * packed_lines);
+        });
+      },
+      experts * k * n);
+  ws.scratch.resize(static_cast<std::size_t>(be.threads() * scratch_lines));
+  onednn::Line* scratch = ws.scratch.data();
+  const int level = parallel_level();
+  be.parallel_for(
+      total,
+      [&](Index i) {
+        errors.run([&] {
+          Index e, row;
+          const Index rows = block_rows(i, e, row);
+          [[maybe_unused]] SerialOpenMP serial_icv;
+          matmul.run(rows, a16 + i * M * k, packed + e * packed_lines, c + row * n,
+                     scratch + loop_slot(level) * scratch_lines);
+        });
+      },
+      total * M * n * k);
+  errors.rethrow();
+#else
+  (void)be, (void)offsets, (void)trans_b, (void)n, (void)k, (void)a, (void)b, (void)b_stride;
+  (void)beta, (void)c;
+  missing_onednn();
+#endif
+}
+
+// C_e (n_e, n) = A_e op(B_e) + beta C_e for every expert (Backend::grouped_gemm).
+template <class B>
+void bf16_grouped_gemm(const B& be, const TilePlan& plan, const std::vector<Index>& offsets,
+                       bool trans_b, Index n, Index k, const float* a, const float* b,
+                       Index b_stride, float beta, float* c) {
+  const Index rows = offsets.back();
+  if (rows == 0 || n == 0) return;
+  if (k == 0) return scale(rows, n, beta, c, n);
+  const Index experts = static_cast<Index>(offsets.size()) - 1;
+  Index active = 0;
+  for (Index e = 0; e < experts; ++e) active += offsets[e + 1] > offsets[e] ? 1 : 0;
+  if (rows >= active * onednn::kBlockRows)
+    return bf16_packed_grouped_gemm(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
+  onednn::Workspace& ws = onednn::Workspace::of_this_thread();
+  bf16_operand(be, a, rows, k, ws.a);
+  // The weights of the experts that have rows, at a stride of k n (b_stride
+  // may be anything, 0 included).
+  ws.b.resize(static_cast<std::size_t>(experts * k * n));
+  const Index b_rows = trans_b ? n : k, b_width = trans_b ? k : n;  // as stored
+  for (Index e = 0; e < experts; ++e)
+    if (offsets[e + 1] > offsets[e])
+      bf16_operand(be, b + e * b_stride, b_rows, b_width, ws.b.data() + e * k * n);
+  run_bf16_tiles(be, plan, false, trans_b, k, b_width, n, beta, rows * n * k, [&](const Tile& t) {
+    return std::tuple(t.rows, t.cols, k, ws.a.data() + t.row * k,
+                      ws.b.data() + t.expert * k * n + (trans_b ? t.col * k : t.col),
+                      c + t.row * n + t.col);
+  });
+}
+
+// W_e (k, n) += A_e^T B_e for every expert (Backend::grouped_gemm_tn).
+template <class B>
+void bf16_grouped_gemm_tn(const B& be, const TilePlan& plan, const std::vector<Index>& offsets,
+                          Index k, Index n, const float* a, const float* b, float* w,
+                          Index w_stride) {
+  const Index rows = offsets.back();
+  if (rows == 0 || k == 0 || n == 0) return;
+  onednn::Workspace& ws = onednn::Workspace::of_this_thread();
+  bf16_operand(be, a, rows, k, ws.a);
+  bf16_operand(be, b, rows, n, ws.b);
+  run_bf16_tiles(be, plan, true, false, k, n, n, 1.0f, rows * n * k, [&](const Tile& t) {
+    return std::tuple(k, t.cols, t.rows, ws.a.data() + t.row * k, ws.b.data() + t.row * n + t.col,
+                      w + t.expert * w_stride + t.col);
+  });
+}
+
+}  // namespace moe::cpu::detail
