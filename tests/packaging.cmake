@@ -106,6 +106,7 @@ foreach(mode IN ITEMS find_package add_subdirectory)
       -DNLOHMANN_JSON_DIR=${nlohmann_json_DIR}
       -DEXPECT_IO=$<IF:$<TARGET_EXISTS:moe::io>,ON,OFF>
       -DEXPECT_BLAS=${MOE_WITH_BLAS}
+      -DEXPECT_ONEDNN=$<IF:$<TARGET_EXISTS:moe::onednn>,ON,OFF>
       -DBUILD_TYPE=Debug
       -P ${CMAKE_CURRENT_SOURCE_DIR}/consumer/run_consumer.cmake)
   set_tests_properties(consumer_${mode} PROPERTIES LABELS packaging TIMEOUT 900)

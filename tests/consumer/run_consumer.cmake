@@ -3,7 +3,7 @@
 #   cmake -DMODE=find_package|add_subdirectory -DMOE_SOURCE_DIR=<moe source tree>
 #         -DWORK_DIR=<scratch dir> [-DCXX_COMPILER=...] [-DGENERATOR=...]
 #         [-DMAKE_PROGRAM=...] [-DBUILD_TYPE=Debug] [-DEIGEN3_DIR=...]
-#         [-DNLOHMANN_JSON_DIR=...] [-DEXPECT_IO=ON|OFF] [-DEXPECT_BLAS=ON|OFF] -P run_consumer.cmake
+#         [-DNLOHMANN_JSON_DIR=...] [-DEXPECT_IO=ON|OFF] [-DEXPECT_BLAS=ON|OFF] [-DEXPECT_ONEDNN=ON|OFF] -P run_consumer.cmake
 #
 # find_package:     configure, build and install moe (no tests, no examples)
 #                   into WORK_DIR/prefix, then configure, build and run
@@ -47,6 +47,12 @@ if(EXPECT_IO)
   set(consumer_args -DMOE_CONSUMER_IO=ON)
 else()
   set(consumer_args -DMOE_CONSUMER_IO=OFF)
+endif()
+# EXPECT_ONEDNN=ON: the consumers also link moe::onednn (the bf16 engine).
+if(EXPECT_ONEDNN)
+  list(APPEND consumer_args -DMOE_CONSUMER_ONEDNN=ON)
+else()
+  list(APPEND consumer_args -DMOE_CONSUMER_ONEDNN=OFF)
 endif()
 # EXPECT_BLAS=ON: the consumers' layer must run its GEMMs on the BLAS.
 if(EXPECT_BLAS)

@@ -43,6 +43,20 @@ int main() {
   std::printf("moe consumer: io round trip of %zu bytes -> %s\n", bytes.size(),
               ok ? "ok" : "MISMATCH");
 #endif
+#ifdef MOE_CONSUMER_ONEDNN
+  // The bf16 engine links and runs; a CPU without AVX-512 refuses it cleanly.
+  try {
+    L bf16({.d_model = 8, .d_ff = 16, .experts = 4}, moe::router::TopK{.k = 2}, {}, 5,
+           moe::cpu::Backend<float>(1, moe::cpu::Gemm::onednn_bf16));
+    Mat y16(T, 8);
+    L::Cache cache16;
+    bf16.forward(x, y16, cache16, moe::Mode::train);
+    ok = ok && y16.allFinite();
+    std::printf("moe consumer: bf16 engine y(0,0)=%g\n", static_cast<double>(y16(0, 0)));
+  } catch (const moe::Error& e) {
+    std::printf("moe consumer: bf16 engine refused: %s\n", e.what());
+  }
+#endif
   std::printf("moe consumer: y(0,0)=%g dx(0,0)=%g aux=%g -> %s\n", static_cast<double>(y(0, 0)),
               static_cast<double>(dx(0, 0)), static_cast<double>(cache.stats().aux_loss),
               ok ? "ok" : "FAILED");

@@ -169,7 +169,7 @@ class Backend {
                                 kColumnAlign);
     if constexpr (std::is_same_v<S, float>) {
       if (gemm_ == Gemm::onednn_bf16) {
-        detail::bf16_grouped_gemm(*this, plan, offsets, trans_b, n, k, a, b, b_stride, beta, c);
+        detail::bf16_grouped_gemm(*this, offsets, trans_b, n, k, a, b, b_stride, beta, c);
         return;
       }
     }
@@ -362,6 +362,9 @@ class Backend {
     moe::detail::require(gemm != Gemm::onednn_bf16 || std::is_same_v<T, float>,
                          "moe::cpu::Backend: gemm=onednn_bf16, expected a Backend<float> "
                          "(bf16 products sum in fp32; double keeps its own precision)");
+#if defined(MOE_HAVE_DNNL)
+    if (gemm == Gemm::onednn_bf16) onednn::require_bf16_kernels();
+#endif
     return gemm == Gemm::automatic ? dense_engine(gemm) : gemm;
   }
   // The engine of the products that are not the experts': the BLAS when

@@ -5,12 +5,11 @@
 // thread whose boundaries depend on the shapes and the routing only: results
 // are bitwise the same for any thread count.
 //
-// - Products with the weights (forward, and the input gradients): when the
-//   experts that have rows average at least kBlockRows (64) rows,
-//   each such expert's weights are packed once into the kernel's layout and
-//   its rows run in blocks of kRows (the last one padded with zero rows).
-//   Otherwise (decode-size batches) the tiles run on the runtime-size matmul,
-//   which reads the weights as they are.
+// - Products with the weights (forward, and the input gradients): each
+//   expert that has rows gets its weights packed once into the kernel's
+//   layout, and its rows run in blocks of kBlockRows (64), the last one
+//   padded with zero rows. This wins over the runtime-size matmul even at
+//   one row per expert (which rounds the weights to bf16 as well).
 // - Weight gradients (W_e += A_e^T B_e, both operands activations): the
 //   runtime-size matmul, tiled like the fp32 engines.
 
@@ -212,6 +211,7 @@ void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bo
         });
       },
       experts * k * n);
+  errors.rethrow();  // not on unpacked weights
   ws.scratch.resize(static_cast<std::size_t>(be.threads() * scratch_lines));
   onednn::Line* scratch = ws.scratch.data();
   const int level = parallel_level();
@@ -237,31 +237,13 @@ void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bo
 
 // C_e (n_e, n) = A_e op(B_e) + beta C_e for every expert (Backend::grouped_gemm).
 template <class B>
-void bf16_grouped_gemm(const B& be, const TilePlan& plan, const std::vector<Index>& offsets,
-                       bool trans_b, Index n, Index k, const float* a, const float* b,
-                       Index b_stride, float beta, float* c) {
+void bf16_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
+                       Index k, const float* a, const float* b, Index b_stride, float beta,
+                       float* c) {
   const Index rows = offsets.back();
   if (rows == 0 || n == 0) return;
   if (k == 0) return scale(rows, n, beta, c, n);
-  const Index experts = static_cast<Index>(offsets.size()) - 1;
-  Index active = 0;
-  for (Index e = 0; e < experts; ++e) active += offsets[e + 1] > offsets[e] ? 1 : 0;
-  if (rows >= active * onednn::kBlockRows)
-    return bf16_packed_grouped_gemm(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
-  onednn::Workspace& ws = onednn::Workspace::of_this_thread();
-  bf16_operand(be, a, rows, k, ws.a);
-  // The weights of the experts that have rows, at a stride of k n (b_stride
-  // may be anything, 0 included).
-  ws.b.resize(static_cast<std::size_t>(experts * k * n));
-  const Index b_rows = trans_b ? n : k, b_width = trans_b ? k : n;  // as stored
-  for (Index e = 0; e < experts; ++e)
-    if (offsets[e + 1] > offsets[e])
-      bf16_operand(be, b + e * b_stride, b_rows, b_width, ws.b.data() + e * k * n);
-  run_bf16_tiles(be, plan, false, trans_b, k, b_width, n, beta, rows * n * k, [&](const Tile& t) {
-    return std::tuple(t.rows, t.cols, k, ws.a.data() + t.row * k,
-                      ws.b.data() + t.expert * k * n + (trans_b ? t.col * k : t.col),
-                      c + t.row * n + t.col);
-  });
+  bf16_packed_grouped_gemm(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
 }
 
 // W_e (k, n) += A_e^T B_e for every expert (Backend::grouped_gemm_tn).

@@ -79,8 +79,8 @@ struct Workspace {
 
 // The process's object for key, built by make() on first use with OpenMP
 // serial (oneDNN fixes a primitive's threading when it builds it). Never
-// destroyed: a backend may still run during static destruction. Call it
-// outside a parallel region: make() may throw.
+// destroyed, so no order of static destruction matters. Call it outside a
+// parallel region: make() may throw.
 template <class Value, class Key, class Make>
 const Value& built_once(const Key& key, Make&& make) {
   static auto* const mutex = new std::mutex;
@@ -93,10 +93,28 @@ const Value& built_once(const Key& key, Make&& make) {
       found = built->emplace(key, make()).first;
     } catch (const dnnl::error& e) {
       throw Error(moe::detail::concat(
-          "moe::cpu::Backend: gemm=onednn_bf16, oneDNN built no bf16 primitive (", e.what(), ")"));
+          "moe::cpu::Backend: gemm=onednn_bf16, oneDNN built no bf16 primitive on this CPU (",
+          e.what(), "; its bf16 kernels need AVX-512)"));
     }
   }
   return found->second;
+}
+
+// Attributes for a primitive that runs on several threads at once: oneDNN
+// 2.6 (built without concurrent scratchpads) allows that only for
+// primitives whose scratchpad is the caller's.
+inline dnnl::primitive_attr user_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+// pd, checked to need no scratchpad (the callers pass none).
+template <class PrimitiveDesc>
+PrimitiveDesc without_scratchpad(PrimitiveDesc pd) {
+  moe::detail::require(pd.scratchpad_desc().get_size() == 0,
+                       "moe::cpu::Backend: gemm=onednn_bf16, oneDNN's ", pd.impl_info_str(),
+                       " asks for a scratchpad, expected none");
+  return pd;
 }
 
 // beta as a map key: its bits (a NaN has no order).
@@ -138,14 +156,14 @@ class Bf16Matmul {
     const memory::desc src({any, any}, memory::data_type::bf16, strides(trans_a, lda));
     const memory::desc weights({any, any}, memory::data_type::bf16, strides(trans_b, ldb));
     const memory::desc dst({any, any}, memory::data_type::f32, strides(false, ldc));
-    dnnl::primitive_attr attr;
+    dnnl::primitive_attr attr = user_scratchpad();
     if (beta != 0) {  // C = A B + beta C: oneDNN's sum post-op
       dnnl::post_ops ops;
       ops.append_sum(beta);
       attr.set_post_ops(ops);
     }
-    primitive_ = dnnl::matmul(
-        dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), attr, engine()));
+    primitive_ = dnnl::matmul(without_scratchpad(
+        dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), attr, engine())));
   }
 
   // A row-major matrix with row stride ld; transposed: read as its transpose.
@@ -193,8 +211,8 @@ class Bf16Rounding {
     using dnnl::memory;
     from_ = memory::desc({kRows, width}, memory::data_type::f32, memory::format_tag::ab);
     to_ = memory::desc({kRows, width}, memory::data_type::bf16, memory::format_tag::ab);
-    reorder_ = dnnl::reorder(dnnl::reorder::primitive_desc(Bf16Matmul::cpu_engine(), from_,
-                                                           Bf16Matmul::cpu_engine(), to_));
+    reorder_ = dnnl::reorder(without_scratchpad(dnnl::reorder::primitive_desc(
+        Bf16Matmul::cpu_engine(), from_, Bf16Matmul::cpu_engine(), to_, user_scratchpad())));
   }
 
   Index width_;
@@ -258,8 +276,7 @@ class Bf16PackedMatmul {
     from_ = memory::desc({k, n}, memory::data_type::f32,
                          trans_b ? memory::dims{1, k} : memory::dims{n, 1});
     const memory::desc any({k, n}, memory::data_type::bf16, memory::format_tag::any);
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::primitive_attr attr = user_scratchpad();
     if (beta != 0) {  // C = A B + beta C: oneDNN's sum post-op
       dnnl::post_ops ops;
       ops.append_sum(beta);
@@ -271,7 +288,8 @@ class Bf16PackedMatmul {
     packed_bytes_ = static_cast<Index>(packed_desc_.get_size());
     scratchpad_bytes_ = static_cast<Index>(scratchpad_desc_.get_size());
     primitive_ = dnnl::matmul(pd);
-    pack_ = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), from_, engine(), packed_desc_));
+    pack_ = dnnl::reorder(without_scratchpad(
+        dnnl::reorder::primitive_desc(engine(), from_, engine(), packed_desc_, user_scratchpad())));
   }
 
   static Index lines(Index bytes) { return (bytes + Index{63}) / 64; }
@@ -284,6 +302,15 @@ class Bf16PackedMatmul {
   dnnl::matmul primitive_;
   dnnl::reorder pack_;
 };
+
+// Builds one primitive of each kind, so that a CPU oneDNN has no bf16
+// kernels for (before AVX-512) is refused when the backend is constructed
+// rather than at its first product. Throws moe::Error.
+inline void require_bf16_kernels() {
+  Bf16Matmul::get(false, false, 1, 1, 1, 0.0f);
+  Bf16PackedMatmul::get(false, 1, 1, 0.0f);
+  Bf16Rounding::get(1);
+}
 
 #endif
 
