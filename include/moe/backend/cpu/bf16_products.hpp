@@ -71,7 +71,8 @@ class LoopErrors {
 // Reached only when one program mixes translation units built with and
 // without MOE_HAVE_DNNL (Backend refuses the engine without it): stop
 // rather than leave the product unwritten.
-[[noreturn]] inline void missing_onednn() {
+template <class... Unused>
+[[noreturn]] void missing_onednn(const Unused&...) {
   std::fputs(
       "moe::cpu::Backend: gemm=onednn_bf16 reached a translation unit built without "
       "MOE_HAVE_DNNL (link every target of the program with moe::onednn)\n",
@@ -99,8 +100,7 @@ void bf16_operand(const B& be, const float* src, Index rows, Index width, onednn
                   rows * width);
   errors.rethrow();
 #else
-  (void)be, (void)src, (void)rows, (void)width, (void)dst;
-  missing_onednn();
+  missing_onednn(be, src, rows, width, dst);
 #endif
 }
 template <class B>
@@ -150,9 +150,7 @@ void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_
       work);
   errors.rethrow();
 #else
-  (void)be, (void)plan, (void)trans_a, (void)trans_b, (void)lda, (void)ldb, (void)ldc;
-  (void)beta, (void)work, (void)operands;
-  missing_onednn();
+  missing_onednn(be, plan, trans_a, trans_b, lda, ldb, ldc, beta, work, operands);
 #endif
 }
 
@@ -229,9 +227,7 @@ void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bo
       total * M * n * k);
   errors.rethrow();
 #else
-  (void)be, (void)offsets, (void)trans_b, (void)n, (void)k, (void)a, (void)b, (void)b_stride;
-  (void)beta, (void)c;
-  missing_onednn();
+  missing_onednn(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
 #endif
 }
 

@@ -1,4 +1,5 @@
-// Consumer smoke test: a program building moe as a subproject (add_subdirectory).
+// Consumer smoke test: a program using moe, installed (find_package) or as a
+// subproject (add_subdirectory); both consumer projects build this file.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
