@@ -80,6 +80,24 @@ template <class... Unused>
   std::abort();
 }
 
+// call(i) for every i in [0, n) over the backend's parallel loop (work: its
+// size in flops), each with OpenMP's thread count held at 1 (oneDNN splits
+// a long sum by it); the first exception is thrown after the loop.
+template <class B, class Call>
+void for_each_call(const B& be, Index n, Index work, Call&& call) {
+  LoopErrors errors;
+  be.parallel_for(
+      n,
+      [&](Index i) {
+        errors.run([&] {
+          [[maybe_unused]] SerialOpenMP serial_icv;
+          call(i);
+        });
+      },
+      work);
+  errors.rethrow();
+}
+
 // dst (rows, width) = src rounded to bf16, in parallel over blocks of
 // Bf16Rounding::kRows rows.
 template <class B>
@@ -87,18 +105,10 @@ void bf16_operand(const B& be, const float* src, Index rows, Index width, onednn
 #if defined(MOE_HAVE_DNNL)
   using Rounding = onednn::Bf16Rounding;
   const Rounding& rounding = Rounding::get(width);  // not inside a region
-  LoopErrors errors;
-  be.parallel_for((rows + Rounding::kRows - 1) / Rounding::kRows,
-                  [&](Index i) {
-                    errors.run([&] {
-                      const Index row = i * Rounding::kRows;
-                      [[maybe_unused]] SerialOpenMP serial_icv;
-                      rounding.round(src + row * width, std::min(Rounding::kRows, rows - row),
-                                     dst + row * width);
-                    });
-                  },
-                  rows * width);
-  errors.rethrow();
+  for_each_call(be, (rows + Rounding::kRows - 1) / Rounding::kRows, rows * width, [&](Index i) {
+    const Index row = i * Rounding::kRows;
+    rounding.round(src + row * width, std::min(Rounding::kRows, rows - row), dst + row * width);
+  });
 #else
   missing_onednn(be, src, rows, width, dst);
 #endif
@@ -135,20 +145,12 @@ void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_
 #if defined(MOE_HAVE_DNNL)
   // Built (or found) here: a failure must not leave the parallel region.
   const auto& matmul = onednn::Bf16Matmul::get(trans_a, trans_b, lda, ldb, ldc, beta);
-  LoopErrors errors;
-  be.parallel_for(
-      plan.items(),
-      [&](Index i) {
-        Tile t;
-        if (!plan.tile(i, t)) return;
-        errors.run([&] {
-          const auto [m, n, k, a, b, c] = operands(t);
-          [[maybe_unused]] SerialOpenMP serial_icv;  // oneDNN splits K by this setting
-          matmul.run(m, n, k, a, b, c);
-        });
-      },
-      work);
-  errors.rethrow();
+  for_each_call(be, plan.items(), work, [&](Index i) {
+    Tile t;
+    if (!plan.tile(i, t)) return;
+    const auto [m, n, k, a, b, c] = operands(t);
+    matmul.run(m, n, k, a, b, c);
+  });
 #else
   missing_onednn(be, plan, trans_a, trans_b, lda, ldb, ldc, beta, work, operands);
 #endif
@@ -182,50 +184,28 @@ void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bo
   const onednn::Bf16Rounding& rounding = onednn::Bf16Rounding::get(k);
   ws.a.resize(static_cast<std::size_t>(total * M * k));
   onednn::bf16* a16 = ws.a.data();
-  LoopErrors errors;
-  be.parallel_for(
-      total,
-      [&](Index i) {
-        errors.run([&] {
-          Index e, row;
-          const Index rows = block_rows(i, e, row);
-          [[maybe_unused]] SerialOpenMP serial_icv;
-          rounding.round(a + row * k, rows, a16 + i * M * k);
-          std::fill(a16 + (i * M + rows) * k, a16 + (i + 1) * M * k, onednn::bf16(0.0f));
-        });
-      },
-      total * M * k);
+  for_each_call(be, total, total * M * k, [&](Index i) {
+    Index e, row;
+    const Index rows = block_rows(i, e, row);
+    rounding.round(a + row * k, rows, a16 + i * M * k);
+    std::fill(a16 + (i * M + rows) * k, a16 + (i + 1) * M * k, onednn::bf16(0.0f));
+  });
   // The weights of the experts that have rows, in the kernel's layout.
   const Index packed_lines = matmul.packed_lines(), scratch_lines = matmul.scratch_lines();
   ws.packed.resize(static_cast<std::size_t>(experts * packed_lines));
   onednn::Line* packed = ws.packed.data();
-  be.parallel_for(
-      experts,
-      [&](Index e) {
-        if (offsets[e + 1] == offsets[e]) return;
-        errors.run([&] {
-          [[maybe_unused]] SerialOpenMP serial_icv;
-          matmul.pack(b + e * b_stride, packed + e * packed_lines);
-        });
-      },
-      experts * k * n);
-  errors.rethrow();  // not on unpacked weights
+  for_each_call(be, experts, experts * k * n, [&](Index e) {
+    if (offsets[e + 1] > offsets[e]) matmul.pack(b + e * b_stride, packed + e * packed_lines);
+  });
   ws.scratch.resize(static_cast<std::size_t>(be.threads() * scratch_lines));
   onednn::Line* scratch = ws.scratch.data();
   const int level = parallel_level();
-  be.parallel_for(
-      total,
-      [&](Index i) {
-        errors.run([&] {
-          Index e, row;
-          const Index rows = block_rows(i, e, row);
-          [[maybe_unused]] SerialOpenMP serial_icv;
-          matmul.run(rows, a16 + i * M * k, packed + e * packed_lines, c + row * n,
-                     scratch + loop_slot(level) * scratch_lines);
-        });
-      },
-      total * M * n * k);
-  errors.rethrow();
+  for_each_call(be, total, total * M * n * k, [&](Index i) {
+    Index e, row;
+    const Index rows = block_rows(i, e, row);
+    matmul.run(rows, a16 + i * M * k, packed + e * packed_lines, c + row * n,
+               scratch + loop_slot(level) * scratch_lines);
+  });
 #else
   missing_onednn(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
 #endif
