@@ -165,14 +165,14 @@ class Backend {
   template <class S>
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
-    const detail::TilePlan plan(offsets, n, /*split_rows=*/true, kMinTiles, kTileRows,
-                                kColumnAlign);
     if constexpr (std::is_same_v<S, float>) {
-      if (gemm_ == Gemm::onednn_bf16) {
+      if (gemm_ == Gemm::onednn_bf16) {  // row blocks of its own, no tile plan
         detail::bf16_grouped_gemm(*this, offsets, trans_b, n, k, a, b, b_stride, beta, c);
         return;
       }
     }
+    const detail::TilePlan plan(offsets, n, /*split_rows=*/true, kMinTiles, kTileRows,
+                                kColumnAlign);
     check_blas_sizes(kTileRows, n, k, k, trans_b ? k : n, n);  // not inside the region
     const blas::SerialScope serial(dense_ == Gemm::blas);
     parallel_for(

@@ -101,23 +101,20 @@ void for_each_call(const B& be, Index n, Index work, Call&& call) {
 // dst (rows, width) = src rounded to bf16, in parallel over blocks of
 // Bf16Rounding::kRows rows.
 template <class B>
-void bf16_operand(const B& be, const float* src, Index rows, Index width, onednn::bf16* dst) {
+void bf16_operand(const B& be, const float* src, Index rows, Index width,
+                  std::vector<onednn::bf16>& dst) {
 #if defined(MOE_HAVE_DNNL)
   using Rounding = onednn::Bf16Rounding;
   const Rounding& rounding = Rounding::get(width);  // not inside a region
+  dst.resize(static_cast<std::size_t>(rows * width));
+  onednn::bf16* out = dst.data();
   for_each_call(be, (rows + Rounding::kRows - 1) / Rounding::kRows, rows * width, [&](Index i) {
     const Index row = i * Rounding::kRows;
-    rounding.round(src + row * width, std::min(Rounding::kRows, rows - row), dst + row * width);
+    rounding.round(src + row * width, std::min(Rounding::kRows, rows - row), out + row * width);
   });
 #else
   missing_onednn(be, src, rows, width, dst);
 #endif
-}
-template <class B>
-void bf16_operand(const B& be, const float* src, Index rows, Index width,
-                  std::vector<onednn::bf16>& dst) {
-  dst.resize(static_cast<std::size_t>(rows * width));
-  bf16_operand(be, src, rows, width, dst.data());
 }
 
 // The slot of the calling thread in a parallel loop opened at `level`: its
@@ -156,12 +153,15 @@ void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_
 #endif
 }
 
-// C_e = A_e B_e + beta C_e with each expert's B packed once and its rows in
-// blocks of kRows (see the top of this file).
+// C_e (n_e, n) = A_e op(B_e) + beta C_e for every expert
+// (Backend::grouped_gemm): each expert's B packed once, its rows in blocks
+// of kRows (see the top of this file).
 template <class B>
-void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
-                              Index k, const float* a, const float* b, Index b_stride, float beta,
-                              float* c) {
+void bf16_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
+                       Index k, const float* a, const float* b, Index b_stride, float beta,
+                       float* c) {
+  if (offsets.back() == 0 || n == 0) return;
+  if (k == 0) return scale(offsets.back(), n, beta, c, n);
 #if defined(MOE_HAVE_DNNL)
   using Matmul = onednn::Bf16PackedMatmul;
   constexpr Index M = Matmul::kRows;
@@ -209,17 +209,6 @@ void bf16_packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bo
 #else
   missing_onednn(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
 #endif
-}
-
-// C_e (n_e, n) = A_e op(B_e) + beta C_e for every expert (Backend::grouped_gemm).
-template <class B>
-void bf16_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
-                       Index k, const float* a, const float* b, Index b_stride, float beta,
-                       float* c) {
-  const Index rows = offsets.back();
-  if (rows == 0 || n == 0) return;
-  if (k == 0) return scale(rows, n, beta, c, n);
-  bf16_packed_grouped_gemm(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);
 }
 
 // W_e (k, n) += A_e^T B_e for every expert (Backend::grouped_gemm_tn).

@@ -11,8 +11,7 @@
 // - Bf16PackedMatmul: a fixed block of rows times weights packed once into
 //   the kernel's own layout (oneDNN's brgemm: AMX on CPUs that have it).
 // - Bf16Matmul: any M, N and K (runtime sizes) on operands as stored
-//   (oneDNN's gemm:jit, which packs per call): small batches and the weight
-//   gradients.
+//   (oneDNN's gemm:jit, which packs per call): the weight gradients.
 // The primitives a layer needs are built once per process, under a serial
 // OpenMP setting, and shared by every thread (oneDNN primitives are safe to
 // execute concurrently). Each call runs on the calling thread with the
@@ -117,6 +116,28 @@ PrimitiveDesc without_scratchpad(PrimitiveDesc pd) {
   return pd;
 }
 
+// Attributes of a matmul C = A B + beta C: the caller's scratchpad, and
+// oneDNN's sum post-op when beta is not 0.
+inline dnnl::primitive_attr matmul_attributes(float beta) {
+  dnnl::primitive_attr attr = user_scratchpad();
+  if (beta != 0) {
+    dnnl::post_ops ops;
+    ops.append_sum(beta);
+    attr.set_post_ops(ops);
+  }
+  return attr;
+}
+
+// The process's CPU engine (never destroyed), and this thread's stream on it.
+inline const dnnl::engine& cpu_engine() {
+  static const auto* const cpu = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *cpu;
+}
+inline dnnl::stream& this_thread_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
 // beta as a map key: its bits (a NaN has no order).
 inline std::uint32_t bits(float beta) { return std::bit_cast<std::uint32_t>(beta); }
 
@@ -137,14 +158,13 @@ class Bf16Matmul {
   // On the calling thread. a, b and c must follow the layout given to get().
   void run(Index m, Index n, Index k, const bf16* a, const bf16* b, float* c) const {
     using dnnl::memory;
-    const dnnl::engine& cpu = engine();
-    thread_local dnnl::stream stream(cpu);
+    const dnnl::engine& cpu = cpu_engine();
     const memory src({{m, k}, memory::data_type::bf16, strides(trans_a_, lda_)}, cpu,
                      const_cast<bf16*>(a));
     const memory weights({{k, n}, memory::data_type::bf16, strides(trans_b_, ldb_)}, cpu,
                          const_cast<bf16*>(b));
     const memory dst({{m, n}, memory::data_type::f32, strides(false, ldc_)}, cpu, c);
-    primitive_.execute(stream,
+    primitive_.execute(this_thread_stream(),
                        {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
   }
 
@@ -156,30 +176,15 @@ class Bf16Matmul {
     const memory::desc src({any, any}, memory::data_type::bf16, strides(trans_a, lda));
     const memory::desc weights({any, any}, memory::data_type::bf16, strides(trans_b, ldb));
     const memory::desc dst({any, any}, memory::data_type::f32, strides(false, ldc));
-    dnnl::primitive_attr attr = user_scratchpad();
-    if (beta != 0) {  // C = A B + beta C: oneDNN's sum post-op
-      dnnl::post_ops ops;
-      ops.append_sum(beta);
-      attr.set_post_ops(ops);
-    }
-    primitive_ = dnnl::matmul(without_scratchpad(
-        dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), attr, engine())));
+    primitive_ = dnnl::matmul(without_scratchpad(dnnl::matmul::primitive_desc(
+        dnnl::matmul::desc(src, weights, dst), matmul_attributes(beta), cpu_engine())));
   }
 
   // A row-major matrix with row stride ld; transposed: read as its transpose.
   static dnnl::memory::dims strides(bool transposed, Index ld) {
     return transposed ? dnnl::memory::dims{1, ld} : dnnl::memory::dims{ld, 1};
   }
-  static const dnnl::engine& engine() { return cpu_engine(); }
 
- public:
-  // The process's CPU engine.
-  static const dnnl::engine& cpu_engine() {
-    static const auto* const cpu = new dnnl::engine(dnnl::engine::kind::cpu, 0);  // never destroyed
-    return *cpu;
-  }
-
- private:
   bool trans_a_, trans_b_;
   Index lda_, ldb_, ldc_;
   dnnl::matmul primitive_;
@@ -200,10 +205,9 @@ class Bf16Rounding {
   // dst (rows, width) = src rounded, rows <= kRows, on the calling thread.
   void round(const float* src, Index rows, bf16* dst) const {
     if (rows < kRows) return to_bf16(src, rows * width_, dst);
-    thread_local dnnl::stream stream(Bf16Matmul::cpu_engine());
-    dnnl::memory from(from_, Bf16Matmul::cpu_engine(), const_cast<float*>(src));
-    dnnl::memory to(to_, Bf16Matmul::cpu_engine(), dst);
-    reorder_.execute(stream, from, to);
+    dnnl::memory from(from_, cpu_engine(), const_cast<float*>(src));
+    dnnl::memory to(to_, cpu_engine(), dst);
+    reorder_.execute(this_thread_stream(), from, to);
   }
 
  private:
@@ -211,8 +215,8 @@ class Bf16Rounding {
     using dnnl::memory;
     from_ = memory::desc({kRows, width}, memory::data_type::f32, memory::format_tag::ab);
     to_ = memory::desc({kRows, width}, memory::data_type::bf16, memory::format_tag::ab);
-    reorder_ = dnnl::reorder(without_scratchpad(dnnl::reorder::primitive_desc(
-        Bf16Matmul::cpu_engine(), from_, Bf16Matmul::cpu_engine(), to_, user_scratchpad())));
+    reorder_ = dnnl::reorder(without_scratchpad(
+        dnnl::reorder::primitive_desc(cpu_engine(), from_, cpu_engine(), to_, user_scratchpad())));
   }
 
   Index width_;
@@ -238,33 +242,31 @@ class Bf16PackedMatmul {
 
   // Lines of packed B, and of scratch per thread (the scratchpad and one
   // tile of C for a partial row block).
-  Index packed_lines() const { return lines(packed_bytes_); }
-  Index scratch_lines() const { return lines(scratchpad_bytes_) + lines(kRows * n_ * 4); }
+  Index packed_lines() const { return lines(packed_desc_.get_size()); }
+  Index scratch_lines() const { return scratchpad_lines() + lines(kRows * n_ * 4); }
 
   // packed = B rounded to bf16 in the kernel's layout, on the calling thread.
   void pack(const float* b, Line* packed) const {
-    const dnnl::engine& cpu = engine();
-    thread_local dnnl::stream stream(cpu);
+    const dnnl::engine& cpu = cpu_engine();
     dnnl::memory from(from_, cpu, const_cast<float*>(b)), to(packed_desc_, cpu, packed);
-    pack_.execute(stream, from, to);
+    pack_.execute(this_thread_stream(), from, to);
   }
 
   // C rows [0, rows) of a, rows <= kRows; a has kRows readable rows (those
   // past `rows` are ignored). On the calling thread, with its scratch.
   void run(Index rows, const bf16* a, const Line* packed, float* c, Line* scratch) const {
     using dnnl::memory;
-    const dnnl::engine& cpu = engine();
-    thread_local dnnl::stream stream(cpu);
-    float* tile = rows == kRows ? c : reinterpret_cast<float*>(scratch + lines(scratchpad_bytes_));
+    const dnnl::engine& cpu = cpu_engine();
+    float* tile = rows == kRows ? c : reinterpret_cast<float*>(scratch + scratchpad_lines());
     if (rows < kRows && beta_ != 0) std::copy(c, c + rows * n_, tile);
     const memory src(src_, cpu, const_cast<bf16*>(a));
     const memory weights(packed_desc_, cpu, const_cast<Line*>(packed));
     const memory dst(dst_, cpu, tile);
     const memory pad(scratchpad_desc_, cpu, scratch);
-    primitive_.execute(stream, {{DNNL_ARG_SRC, src},
-                                {DNNL_ARG_WEIGHTS, weights},
-                                {DNNL_ARG_DST, dst},
-                                {DNNL_ARG_SCRATCHPAD, pad}});
+    primitive_.execute(this_thread_stream(), {{DNNL_ARG_SRC, src},
+                                              {DNNL_ARG_WEIGHTS, weights},
+                                              {DNNL_ARG_DST, dst},
+                                              {DNNL_ARG_SCRATCHPAD, pad}});
     if (rows < kRows) std::copy(tile, tile + rows * n_, c);
   }
 
@@ -276,28 +278,20 @@ class Bf16PackedMatmul {
     from_ = memory::desc({k, n}, memory::data_type::f32,
                          trans_b ? memory::dims{1, k} : memory::dims{n, 1});
     const memory::desc any({k, n}, memory::data_type::bf16, memory::format_tag::any);
-    dnnl::primitive_attr attr = user_scratchpad();
-    if (beta != 0) {  // C = A B + beta C: oneDNN's sum post-op
-      dnnl::post_ops ops;
-      ops.append_sum(beta);
-      attr.set_post_ops(ops);
-    }
-    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_, any, dst_), attr, engine());
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_, any, dst_),
+                                          matmul_attributes(beta), cpu_engine());
     packed_desc_ = pd.weights_desc();
     scratchpad_desc_ = pd.scratchpad_desc();
-    packed_bytes_ = static_cast<Index>(packed_desc_.get_size());
-    scratchpad_bytes_ = static_cast<Index>(scratchpad_desc_.get_size());
     primitive_ = dnnl::matmul(pd);
-    pack_ = dnnl::reorder(without_scratchpad(
-        dnnl::reorder::primitive_desc(engine(), from_, engine(), packed_desc_, user_scratchpad())));
+    pack_ = dnnl::reorder(without_scratchpad(dnnl::reorder::primitive_desc(
+        cpu_engine(), from_, cpu_engine(), packed_desc_, user_scratchpad())));
   }
 
-  static Index lines(Index bytes) { return (bytes + Index{63}) / 64; }
-  static const dnnl::engine& engine() { return Bf16Matmul::cpu_engine(); }
+  static Index lines(std::size_t bytes) { return static_cast<Index>((bytes + 63) / 64); }
+  Index scratchpad_lines() const { return lines(scratchpad_desc_.get_size()); }
 
   Index n_;
   float beta_;
-  Index packed_bytes_ = 0, scratchpad_bytes_ = 0;
   dnnl::memory::desc src_, dst_, from_, packed_desc_, scratchpad_desc_;
   dnnl::matmul primitive_;
   dnnl::reorder pack_;
