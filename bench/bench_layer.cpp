@@ -11,10 +11,12 @@
 // once with one reference repetition.
 
 #include <benchmark/benchmark.h>
+#include <unistd.h>  // sysconf: the L3 size
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -23,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moe/backend/cpu/memory.hpp"  // HugePageResource: the second copy row
 #include "moe/moe.hpp"
 #include "reference.hpp"
 
@@ -233,27 +236,41 @@ void add_moe_passes(const Shape& shape, const std::string& router_name, Router r
 
 using DecodeLayer = moe::Layer<moe::router::TopK, moe::estimator::Sparse, Backend, moe::act::GELU>;
 constexpr Shape kDecodeShape{8, 2, 1024};
-// 16 layers x 32 MiB of expert weights = 512 MiB, 16x the 32 MiB L3: even
-// T = 1, which reads 2 of each layer's 8 experts, streams 128 MiB per
-// iteration, so weights come from DRAM and not from the cache.
-constexpr int kDecodeLayers = 16;
-constexpr std::size_t kCopyBytes = std::size_t{512} << 20;
+// The weights of the stack must come from DRAM, not from the last-level
+// cache: at least 16 layers x 32 MiB = 512 MiB, and 8x the L3 where the L3 is
+// larger, so that even T = 1, which reads 2 of each layer's 8 experts (a
+// quarter of the stack), reads twice the L3 per iteration. The copy buffers
+// are likewise at least twice the L3 each.
+std::size_t last_level_cache_bytes() {
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (l3 > 0) return static_cast<std::size_t>(l3);
+#endif
+  return std::size_t{32} << 20;
+}
+std::size_t decode_layers() {
+  const double layer_bytes = static_cast<double>(kDecodeShape.experts) *
+                             expert_bytes(kDecodeShape.config(), DecodeLayer::kInputWidth);
+  const double wanted = 8.0 * static_cast<double>(last_level_cache_bytes()) / layer_bytes;
+  return std::max<std::size_t>(16, static_cast<std::size_t>(std::ceil(wanted)));
+}
+std::size_t copy_bytes() { return std::max(std::size_t{512} << 20, 2 * last_level_cache_bytes()); }
 
 // Built on first use (about a second) and kept for every T.
 std::vector<std::unique_ptr<DecodeLayer>>& decode_stack() {
   static std::vector<std::unique_ptr<DecodeLayer>> layers = [] {
     std::vector<std::unique_ptr<DecodeLayer>> built;
-    for (int l = 0; l < kDecodeLayers; ++l)
+    for (std::size_t l = 0; l < decode_layers(); ++l)
       built.push_back(std::make_unique<DecodeLayer>(
           kDecodeShape.config(), moe::router::TopK{.k = kDecodeShape.k}, moe::estimator::Sparse{},
-          /*seed=*/100 + l));
+          /*seed=*/100 + static_cast<std::uint64_t>(l)));
     return built;
   }();
   return layers;
 }
 
 bench::CopyBandwidth& copy_bandwidth() {
-  static bench::CopyBandwidth copy(kCopyBytes);
+  static bench::CopyBandwidth copy(copy_bytes());
   return copy;
 }
 
@@ -315,8 +332,7 @@ void add_decode(Index tokens) {
       ->Iterations(iterations(kItersDecode));
 }
 
-void bench_copy(benchmark::State& state) {
-  auto& copy = copy_bandwidth();
+void bench_copy(benchmark::State& state, bench::CopyBandwidth& copy) {
   copy.run();  // warm-up
   const auto t0 = Clock::now();
   for (auto _ : state) copy.run();
@@ -386,7 +402,19 @@ void register_all() {
   }
 
   // 6. The copy bandwidth, then decode batches against it.
-  benchmark::RegisterBenchmark("Memory/copy/512MiB", bench_copy)
+  benchmark::RegisterBenchmark("Memory/copy",
+                               [](benchmark::State& state) { bench_copy(state, copy_bandwidth()); })
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(iterations(kItersCopy));
+  // The same copy between buffers on huge pages, where the layer keeps its
+  // weights (moe::cpu::HugePageResource): a second yardstick, for reference.
+  benchmark::RegisterBenchmark("Memory/copy/huge_pages",
+                               [](benchmark::State& state) {
+                                 bench::CopyBandwidth copy(copy_bytes(),
+                                                           moe::cpu::HugePageResource::instance());
+                                 bench_copy(state, copy);
+                               })
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)
       ->Iterations(iterations(kItersCopy));
@@ -408,12 +436,15 @@ void add_context() {
   benchmark::AddCustomContext("shape", "T=" + std::to_string(kTokens) +
                                            " d_model=" + std::to_string(kModel) +
                                            ", float, dropless, Mode::train (Decode: eval)");
-  const double stack_mib = kDecodeLayers * static_cast<double>(kDecodeShape.experts) *
-                           expert_bytes(kDecodeShape.config(), DecodeLayer::kInputWidth) /
-                           (1 << 20);
-  benchmark::AddCustomContext("decode_stack", std::to_string(kDecodeLayers) + " layers, " +
+  const double stack_mib =
+      static_cast<double>(decode_layers()) * static_cast<double>(kDecodeShape.experts) *
+      expert_bytes(kDecodeShape.config(), DecodeLayer::kInputWidth) / (1 << 20);
+  benchmark::AddCustomContext("decode_stack", std::to_string(decode_layers()) + " layers, " +
                                                   std::to_string(std::lround(stack_mib)) +
                                                   " MiB of expert weights");
+  benchmark::AddCustomContext("copy_buffers",
+                              std::to_string(copy_bytes() >> 20) + " MiB each; L3 " +
+                                  std::to_string(last_level_cache_bytes() >> 20) + " MiB");
   if (g_quick)
     benchmark::AddCustomContext("quick", "1 iteration per row: smoke test, not a measurement");
 }

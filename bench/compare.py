@@ -7,13 +7,13 @@ way to measure a change on a shared machine, where one row moves by up to
         python3 bench/compare.py --rounds 7 --filter '<regex>' before/moe_bench after/moe_bench
 
 Each round runs every binary once on the rows that --filter selects, every
-other round in reverse order. For
-each row it prints the median tokens/s and ratio_vs_dense_gemm of every
-binary, and the median over rounds of tokens/s(binary) / tokens/s(first
-binary), with its range. With --relative-to ROW_PART=OTHER_PART it also
-prints, per binary, the median over rounds of a row's tokens/s over the same
-run's other row (e.g. DefaultEMA over Sparse: a cost measured inside one
-process).
+other round in reverse order. For each row it prints the median tokens/s of
+every binary with its yardstick ratio (ratio_vs_dense_gemm, or
+fraction_of_copy_bw for the decode rows), and the median over rounds of
+tokens/s(binary) / tokens/s(first binary), with its range. With
+--relative-to ROW_PART=OTHER_PART it also prints, per binary, the median over
+rounds of a row's tokens/s over the same run's other row (e.g. DefaultEMA
+over Sparse: a cost measured inside one process).
 """
 import argparse
 import json
@@ -28,7 +28,12 @@ def run(binary, row_filter):
     rows = {}
     for row in json.loads(out)["benchmarks"]:
         name = row["name"].split("/iterations")[0]
-        rows[name] = (row.get("tokens/s", 0.0), row.get("ratio_vs_dense_gemm", 0.0))
+        # Training rows are judged by ratio_vs_dense_gemm, decode rows by
+        # fraction_of_copy_bw.
+        judge = next((j for j in ("fraction_of_copy_bw", "ratio_vs_dense_gemm") if j in row), None)
+        # The copy rows have no tokens/s: their rate is GB/s.
+        rate = row["tokens/s"] if "tokens/s" in row else row.get("GB/s", 0.0)
+        rows[name] = (rate, row.get(judge, 0.0), judge)
     return rows
 
 
@@ -63,8 +68,11 @@ def main():
         for i, binary in enumerate(args.binaries):
             tokens = [r[i][name][0] for r in runs]
             ratio = [r[i][name][1] for r in runs]
-            line = (f"  {binary}: {statistics.median(tokens):9.0f} tok/s, ratio_vs_dense_gemm "
-                    f"{statistics.median(ratio):.3f}")
+            judge = runs[0][i][name][2]
+            unit = "GB/s" if name.startswith("Memory") else "tok/s"
+            line = f"  {binary}: {statistics.median(tokens):9.1f} {unit}"
+            if judge:
+                line += f", {judge} {statistics.median(ratio):.3f}"
             if i > 0:
                 line += f", speedup over the first {span([r[i][name][0] / r[0][name][0] for r in runs])}"
             print(line)

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <memory_resource>
 #include <thread>
 #include <vector>
 
@@ -210,10 +211,13 @@ class DenseReference {
 // buffer far larger than the last-level cache (its pages first touched by
 // the same thread). Bytes moved = bytes read + bytes written (STREAM's Copy
 // convention), the bound for a kernel that streams weights from DRAM.
+// The buffers come from `memory`: by default plain operator new (4 KiB pages
+// here), or the CPU backend's resource (huge pages, as the layer's weights).
 class CopyBandwidth {
  public:
-  explicit CopyBandwidth(std::size_t bytes)
-      : bytes_(bytes), src_(new char[bytes]), dst_(new char[bytes]) {
+  explicit CopyBandwidth(std::size_t bytes,
+                         std::pmr::memory_resource* memory = std::pmr::new_delete_resource())
+      : bytes_(bytes), src_(bytes, memory), dst_(bytes, memory) {
     for_each_slice([this](std::size_t begin, std::size_t size) {
       std::memset(src_.get() + begin, 1, size);
       std::memset(dst_.get() + begin, 0, size);
@@ -229,7 +233,7 @@ class CopyBandwidth {
     });
   }
 
-  // Median GB/s (1e9 bytes) over `reps` copies.
+  // GB/s (1e9 bytes) of the fastest of `reps` copies.
   double best_gbps(int reps) {
     return bytes_moved() / bench::best_seconds([this] { run(); }, reps) / 1e9;
   }
@@ -256,8 +260,24 @@ class CopyBandwidth {
     }
   }
 
+  // bytes from a memory resource, given back on destruction.
+  class Block {
+   public:
+    Block(std::size_t bytes, std::pmr::memory_resource* memory)
+        : bytes_(bytes), memory_(memory), data_(static_cast<char*>(memory->allocate(bytes))) {}
+    ~Block() { memory_->deallocate(data_, bytes_); }
+    Block(const Block&) = delete;
+    Block& operator=(const Block&) = delete;
+    char* get() { return data_; }
+
+   private:
+    std::size_t bytes_;
+    std::pmr::memory_resource* memory_;
+    char* data_;
+  };
+
   std::size_t bytes_;
-  std::unique_ptr<char[]> src_, dst_;
+  Block src_, dst_;
 };
 
 }  // namespace bench

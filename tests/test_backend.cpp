@@ -4,7 +4,9 @@
 // kernel (m <= kSkinnyRows), empty products, and the grouped products with
 // empty experts, row tiles and column tiles.
 
+#include <cstdint>
 #include <cstring>
+#include <memory_resource>
 
 #include "support.hpp"
 
@@ -217,6 +219,90 @@ TEST_CASE("grouped products are bitwise identical for 1 and 2 threads") {
                                                    k * n);
     CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
     CHECK(std::memcmp(w1.data(), w2.data(), w1.size() * sizeof(float)) == 0);
+  }
+}
+
+// Decode-size grouped products (every expert within the skinny kernel, B not
+// transposed, k > kSplitDepth) sum over k in parts of kSplitDepth rows: part 0
+// into C with beta, each later part from zero, added to C in part order.
+// Bitwise against that order built from skinny gemm() calls (each sums in
+// order), for 1 and 2 threads; loads with an expert above the skinny kernel
+// take the tiled path, whose sums run in order of p.
+TEST_CASE("decode-size grouped products sum over k in fixed parts, added in order") {
+  using S = float;
+  constexpr Index kDepth = cpu::Backend<S>::kSplitDepth;
+  constexpr Index kSkinny = cpu::Backend<S>::kSkinnyRows;
+  const std::vector<std::vector<Index>> loads = {{0, 3, 0, 1, kSkinny, 2}, {1}, {kSkinny + 1, 2}};
+  for (const auto& load : loads)
+    for (const Index k : {kDepth, kDepth + 1, 2 * kDepth + 88})
+      for (const Index n : {Index{3}, Index{129}})
+        for (const S beta : {S(0), S(0.5)}) {
+          CAPTURE(load.size());
+          CAPTURE(k);
+          CAPTURE(n);
+          CAPTURE(beta);
+          const Index E = static_cast<Index>(load.size());
+          std::vector<Index> offsets(static_cast<std::size_t>(E + 1), 0);
+          for (Index e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + load[e];
+          const Index rows = offsets[E];
+          const auto a = random_vector<S>(rows * k, 14), b = random_vector<S>(E * k * n, 15);
+          const auto c0 = random_vector<S>(rows * n, 16);
+          const bool split = load.front() <= kSkinny && k > kDepth;
+
+          // The expected order, one expert and one part at a time.
+          const cpu::Backend<S> serial(1, cpu::Gemm::eigen);
+          auto expected = c0;
+          for (Index e = 0; e < E; ++e) {
+            const Index m = load[e];
+            S* ce = expected.data() + offsets[e] * n;
+            const S* ae = a.data() + offsets[e] * k;
+            const S* be = b.data() + e * k * n;
+            const Index first = split ? std::min(k, kDepth) : k;
+            serial.gemm(false, false, m, n, first, S(1), ae, k, be, n, beta, ce, n);
+            for (Index p0 = first; p0 < k; p0 += kDepth) {
+              const Index depth = std::min(kDepth, k - p0);
+              std::vector<S> part(static_cast<std::size_t>(m * n));
+              serial.gemm(false, false, m, n, depth, S(1), ae + p0, k, be + p0 * n, n, S(0),
+                          part.data(), n);
+              for (Index i = 0; i < m * n; ++i) ce[i] += part[i];
+            }
+          }
+          auto reference = c0;
+          for (Index e = 0; e < E; ++e)
+            reference_gemm<S>(false, false, load[e], n, k, S(1), a.data() + offsets[e] * k, k,
+                              b.data() + e * k * n, n, beta, reference.data() + offsets[e] * n, n);
+
+          for (const cpu::Gemm engine : gemm_engines())
+            for (const int threads : {1, 2}) {
+              const std::string engine_name = cpu::to_string(engine);
+              CAPTURE(engine_name);
+              CAPTURE(threads);
+              auto c = c0;
+              cpu::Backend<S>(threads, engine)
+                  .grouped_gemm(offsets, false, n, k, a.data(), b.data(), k * n, beta, c.data());
+              CHECK(relative_error(c, reference) < tolerance<S>());
+              if (split || engine == cpu::Gemm::eigen)  // the tiled path: the engine's order
+                CHECK(std::memcmp(c.data(), expected.data(), c.size() * sizeof(S)) == 0);
+            }
+        }
+}
+
+// Blocks of 2 MiB and more are aligned to 2 MiB (offered to transparent huge
+// pages); smaller ones keep the alignment asked for; the resource is one.
+TEST_CASE("the CPU backend's memory resource aligns large blocks to huge pages") {
+  std::pmr::memory_resource* memory = cpu::Backend<float>(1).memory_resource();
+  CHECK(memory == cpu::Backend<double>(2).memory_resource());
+  CHECK(memory->is_equal(*cpu::HugePageResource::instance()));
+  CHECK_FALSE(memory->is_equal(*std::pmr::new_delete_resource()));
+  constexpr std::size_t kHuge = cpu::HugePageResource::kHugePage;
+  for (const std::size_t bytes : {std::size_t{8}, kHuge - 1, kHuge, 3 * kHuge + 5}) {
+    CAPTURE(bytes);
+    void* p = memory->allocate(bytes, alignof(double));
+    const auto address = reinterpret_cast<std::uintptr_t>(p);
+    CHECK(address % alignof(double) == 0);
+    if (bytes >= kHuge) CHECK(address % kHuge == 0);
+    std::memset(p, 1, bytes);  // the whole block is usable
+    memory->deallocate(p, bytes, alignof(double));
   }
 }
 

@@ -18,6 +18,7 @@
 
 #include "moe/backend/cpu/bf16_products.hpp"
 #include "moe/backend/cpu/blas.hpp"
+#include "moe/backend/cpu/memory.hpp"
 #include "moe/backend/cpu/serial_gemm.hpp"
 #include "moe/backend/cpu/tiling.hpp"
 #include "moe/core/concepts.hpp"
@@ -56,7 +57,7 @@ class Backend {
   }
 
   // Parameters, gradients and state live in host memory.
-  std::pmr::memory_resource* memory_resource() const { return std::pmr::new_delete_resource(); }
+  std::pmr::memory_resource* memory_resource() const { return HugePageResource::instance(); }
 
   // n values from backend memory (here: host memory) to the host.
   template <class U>
@@ -80,6 +81,22 @@ class Backend {
     // fresh team for every one-thread region.
     if (n > 1 && work >= kMinParallelWork && threads() > 1) {
 #pragma omp parallel for schedule(guided) num_threads(threads())
+      for (Index i = 0; i < n; ++i) f(i);
+      return;
+    }
+#endif
+    for (Index i = 0; i < n; ++i) f(i);
+  }
+
+  // parallel_for over a few coarse items of uneven cost, the tiles of a
+  // grouped product: each thread takes the next item when it is done.
+  // (guided hands the first thread half the items at once; at decode sizes,
+  // where most items are empty experts, that left one thread the work.)
+  template <class F>
+  void parallel_for_tiles(Index n, F&& f, [[maybe_unused]] Index work) const {
+#if defined(_OPENMP)
+    if (n > 1 && work >= kMinParallelWork && threads() > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads())
       for (Index i = 0; i < n; ++i) f(i);
       return;
     }
@@ -144,7 +161,7 @@ class Backend {
     check_blas_sizes(std::min(m, kRowTile), n, k, lda, ldb, ldc);  // not inside the region
     // One serial-BLAS scope for the whole loop, not one per tile.
     const blas::SerialScope serial(dense_ == Gemm::blas);
-    parallel_for(
+    parallel_for_tiles(
         tiles,
         [&](Index tile) {
           const Index r0 = tile * kRowTile;
@@ -171,11 +188,15 @@ class Backend {
         return;
       }
     }
+    if (!trans_b && k > kSplitDepth && decode_size(offsets)) {
+      grouped_gemm_split_k(offsets, n, k, a, b, b_stride, beta, c);
+      return;
+    }
     const detail::TilePlan plan(offsets, n, /*split_rows=*/true, kMinTiles, kTileRows,
                                 kColumnAlign);
     check_blas_sizes(kTileRows, n, k, k, trans_b ? k : n, n);  // not inside the region
     const blas::SerialScope serial(dense_ == Gemm::blas);
-    parallel_for(
+    parallel_for_tiles(
         plan.items(),
         [&](Index i) {
           detail::Tile t;
@@ -186,6 +207,54 @@ class Backend {
         },
         offsets.back() * n * k);
   }
+
+  // grouped_gemm at decode sizes (every expert within the skinny kernel, B
+  // stored (k, n)): each expert's sum over k is cut into parts of kSplitDepth
+  // rows of B, one work item each, which streams a contiguous block of the
+  // weights. Part 0 goes into C (with beta), the others into scratch, added
+  // to C in part order after the loop, so the order of each sum depends on k
+  // only. Twice to four times as many items as experts keep both threads
+  // busy when an odd number of experts is active (T = 4 reads 5 or 7 of 8)
+  // or their row counts differ (T = 16); column tiles would do it too, but
+  // reading part of every row of the weights halves the prefetchers' use.
+  template <class S>
+  void grouped_gemm_split_k(const std::vector<Index>& offsets, Index n, Index k, const S* a,
+                            const S* b, Index b_stride, S beta, S* c) const {
+    const Index experts = static_cast<Index>(offsets.size()) - 1, rows = offsets.back();
+    const Index parts = (k + kSplitDepth - 1) / kSplitDepth;
+    std::vector<S>& scratch = split_k_scratch<S>();
+    const auto size = static_cast<std::size_t>((parts - 1) * rows * n);
+    if (scratch.size() < size) scratch.resize(size);  // grows only: no allocation per step
+    S* partial = scratch.data();
+    parallel_for_tiles(
+        experts * parts,
+        [&](Index i) {
+          const Index e = i / parts, part = i % parts;
+          const Index r0 = offsets[e], m = offsets[e + 1] - r0;
+          if (m == 0) return;
+          const Index p0 = part * kSplitDepth, depth = std::min(kSplitDepth, k - p0);
+          const S* a_part = a + r0 * k + p0;
+          const S* b_part = b + e * b_stride + p0 * n;
+          if (part == 0) {
+            product(false, false, m, n, depth, S(1), a_part, k, b_part, n, beta, c + r0 * n, n);
+          } else {
+            S* out = partial + ((part - 1) * rows + r0) * n;
+            product(false, false, m, n, depth, S(1), a_part, k, b_part, n, S(0), out, n);
+          }
+        },
+        rows * n * k);
+    parallel_for(
+        rows,
+        [&](Index r) {
+          for (Index part = 1; part < parts; ++part) {
+            const S* from = partial + ((part - 1) * rows + r) * n;
+            for (Index j = 0; j < n; ++j) c[r * n + j] += from[j];
+          }
+        },
+        rows * n * parts);
+  }
+
+  static constexpr Index kSplitDepth = 256;
 
   // For every expert e: W_e (k, n) += A_e^T (k, n_e) * B_e (n_e, n), with
   // W_e = w + e * w_stride: the weight gradient. Tiles split the columns of
@@ -203,7 +272,7 @@ class Backend {
     }
     check_blas_sizes(k, n, offsets.back(), k, n, n);  // not inside the region
     const blas::SerialScope serial(dense_ == Gemm::blas);
-    parallel_for(
+    parallel_for_tiles(
         plan.items(),
         [&](Index i) {
           detail::Tile t;
@@ -299,6 +368,21 @@ class Backend {
   }
 
  private:
+  // Whether every expert's rows fit the skinny kernel (a decode batch).
+  static bool decode_size(const std::vector<Index>& offsets) {
+    for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
+      if (offsets[e + 1] - offsets[e] > kSkinnyRows) return false;
+    return true;
+  }
+
+  // The calling thread's partial sums for grouped_gemm_split_k: kept per
+  // thread, so that one backend serves concurrent callers.
+  template <class S>
+  static std::vector<S>& split_k_scratch() {
+    thread_local std::vector<S> scratch;
+    return scratch;
+  }
+
   // Whether gemm() hands this product to the BLAS (not empty, not skinny).
   template <class S>
   bool runs_on_blas(bool trans_a, Index m, Index n, Index k) const {

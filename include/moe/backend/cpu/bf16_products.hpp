@@ -86,7 +86,7 @@ template <class... Unused>
 template <class B, class Call>
 void for_each_call(const B& be, Index n, Index work, Call&& call) {
   LoopErrors errors;
-  be.parallel_for(
+  be.parallel_for_tiles(
       n,
       [&](Index i) {
         errors.run([&] {
