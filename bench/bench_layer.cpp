@@ -11,7 +11,9 @@
 // once with one reference repetition.
 
 #include <benchmark/benchmark.h>
+#if __has_include(<unistd.h>)
 #include <unistd.h>  // sysconf: the L3 size
+#endif
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -391,14 +393,19 @@ void register_all() {
   // 5. With oneDNN, the bf16 engine (operands in bf16, fp32 sums) at E8k2
   // and E32k4: ratio_vs_dense_gemm stays against the fp32 dense GEMM, so it
   // shows the gain over fp32 directly.
+  // The fp32 oneDNN engine (the weights packed once per call) on the same
+  // shapes: against the fp32 layer on the BLAS, the packing it saves.
   if constexpr (moe::cpu::onednn::kAvailable) {
-    const RowOptions bf16{.gemm = Gemm::onednn_bf16, .suffix = "/bf16"};
-    add_moe_passes<GELU>(base, "TopK", router::TopK{.k = base.k}, "Sparse", estimator::Sparse{},
-                         bf16);
-    add_moe_passes<SwiGLU>(base, "TopK", router::TopK{.k = base.k}, "Sparse", estimator::Sparse{},
-                           bf16);
-    add_moe_passes<GELU>({32, 4, 256}, "TopK", router::TopK{.k = 4}, "Sparse", estimator::Sparse{},
-                         bf16);
+    for (const RowOptions engine :
+         {RowOptions{.gemm = Gemm::onednn_bf16, .suffix = "/bf16"},
+          RowOptions{.gemm = Gemm::onednn_f32, .suffix = "/onednn_f32"}}) {
+      add_moe_passes<GELU>(base, "TopK", router::TopK{.k = base.k}, "Sparse", estimator::Sparse{},
+                           engine);
+      add_moe_passes<SwiGLU>(base, "TopK", router::TopK{.k = base.k}, "Sparse", estimator::Sparse{},
+                             engine);
+      add_moe_passes<GELU>({32, 4, 256}, "TopK", router::TopK{.k = 4}, "Sparse",
+                           estimator::Sparse{}, engine);
+    }
   }
 
   // 6. The copy bandwidth, then decode batches against it.
@@ -409,10 +416,11 @@ void register_all() {
       ->Iterations(iterations(kItersCopy));
   // The same copy between buffers on huge pages, where the layer keeps its
   // weights (moe::cpu::HugePageResource): a second yardstick, for reference.
+  // Built on first use and kept, as the other copy's buffers.
   benchmark::RegisterBenchmark("Memory/copy/huge_pages",
                                [](benchmark::State& state) {
-                                 bench::CopyBandwidth copy(copy_bytes(),
-                                                           moe::cpu::HugePageResource::instance());
+                                 static bench::CopyBandwidth copy(
+                                     copy_bytes(), moe::cpu::HugePageResource::instance());
                                  bench_copy(state, copy);
                                })
       ->UseRealTime()

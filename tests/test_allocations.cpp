@@ -152,6 +152,10 @@ TEST_CASE("a steady-state training step allocates nothing, for every router and 
       // SwiGLU, expert biases with ReLU, dropout and a capacity limit.
       check_steady_state<router::TopK, estimator::Sparse, act::SwiGLU>(router::TopK{.k = 2}, {},
                                                                        engine, threads);
+      // d_ff above the split depth: decode-size forwards (Eigen's 3 tokens)
+      // split the second product over k, into the thread's partial sums.
+      check_steady_state(router::TopK{.k = 2}, estimator::Sparse{}, engine, threads,
+                         {.d_model = 48, .d_ff = 320, .experts = 8});
       check_steady_state<router::TopK, estimator::Sparse, act::ReLU>(router::TopK{.k = 1}, {},
                                                                      engine, threads,
                                                                      {.d_model = 48,

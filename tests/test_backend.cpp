@@ -287,8 +287,28 @@ TEST_CASE("decode-size grouped products sum over k in fixed parts, added in orde
         }
 }
 
+// Above kSplitScratchBytes of partial sums a decode-size product is not
+// split: its sums run in order of p, as the skinny kernel's.
+TEST_CASE("decode-size grouped products whose partial sums would not fit are not split") {
+  using S = float;
+  const Index E = 8, rows_each = cpu::Backend<S>::kSkinnyRows, k = 257, n = 4160;
+  static_assert(cpu::Backend<S>::kSplitScratchBytes < std::size_t{E * rows_each * n * 4});
+  std::vector<Index> offsets(E + 1);
+  for (Index e = 0; e <= E; ++e) offsets[e] = e * rows_each;
+  const auto a = random_vector<S>(E * rows_each * k, 17), b = random_vector<S>(E * k * n, 18);
+  std::vector<S> c(static_cast<std::size_t>(E * rows_each * n)), expected = c;
+  cpu::Backend<S>(2, cpu::Gemm::eigen)
+      .grouped_gemm(offsets, false, n, k, a.data(), b.data(), k * n, S(0), c.data());
+  const cpu::Backend<S> serial(1, cpu::Gemm::eigen);
+  for (Index e = 0; e < E; ++e)
+    serial.gemm(false, false, rows_each, n, k, S(1), a.data() + e * rows_each * k, k,
+                b.data() + e * k * n, n, S(0), expected.data() + e * rows_each * n, n);
+  CHECK(std::memcmp(c.data(), expected.data(), c.size() * sizeof(S)) == 0);
+}
+
 // Blocks of 2 MiB and more are aligned to 2 MiB (offered to transparent huge
-// pages); smaller ones keep the alignment asked for; the resource is one.
+// pages), or more when asked; smaller ones keep the alignment asked for; a
+// size near SIZE_MAX is a bad_alloc; the resource is one.
 TEST_CASE("the CPU backend's memory resource aligns large blocks to huge pages") {
   std::pmr::memory_resource* memory = cpu::Backend<float>(1).memory_resource();
   CHECK(memory == cpu::Backend<double>(2).memory_resource());
@@ -304,6 +324,10 @@ TEST_CASE("the CPU backend's memory resource aligns large blocks to huge pages")
     std::memset(p, 1, bytes);  // the whole block is usable
     memory->deallocate(p, bytes, alignof(double));
   }
+  void* wide = memory->allocate(kHuge, 4 * kHuge);
+  CHECK(reinterpret_cast<std::uintptr_t>(wide) % (4 * kHuge) == 0);
+  memory->deallocate(wide, kHuge, 4 * kHuge);
+  CHECK_THROWS_AS((void)memory->allocate(SIZE_MAX - 100, alignof(double)), std::bad_alloc);
 }
 
 TEST_CASE("the GEMM engine is chosen as asked, and blas without a BLAS is an error") {
@@ -323,10 +347,14 @@ TEST_CASE("the GEMM engine is chosen as asked, and blas without a BLAS is an err
 
 // This test is not linked with moe::onednn: the bf16 engine is refused with
 // what to link (tests/test_bf16.cpp covers the engine itself).
-TEST_CASE("gemm=onednn_bf16 without oneDNN in the build is an error that says what to link") {
+TEST_CASE("a oneDNN engine without oneDNN in the build is an error that says what to link") {
   static_assert(!cpu::onednn::kAvailable);
   CHECK_THROWS_WITH_AS(cpu::Backend<float>(1, cpu::Gemm::onednn_bf16),
                        doctest::Contains("gemm=onednn_bf16, expected automatic, blas or eigen "
+                                         "(this build has no oneDNN: link the moe::onednn"),
+                       Error);
+  CHECK_THROWS_WITH_AS(cpu::Backend<float>(1, cpu::Gemm::onednn_f32),
+                       doctest::Contains("gemm=onednn_f32, expected automatic, blas or eigen "
                                          "(this build has no oneDNN: link the moe::onednn"),
                        Error);
 }

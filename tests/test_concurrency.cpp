@@ -112,6 +112,39 @@ TEST_CASE("concurrent eval forwards on one layer give the serial results bitwise
   });
 }
 
+// Decode batches (a few tokens) with d_ff above the split depth: the second
+// product splits each expert's sum over k, with partial sums kept per
+// calling thread.
+TEST_CASE("concurrent decode forwards (sums split over k) give the serial results bitwise") {
+  using L = Layer<router::TopK, estimator::Sparse, cpu::Backend<float>, act::GELU>;
+  const Index d_ff = 2 * cpu::Backend<float>::kSplitDepth + 30;
+  L layer({.d_model = kModel, .d_ff = d_ff, .experts = kExperts}, router::TopK{.k = 2}, {}, 3,
+          cpu::Backend<float>(2));
+  std::vector<Mat<float>> xs, serial;
+  for (Index i = 0; i < 4; ++i) {
+    xs.push_back(random_matrix<float>(1 + 3 * i, kModel, 60 + i));
+    serial.emplace_back(xs.back().rows(), kModel);
+    typename L::Cache cache;
+    layer.forward(xs.back(), serial.back(), cache, Mode::eval);
+  }
+  std::vector<int> mismatches(xs.size(), 0);
+  std::vector<std::thread> threads;
+  std::latch start(static_cast<std::ptrdiff_t>(xs.size()));
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    threads.emplace_back([&, i] {
+      typename L::Cache cache;
+      Mat<float> y(xs[i].rows(), kModel);
+      start.arrive_and_wait();
+      for (int repeat = 0; repeat < 20; ++repeat) {
+        layer.forward(xs[i], y, cache, Mode::eval);
+        mismatches[i] += y != serial[i];
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (std::size_t i = 0; i < xs.size(); ++i) CHECK(mismatches[i] == 0);
+}
+
 TEST_CASE("micro-batches in flight: forward A, forward B, backward B, backward A") {
   const auto xa = random_matrix<float>(23, kModel, 1), xb = random_matrix<float>(17, kModel, 2);
   const auto da = random_matrix<float>(23, kModel, 3), db = random_matrix<float>(17, kModel, 4);

@@ -57,6 +57,14 @@ int main() {
   } catch (const moe::Error& e) {
     std::printf("moe consumer: bf16 engine refused: %s\n", e.what());
   }
+  // The fp32 oneDNN engine runs wherever oneDNN does.
+  L f32({.d_model = 8, .d_ff = 16, .experts = 4}, moe::router::TopK{.k = 2}, {}, 5,
+        moe::cpu::Backend<float>(1, moe::cpu::Gemm::onednn_f32));
+  Mat y32(T, 8);
+  L::Cache cache32;
+  f32.forward(x, y32, cache32, moe::Mode::train);
+  ok = ok && y32.allFinite();
+  std::printf("moe consumer: onednn_f32 engine y(0,0)=%g\n", static_cast<double>(y32(0, 0)));
 #endif
   std::printf("moe consumer: y(0,0)=%g dx(0,0)=%g aux=%g -> %s\n", static_cast<double>(y(0, 0)),
               static_cast<double>(dx(0, 0)), static_cast<double>(cache.stats().aux_loss),

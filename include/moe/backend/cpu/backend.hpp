@@ -41,8 +41,8 @@ class Backend {
 
   // threads = 0: OpenMP's default (OMP_NUM_THREADS or all cores).
   // gemm: the engine of the large products (see Gemm); Gemm::blas needs a
-  // build with a CBLAS (MOE_HAVE_CBLAS), Gemm::onednn_bf16 a float backend
-  // linked with moe::onednn (MOE_HAVE_DNNL).
+  // build with a CBLAS (MOE_HAVE_CBLAS), Gemm::onednn_bf16 and onednn_f32 a
+  // float backend linked with moe::onednn (MOE_HAVE_DNNL).
   explicit Backend(int threads = 0, Gemm gemm = Gemm::automatic)
       : threads_(threads), gemm_(resolve(gemm)), dense_(dense_engine(gemm_)) {
     moe::detail::require(threads >= 0, "moe::cpu::Backend: threads=", threads, ", expected >= 0");
@@ -68,7 +68,8 @@ class Backend {
   // The engine that runs this backend's expert products of T (never
   // automatic).
   Gemm gemm_engine() const {
-    return gemm_ == Gemm::onednn_bf16 || blas::kHasGemm<T> ? gemm_ : Gemm::eigen;
+    const bool on_onednn = gemm_ == Gemm::onednn_bf16 || gemm_ == Gemm::onednn_f32;
+    return on_onednn || blas::kHasGemm<T> ? gemm_ : Gemm::eigen;
   }
 
   // f(i) for every i in [0, n), in parallel when the loop does at least
@@ -182,15 +183,28 @@ class Backend {
   template <class S>
   void grouped_gemm(const std::vector<Index>& offsets, bool trans_b, Index n, Index k, const S* a,
                     const S* b, Index b_stride, S beta, S* c) const {
+    using detail::packed_grouped_gemm;
+    using onednn::Operands;
     if constexpr (std::is_same_v<S, float>) {
       if (gemm_ == Gemm::onednn_bf16) {  // row blocks of its own, no tile plan
-        detail::bf16_grouped_gemm(*this, offsets, trans_b, n, k, a, b, b_stride, beta, c);
+        packed_grouped_gemm<Operands::in_bf16>(*this, offsets, trans_b, n, k, a, b, b_stride, beta,
+                                               c);
         return;
       }
     }
-    if (!trans_b && k > kSplitDepth && decode_size(offsets)) {
+    const bool decode = decode_size(offsets);
+    if (!trans_b && decode && split_k_fits<S>(offsets.back(), n, k)) {
       grouped_gemm_split_k(offsets, n, k, a, b, b_stride, beta, c);
       return;
+    }
+    if constexpr (std::is_same_v<S, float>) {
+      // Decode batches stay on the skinny kernel: packing weights for a few
+      // rows would read them twice and write them once.
+      if (gemm_ == Gemm::onednn_f32 && !decode) {
+        packed_grouped_gemm<Operands::in_f32>(*this, offsets, trans_b, n, k, a, b, b_stride, beta,
+                                              c);
+        return;
+      }
     }
     const detail::TilePlan plan(offsets, n, /*split_rows=*/true, kMinTiles, kTileRows,
                                 kColumnAlign);
@@ -209,14 +223,16 @@ class Backend {
   }
 
   // grouped_gemm at decode sizes (every expert within the skinny kernel, B
-  // stored (k, n)): each expert's sum over k is cut into parts of kSplitDepth
-  // rows of B, one work item each, which streams a contiguous block of the
-  // weights. Part 0 goes into C (with beta), the others into scratch, added
-  // to C in part order after the loop, so the order of each sum depends on k
-  // only. Twice to four times as many items as experts keep both threads
-  // busy when an odd number of experts is active (T = 4 reads 5 or 7 of 8)
-  // or their row counts differ (T = 16); column tiles would do it too, but
-  // reading part of every row of the weights halves the prefetchers' use.
+  // stored (k, n), k > kSplitDepth, partial sums within kSplitScratchBytes;
+  // not on the bf16 engine): each expert's sum over k is cut into parts of
+  // kSplitDepth rows of B, one work item each, which streams a contiguous
+  // block of the weights. Part 0 goes into C (with beta), the others into
+  // scratch, added to C in part order after the loop, so the order of each
+  // sum depends on the shapes only. Twice to four times as many items as
+  // experts keep both threads busy when an odd number of experts is active
+  // (T = 4 reads 5 or 7 of 8) or their row counts differ (T = 16); column
+  // tiles would do it too, but reading part of every row of the weights
+  // costs the prefetchers 15 to 30% of the bandwidth.
   template <class S>
   void grouped_gemm_split_k(const std::vector<Index>& offsets, Index n, Index k, const S* a,
                             const S* b, Index b_stride, S beta, S* c) const {
@@ -255,6 +271,10 @@ class Backend {
   }
 
   static constexpr Index kSplitDepth = 256;
+  // The most partial sums a split may keep (per calling thread, kept for its
+  // next call): a decode batch of E8k2 needs 200 KiB. Larger products have
+  // enough items to share without a split.
+  static constexpr std::size_t kSplitScratchBytes = std::size_t{1} << 20;
 
   // For every expert e: W_e (k, n) += A_e^T (k, n_e) * B_e (n_e, n), with
   // W_e = w + e * w_stride: the weight gradient. Tiles split the columns of
@@ -368,6 +388,17 @@ class Backend {
   }
 
  private:
+  // Whether grouped_gemm_split_k applies to k, and its partial sums of
+  // (rows, n) fit kSplitScratchBytes.
+  template <class S>
+  static bool split_k_fits(Index rows, Index n, Index k) {
+    if (k <= kSplitDepth) return false;
+    const Index parts = (k + kSplitDepth - 1) / kSplitDepth;
+    return static_cast<double>(parts - 1) * static_cast<double>(rows) * static_cast<double>(n) *
+               sizeof(S) <=
+           static_cast<double>(kSplitScratchBytes);
+  }
+
   // Whether every expert's rows fit the skinny kernel (a decode batch).
   static bool decode_size(const std::vector<Index>& offsets) {
     for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
@@ -375,8 +406,9 @@ class Backend {
     return true;
   }
 
-  // The calling thread's partial sums for grouped_gemm_split_k: kept per
-  // thread, so that one backend serves concurrent callers.
+  // The calling thread's partial sums for grouped_gemm_split_k (at most
+  // kSplitScratchBytes): kept per thread, so that one backend serves
+  // concurrent callers, and allocated once per thread.
   template <class S>
   static std::vector<S>& split_k_scratch() {
     thread_local std::vector<S> scratch;
@@ -432,22 +464,25 @@ class Backend {
         "moe::cpu::Backend: gemm=blas, expected automatic or eigen (this build has no "
         "CBLAS: configure with MOE_USE_BLAS=ON and a BLAS installed, e.g. Debian's "
         "libopenblas-dev)");
-    moe::detail::require(gemm != Gemm::onednn_bf16 || onednn::kAvailable,
-                         "moe::cpu::Backend: gemm=onednn_bf16, expected automatic, blas or "
-                         "eigen (this build has no oneDNN: link the moe::onednn target, found "
-                         "with Debian's libdnnl-dev)");
+    const bool on_onednn = gemm == Gemm::onednn_bf16 || gemm == Gemm::onednn_f32;
+    moe::detail::require(!on_onednn || onednn::kAvailable,
+                         "moe::cpu::Backend: gemm=", to_string(gemm),
+                         ", expected automatic, blas or eigen (this build has no oneDNN: link "
+                         "the moe::onednn target, found with Debian's libdnnl-dev)");
 #if !defined(_OPENMP)
     // oneDNN (Debian's: OpenMP) would thread each product by OMP_NUM_THREADS,
     // which a build without OpenMP cannot hold at 1: results would change.
-    moe::detail::require(gemm != Gemm::onednn_bf16,
-                         "moe::cpu::Backend: gemm=onednn_bf16, expected automatic, blas or "
-                         "eigen (this build has no OpenMP: configure with MOE_USE_OPENMP=ON)");
+    moe::detail::require(!on_onednn, "moe::cpu::Backend: gemm=", to_string(gemm),
+                         ", expected automatic, blas or eigen (this build has no OpenMP: "
+                         "configure with MOE_USE_OPENMP=ON)");
 #endif
-    moe::detail::require(gemm != Gemm::onednn_bf16 || std::is_same_v<T, float>,
-                         "moe::cpu::Backend: gemm=onednn_bf16, expected a Backend<float> "
-                         "(bf16 products sum in fp32; double keeps its own precision)");
+    moe::detail::require(!on_onednn || std::is_same_v<T, float>,
+                         "moe::cpu::Backend: gemm=", to_string(gemm),
+                         ", expected a Backend<float> (oneDNN's products sum in fp32; double "
+                         "keeps its own precision)");
 #if defined(MOE_HAVE_DNNL)
     if (gemm == Gemm::onednn_bf16) onednn::require_bf16_kernels();
+    if (gemm == Gemm::onednn_f32) onednn::require_f32_kernels();
 #endif
     return gemm == Gemm::automatic ? dense_engine(gemm) : gemm;
   }

@@ -50,7 +50,7 @@ class LoopErrors {
   void rethrow() const {
     if (failed_)
       throw Error(
-          moe::detail::concat("moe::cpu::Backend: gemm=onednn_bf16, oneDNN failed: ", what_));
+          moe::detail::concat("moe::cpu::Backend: a oneDNN engine, oneDNN failed: ", what_));
   }
 
  private:
@@ -74,7 +74,7 @@ class LoopErrors {
 template <class... Unused>
 [[noreturn]] void missing_onednn(const Unused&...) {
   std::fputs(
-      "moe::cpu::Backend: gemm=onednn_bf16 reached a translation unit built without "
+      "moe::cpu::Backend: a oneDNN engine reached a translation unit built without "
       "MOE_HAVE_DNNL (link every target of the program with moe::onednn)\n",
       stderr);
   std::abort();
@@ -154,18 +154,21 @@ void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_
 }
 
 // C_e (n_e, n) = A_e op(B_e) + beta C_e for every expert
-// (Backend::grouped_gemm): each expert's B packed once, its rows in blocks
-// of kRows (see the top of this file).
-template <class B>
-void bf16_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
-                       Index k, const float* a, const float* b, Index b_stride, float beta,
-                       float* c) {
+// (Backend::grouped_gemm) on the packed matmul with operands of type
+// `Type`: each expert's B packed once, its rows in blocks of kRows (see the
+// top of this file). bf16: A is rounded once, block by block, each block
+// padded to kRows rows with zeros. f32: the kernel reads A where it is, and
+// a partial last block is copied, padded, into the thread's scratch.
+template <onednn::Operands Type, class B>
+void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
+                         Index k, const float* a, const float* b, Index b_stride, float beta,
+                         float* c) {
   if (offsets.back() == 0 || n == 0) return;
   if (k == 0) return scale(offsets.back(), n, beta, c, n);
 #if defined(MOE_HAVE_DNNL)
-  using Matmul = onednn::Bf16PackedMatmul;
+  using Matmul = onednn::PackedMatmul;
   constexpr Index M = Matmul::kRows;
-  const Matmul& matmul = Matmul::get(trans_b, k, n, beta);  // not inside a region
+  const Matmul& matmul = Matmul::get(Type, trans_b, k, n, beta);  // not inside a region
   onednn::Workspace& ws = onednn::Workspace::of_this_thread();
   const Index experts = static_cast<Index>(offsets.size()) - 1;
   // Expert e's rows are blocks [blocks[e], blocks[e + 1]) of kRows rows.
@@ -180,31 +183,47 @@ void bf16_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tran
     row = offsets[e] + (i - blocks[e]) * M;
     return std::min(M, offsets[e + 1] - row);
   };
-  // A in bf16, each block padded to kRows rows with zeros.
-  const onednn::Bf16Rounding& rounding = onednn::Bf16Rounding::get(k);
-  ws.a.resize(static_cast<std::size_t>(total * M * k));
-  onednn::bf16* a16 = ws.a.data();
-  for_each_call(be, total, total * M * k, [&](Index i) {
-    Index e, row;
-    const Index rows = block_rows(i, e, row);
-    rounding.round(a + row * k, rows, a16 + i * M * k);
-    std::fill(a16 + (i * M + rows) * k, a16 + (i + 1) * M * k, onednn::bf16(0.0f));
-  });
+  if constexpr (Type == onednn::Operands::in_bf16) {
+    const onednn::Bf16Rounding& rounding = onednn::Bf16Rounding::get(k);
+    ws.a.resize(static_cast<std::size_t>(total * M * k));
+    onednn::bf16* a16 = ws.a.data();
+    for_each_call(be, total, total * M * k, [&](Index i) {
+      Index e, row;
+      const Index rows = block_rows(i, e, row);
+      rounding.round(a + row * k, rows, a16 + i * M * k);
+      std::fill(a16 + (i * M + rows) * k, a16 + (i + 1) * M * k, onednn::bf16(0.0f));
+    });
+  }
   // The weights of the experts that have rows, in the kernel's layout.
-  const Index packed_lines = matmul.packed_lines(), scratch_lines = matmul.scratch_lines();
+  const Index packed_lines = matmul.packed_lines();
   ws.packed.resize(static_cast<std::size_t>(experts * packed_lines));
   onednn::Line* packed = ws.packed.data();
   for_each_call(be, experts, experts * k * n, [&](Index e) {
     if (offsets[e + 1] > offsets[e]) matmul.pack(b + e * b_stride, packed + e * packed_lines);
   });
+  // Per thread: the matmul's scratch, then (f32) one padded block of A.
+  const Index a_lines = Type == onednn::Operands::in_f32 ? (M * k * 4 + 63) / 64 : 0;
+  const Index scratch_lines = matmul.scratch_lines() + a_lines;
   ws.scratch.resize(static_cast<std::size_t>(be.threads() * scratch_lines));
   onednn::Line* scratch = ws.scratch.data();
   const int level = parallel_level();
   for_each_call(be, total, total * M * n * k, [&](Index i) {
     Index e, row;
     const Index rows = block_rows(i, e, row);
-    matmul.run(rows, a16 + i * M * k, packed + e * packed_lines, c + row * n,
-               scratch + loop_slot(level) * scratch_lines);
+    onednn::Line* own = scratch + loop_slot(level) * scratch_lines;
+    const void* block = nullptr;
+    if constexpr (Type == onednn::Operands::in_bf16) {
+      block = ws.a.data() + i * M * k;
+    } else {
+      const float* from = a + row * k;
+      if (rows < M) {  // the kernel reads kRows rows: pad a copy
+        float* padded = reinterpret_cast<float*>(own + matmul.scratch_lines());
+        std::fill(std::copy(from, from + rows * k, padded), padded + M * k, 0.0f);
+        from = padded;
+      }
+      block = from;
+    }
+    matmul.run(rows, block, packed + e * packed_lines, c + row * n, own);
   });
 #else
   missing_onednn(be, offsets, trans_b, n, k, a, b, b_stride, beta, c);

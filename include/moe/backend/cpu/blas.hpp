@@ -23,9 +23,12 @@ namespace moe::cpu {
 // Eigen otherwise. onednn_bf16: the expert GEMMs (the grouped products) with
 // their operands rounded to bfloat16 and fp32 sums, on oneDNN (see
 // moe/backend/cpu/onednn.hpp); the layer's other products stay in fp32 on
-// the BLAS or Eigen. An engine the build lacks is an error (Backend's
-// constructor says so).
-enum class Gemm { automatic, blas, eigen, onednn_bf16 };
+// the BLAS or Eigen. onednn_f32: the products with the weights in fp32 on
+// oneDNN, each expert's weights packed once per call into the kernel's
+// layout; the weight gradients and the other products on the BLAS or
+// Eigen. An engine the build lacks is an error (Backend's constructor says
+// so).
+enum class Gemm { automatic, blas, eigen, onednn_bf16, onednn_f32 };
 
 inline const char* to_string(Gemm gemm) {
   switch (gemm) {
@@ -37,6 +40,8 @@ inline const char* to_string(Gemm gemm) {
       return "eigen";
     case Gemm::onednn_bf16:
       return "onednn_bf16";
+    case Gemm::onednn_f32:
+      return "onednn_f32";
   }
   return "unknown";
 }

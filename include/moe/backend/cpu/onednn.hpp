@@ -1,15 +1,17 @@
 #pragma once
-// The CPU backend's bf16 engine (Gemm::onednn_bf16): products with both
-// operands rounded to bfloat16 and the sum kept in fp32, on oneDNN's matmul
-// (moe/backend/cpu/bf16_products.hpp uses these pieces).
+// The CPU backend's oneDNN engines: Gemm::onednn_bf16 (products with both
+// operands rounded to bfloat16 and the sum kept in fp32) and
+// Gemm::onednn_f32 (fp32 operands, the weights packed once per call), on
+// oneDNN's matmul (moe/backend/cpu/bf16_products.hpp uses these pieces).
 //
 // MOE_HAVE_DNNL is a usage requirement of the moe::onednn CMake target (found
 // with Debian's libdnnl-dev); without it kAvailable is false and Backend
 // refuses the engine.
 //
 // Two kinds of product:
-// - Bf16PackedMatmul: a fixed block of rows times weights packed once into
-//   the kernel's own layout (oneDNN's brgemm: AMX on CPUs that have it).
+// - PackedMatmul: a fixed block of rows times weights packed once into the
+//   kernel's own layout (oneDNN's brgemm: AMX on CPUs that have it), with
+//   bf16 or f32 operands (Gemm::onednn_f32 uses only this one).
 // - Bf16Matmul: any M, N and K (runtime sizes) on operands as stored
 //   (oneDNN's gemm:jit, which packs per call): the weight gradients.
 // The primitives a layer needs are built once per process, under a serial
@@ -48,6 +50,11 @@ using bf16 = Eigen::bfloat16;
 
 // Rows per block of the packed products and of the rounding reorders.
 inline constexpr Index kBlockRows = 64;
+
+// The type both operands of a packed product have in the kernel: bf16
+// (rounded; Gemm::onednn_bf16) or f32 (as given; Gemm::onednn_f32). Sums
+// are fp32 either way.
+enum class Operands { in_bf16, in_f32 };
 
 // dst[i] = src[i] rounded to the nearest bfloat16 (ties to even).
 inline void to_bf16(const float* src, Index n, bf16* dst) {
@@ -92,8 +99,8 @@ const Value& built_once(const Key& key, Make&& make) {
       found = built->emplace(key, make()).first;
     } catch (const dnnl::error& e) {
       throw Error(moe::detail::concat(
-          "moe::cpu::Backend: gemm=onednn_bf16, oneDNN built no bf16 primitive on this CPU (",
-          e.what(), "; its bf16 kernels need AVX-512)"));
+          "moe::cpu::Backend: a oneDNN engine, oneDNN built no primitive on this CPU (", e.what(),
+          "; its bf16 kernels need AVX-512)"));
     }
   }
   return found->second;
@@ -111,7 +118,7 @@ inline dnnl::primitive_attr user_scratchpad() {
 template <class PrimitiveDesc>
 PrimitiveDesc without_scratchpad(PrimitiveDesc pd) {
   moe::detail::require(pd.scratchpad_desc().get_size() == 0,
-                       "moe::cpu::Backend: gemm=onednn_bf16, oneDNN's ", pd.impl_info_str(),
+                       "moe::cpu::Backend: a oneDNN engine, oneDNN's ", pd.impl_info_str(),
                        " asks for a scratchpad, expected none");
   return pd;
 }
@@ -228,16 +235,16 @@ class Bf16Rounding {
 // blocked layout: oneDNN's AMX or AVX512 kernel (brgemm) for a fixed row
 // count, which is several times faster than the runtime-size matmul, and
 // allocates nothing per call (its scratchpad is the caller's).
-class Bf16PackedMatmul {
+class PackedMatmul {
  public:
   static constexpr Index kRows = kBlockRows;
 
-  // The process's primitive for B (k, n), stored (k, n) or, trans_b, (n, k)
-  // in fp32, and this beta. Call it outside a parallel region: it throws
-  // moe::Error if oneDNN cannot build one.
-  static const Bf16PackedMatmul& get(bool trans_b, Index k, Index n, float beta) {
-    return built_once<Bf16PackedMatmul>(std::tuple(trans_b, k, n, bits(beta)),
-                                        [&] { return Bf16PackedMatmul(trans_b, k, n, beta); });
+  // The process's primitive for operands of this type, B (k, n) stored
+  // (k, n) or, trans_b, (n, k) in fp32, and this beta. Call it outside a
+  // parallel region: it throws moe::Error if oneDNN cannot build one.
+  static const PackedMatmul& get(Operands type, bool trans_b, Index k, Index n, float beta) {
+    return built_once<PackedMatmul>(std::tuple(type, trans_b, k, n, bits(beta)),
+                                    [&] { return PackedMatmul(type, trans_b, k, n, beta); });
   }
 
   // Lines of packed B, and of scratch per thread (the scratchpad and one
@@ -245,21 +252,23 @@ class Bf16PackedMatmul {
   Index packed_lines() const { return lines(packed_desc_.get_size()); }
   Index scratch_lines() const { return scratchpad_lines() + lines(kRows * n_ * 4); }
 
-  // packed = B rounded to bf16 in the kernel's layout, on the calling thread.
+  // packed = B (rounded to bf16 for Operands::in_bf16) in the kernel's layout,
+  // on the calling thread.
   void pack(const float* b, Line* packed) const {
     const dnnl::engine& cpu = cpu_engine();
     dnnl::memory from(from_, cpu, const_cast<float*>(b)), to(packed_desc_, cpu, packed);
     pack_.execute(this_thread_stream(), from, to);
   }
 
-  // C rows [0, rows) of a, rows <= kRows; a has kRows readable rows (those
-  // past `rows` are ignored). On the calling thread, with its scratch.
-  void run(Index rows, const bf16* a, const Line* packed, float* c, Line* scratch) const {
+  // C rows [0, rows) of a, rows <= kRows; a (bf16 or float, as the
+  // operands) has kRows readable rows of k values (those past `rows` are
+  // ignored). On the calling thread, with its scratch.
+  void run(Index rows, const void* a, const Line* packed, float* c, Line* scratch) const {
     using dnnl::memory;
     const dnnl::engine& cpu = cpu_engine();
     float* tile = rows == kRows ? c : reinterpret_cast<float*>(scratch + scratchpad_lines());
     if (rows < kRows && beta_ != 0) std::copy(c, c + rows * n_, tile);
-    const memory src(src_, cpu, const_cast<bf16*>(a));
+    const memory src(src_, cpu, const_cast<void*>(a));
     const memory weights(packed_desc_, cpu, const_cast<Line*>(packed));
     const memory dst(dst_, cpu, tile);
     const memory pad(scratchpad_desc_, cpu, scratch);
@@ -271,13 +280,15 @@ class Bf16PackedMatmul {
   }
 
  private:
-  Bf16PackedMatmul(bool trans_b, Index k, Index n, float beta) : n_(n), beta_(beta) {
+  PackedMatmul(Operands type, bool trans_b, Index k, Index n, float beta) : n_(n), beta_(beta) {
     using dnnl::memory;
-    src_ = memory::desc({kRows, k}, memory::data_type::bf16, memory::dims{k, 1});
+    const auto operand =
+        type == Operands::in_bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+    src_ = memory::desc({kRows, k}, operand, memory::dims{k, 1});
     dst_ = memory::desc({kRows, n}, memory::data_type::f32, memory::dims{n, 1});
     from_ = memory::desc({k, n}, memory::data_type::f32,
                          trans_b ? memory::dims{1, k} : memory::dims{n, 1});
-    const memory::desc any({k, n}, memory::data_type::bf16, memory::format_tag::any);
+    const memory::desc any({k, n}, operand, memory::format_tag::any);
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_, any, dst_),
                                           matmul_attributes(beta), cpu_engine());
     packed_desc_ = pd.weights_desc();
@@ -302,9 +313,12 @@ class Bf16PackedMatmul {
 // rather than at its first product. Throws moe::Error.
 inline void require_bf16_kernels() {
   Bf16Matmul::get(false, false, 1, 1, 1, 0.0f);
-  Bf16PackedMatmul::get(false, 1, 1, 0.0f);
+  PackedMatmul::get(Operands::in_bf16, false, 1, 1, 0.0f);
   Bf16Rounding::get(1);
 }
+// The same for the f32 packed product (oneDNN has one on every x86-64 CPU;
+// this surfaces a build or runtime failure at construction).
+inline void require_f32_kernels() { PackedMatmul::get(Operands::in_f32, false, 1, 1, 0.0f); }
 
 #endif
 

@@ -7,8 +7,8 @@
 // number of threads.
 //
 // The plan holds no storage: item i of items() is computed on the fly (items
-// past an expert's last row tile are empty), so the backend keeps no scratch
-// and one backend serves concurrent callers.
+// past an expert's last row tile are empty), so one backend serves
+// concurrent callers.
 
 #include <algorithm>
 #include <vector>

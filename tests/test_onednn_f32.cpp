@@ -1,0 +1,187 @@
+// The CPU backend's fp32 oneDNN engine (Gemm::onednn_f32, built with
+// moe::onednn):
+// - its products with the weights equal the exact fp32 products up to the
+//   order of the sums (oneDNN's kernel on weights packed once per call), and
+//   decode-size batches stay on the skinny kernel, bitwise;
+// - its weight gradients are the BLAS (or Eigen) engine's, bitwise;
+// - a layer on it equals the BLAS layer up to rounding, for TopK with Sparse
+//   and DefaultEMA, GELU and SwiGLU;
+// - it is bitwise the same for 1 and 2 threads and across runs;
+// - a double backend refuses it.
+
+#include <cstring>
+
+#include "support.hpp"
+
+using namespace moe;
+using namespace moe::test;
+
+namespace {
+
+using Backend = cpu::Backend<float>;
+constexpr auto kF32 = cpu::Gemm::onednn_f32;
+
+double relative(const Mat<float>& got, const Mat<float>& want) {
+  return (got - want).template cast<double>().norm() / want.template cast<double>().norm();
+}
+
+// This thread's packed weights, emptied: whether a product took the packed
+// path shows in whether they grew (on small k, oneDNN's and OpenBLAS's sums
+// can even agree bitwise, so results alone cannot tell).
+std::vector<cpu::onednn::Line>& emptied_packed_weights() {
+  auto& packed = cpu::onednn::Workspace::of_this_thread().packed;
+  packed.clear();
+  packed.shrink_to_fit();
+  return packed;
+}
+
+bool same_bits(const Mat<float>& a, const Mat<float>& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
+}
+
+}  // namespace
+
+// Experts of 300, 0 and 700 rows: blocks of 64 rows with a partial last one,
+// and an empty expert; B stored (k, n) or (n, k); beta 0 and 0.5.
+TEST_CASE("onednn_f32 products with the weights are the fp32 products, in another order") {
+  const std::vector<Index> offsets{0, 300, 300, 1000};
+  const Index k = 96, n = 160, experts = 3, rows = offsets.back();
+  const Mat<float> a = random_matrix<float>(rows, k, 1);
+  const Backend f32(2, kF32), exact(1, cpu::Gemm::eigen);
+  for (const bool trans_b : {false, true}) {
+    for (const float beta : {0.0f, 0.5f}) {
+      CAPTURE(trans_b);
+      CAPTURE(beta);
+      const Mat<float> b = random_matrix<float>(experts * k, n, 2);  // (E k, n) or (E n, k)
+      const Mat<float> c0 = random_matrix<float>(rows, n, 3);
+      Mat<float> got = c0, want = c0;
+      const auto& packed = emptied_packed_weights();
+      f32.grouped_gemm(offsets, trans_b, n, k, a.data(), b.data(), k * n, beta, got.data());
+      CHECK_FALSE(packed.empty());  // the packed path ran
+      exact.grouped_gemm(offsets, trans_b, n, k, a.data(), b.data(), k * n, beta, want.data());
+      CHECK(relative(got, want) < 1e-6);
+    }
+  }
+}
+
+TEST_CASE("onednn_f32 products with a weight stride that is not k n, and an empty sum") {
+  const std::vector<Index> offsets{0, 70};
+  const Index k = 96, n = 160, stride = k * n + 7;
+  const Mat<float> a = random_matrix<float>(70, k, 6);
+  const Mat<float> b = random_matrix<float>(1, stride, 7);
+  Mat<float> got(70, n), want(70, n);
+  Backend(2, kF32).grouped_gemm(offsets, false, n, k, a.data(), b.data(), stride, 0.0f, got.data());
+  Backend(1, cpu::Gemm::eigen)
+      .grouped_gemm(offsets, false, n, k, a.data(), b.data(), stride, 0.0f, want.data());
+  CHECK(relative(got, want) < 1e-6);
+
+  Mat<float> c = Mat<float>::Constant(70, 3, 2.0f);
+  const float unused = 0;
+  Backend(1, kF32).grouped_gemm(offsets, false, 3, 0, &unused, &unused, 0, 0.5f, c.data());
+  CHECK(c == Mat<float>::Constant(70, 3, 1.0f));
+}
+
+// At most kSkinnyRows rows per expert: the skinny kernel, as on the BLAS
+// engine (packing the weights for a few rows would read them twice). And
+// the weight gradients run on the BLAS (or Eigen), bitwise.
+TEST_CASE("onednn_f32 keeps decode batches on the skinny kernel, weight gradients on the BLAS") {
+  const Backend f32(2, kF32), fallback(2);
+  const Index k = 96, n = 160;
+  for (const bool trans_b : {false, true}) {
+    CAPTURE(trans_b);
+    const std::vector<Index> offsets{0, 5, 5, 12};
+    const Mat<float> a = random_matrix<float>(12, k, 8), b = random_matrix<float>(3 * k, n, 9);
+    Mat<float> got(12, n), want(12, n);
+    const auto& packed = emptied_packed_weights();
+    f32.grouped_gemm(offsets, trans_b, n, k, a.data(), b.data(), k * n, 0.0f, got.data());
+    CHECK(packed.empty());  // nothing packed
+    fallback.grouped_gemm(offsets, trans_b, n, k, a.data(), b.data(), k * n, 0.0f, want.data());
+    CHECK(same_bits(got, want));
+  }
+  const std::vector<Index> offsets{0, 300, 300, 1000};
+  const Mat<float> a = random_matrix<float>(1000, k, 10), g = random_matrix<float>(1000, n, 11);
+  const Mat<float> w0 = random_matrix<float>(3 * k, n, 12);
+  Mat<float> got = w0, want = w0;
+  const auto& packed = emptied_packed_weights();
+  f32.grouped_gemm_tn(offsets, k, n, a.data(), g.data(), got.data(), k * n);
+  CHECK(packed.empty());
+  fallback.grouped_gemm_tn(offsets, k, n, a.data(), g.data(), want.data(), k * n);
+  CHECK(same_bits(got, want));
+}
+
+namespace {
+
+template <class Act, class Estimator>
+void check_against_blas(Estimator estimator) {
+  CAPTURE(Estimator::kName);
+  using L = Layer<router::TopK, Estimator, Backend, Act>;
+  const LayerConfig cfg{.d_model = 64, .d_ff = 96, .experts = 4, .expert_bias = Act::kSupportsBias};
+  L reference(cfg, router::TopK{.k = 2}, estimator, 11, Backend(2));
+  L f32(cfg, router::TopK{.k = 2}, estimator, 11, Backend(2, kF32));
+  const Index T = 300;  // about 150 rows per expert: blocks of 64, a partial one
+  const auto x = random_matrix<float>(T, cfg.d_model, 21);
+  const auto dy = random_matrix<float>(T, cfg.d_model, 22);
+  const auto step = [&](L& layer, Mat<float>& y, Mat<float>& dx, TensorBuffer<float>& grads) {
+    typename L::Cache cache;
+    layer.forward(x, y, cache, Mode::train);
+    layer.backward(x, cache, dy, dx, grads);
+  };
+  Mat<float> y0(T, cfg.d_model), dx0(T, cfg.d_model), y1(T, cfg.d_model), dx1(T, cfg.d_model);
+  auto g0 = reference.make_gradients(), g1 = f32.make_gradients();
+  step(reference, y0, dx0, g0);
+  const auto& packed = emptied_packed_weights();
+  step(f32, y1, dx1, g1);
+  CHECK_FALSE(packed.empty());  // the engine ran
+  // fp32 both: the products sum in another order, nothing more.
+  constexpr double kTolerance = 1e-5;
+  CHECK(relative(y1, y0) < kTolerance);
+  CHECK(relative(dx1, dx0) < kTolerance);
+  for (const auto& spec : reference.parameters().layout().specs()) {
+    CAPTURE(spec.name);
+    const auto a = g1[spec.name], b = g0[spec.name];
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      diff += std::pow(static_cast<double>(a[i]) - b[i], 2);
+      norm += static_cast<double>(b[i]) * b[i];
+    }
+    CHECK(std::sqrt(diff) <= kTolerance * std::sqrt(norm) + 1e-9);
+  }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("an onednn_f32 layer equals the BLAS layer up to rounding", Act, act::GELU,
+                   act::SwiGLU) {
+  check_against_blas<Act>(estimator::Sparse{});
+  check_against_blas<Act>(estimator::DefaultEMA{.beta = 0.8});
+}
+
+TEST_CASE("the onednn_f32 layer is bitwise the same for 1 and 2 threads and across runs") {
+  using L = Layer<router::TopK, estimator::Sparse, Backend, act::GELU>;
+  const LayerConfig cfg{.d_model = 32, .d_ff = 48, .experts = 4, .dropout = 0.1};
+  const Index T = 2 * Backend::kTileRows + 300;
+  const auto x = random_matrix<float>(T, 32, 8), dy = random_matrix<float>(T, 32, 9);
+  std::vector<std::vector<float>> results;
+  for (const int threads : {1, 2, 2}) {
+    L layer(cfg, router::TopK{.k = 2}, {}, 5, Backend(threads, kF32));
+    Mat<float> y(T, 32), dx(T, 32);
+    auto grads = layer.make_gradients();
+    typename L::Cache cache;
+    layer.forward(x, y, cache, Mode::train);
+    layer.backward(x, cache, dy, dx, grads);
+    std::vector<float> all(y.data(), y.data() + y.size());
+    all.insert(all.end(), dx.data(), dx.data() + dx.size());
+    all.insert(all.end(), grads.flat().begin(), grads.flat().end());
+    results.push_back(std::move(all));
+  }
+  CHECK(results[0] == results[1]);
+  CHECK(results[1] == results[2]);
+}
+
+TEST_CASE("the onednn_f32 engine is refused for a double backend") {
+  CHECK(Backend(1, kF32).gemm_engine() == kF32);
+  CHECK(std::string(cpu::to_string(kF32)) == "onednn_f32");
+  CHECK_THROWS_WITH_AS(cpu::Backend<double>(1, kF32),
+                       doctest::Contains("gemm=onednn_f32, expected a Backend<float>"), moe::Error);
+}
