@@ -138,6 +138,52 @@ inline std::vector<cpu::Gemm> gemm_engines() {
   return engines;
 }
 
+// ||got - want|| / ||want|| (Frobenius norms, in double).
+template <class S>
+double relative_norm(const Mat<S>& got, const Mat<S>& want) {
+  return (got - want).template cast<double>().norm() / want.template cast<double>().norm();
+}
+
+// One training step (forward, then backward) of `layer` on x and dy, with a
+// fresh cache.
+template <class L, class S>
+void training_step(L& layer, const Mat<S>& x, const Mat<S>& dy, Mat<S>& y, Mat<S>& dx,
+                   TensorBuffer<S>& grads) {
+  typename L::Cache cache;
+  layer.forward(x, y, cache, Mode::train);
+  layer.backward(x, cache, dy, dx, grads);
+}
+
+// y, dx and every parameter gradient of one training step, in one vector
+// (to compare runs bitwise).
+template <class L, class S>
+std::vector<S> training_step_values(L& layer, const Mat<S>& x, const Mat<S>& dy) {
+  Mat<S> y(x.rows(), x.cols()), dx(x.rows(), x.cols());
+  auto grads = layer.make_gradients();
+  training_step(layer, x, dy, y, dx, grads);
+  std::vector<S> all(y.data(), y.data() + y.size());
+  all.insert(all.end(), dx.data(), dx.data() + dx.size());
+  all.insert(all.end(), grads.flat().begin(), grads.flat().end());
+  return all;
+}
+
+// Each parameter's gradient in `got` within `tolerance` of want's, relative
+// to its norm (plus `floor`, for gradients that are all but zero).
+template <class S>
+void check_gradients_close(const TensorBuffer<S>& got, const TensorBuffer<S>& want,
+                           double tolerance, double floor) {
+  for (const auto& spec : want.layout().specs()) {
+    CAPTURE(spec.name);
+    const auto a = got[spec.name], b = want[spec.name];
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      diff += std::pow(static_cast<double>(a[i]) - b[i], 2);
+      norm += static_cast<double>(b[i]) * b[i];
+    }
+    CHECK(std::sqrt(diff) <= tolerance * std::sqrt(norm) + floor);
+  }
+}
+
 // Caps the address space at what the process holds now plus `headroom`
 // bytes, for a test that wants an allocation to fail; restores the limit
 // when it ends. active() is false where the existing limit is already

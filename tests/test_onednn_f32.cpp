@@ -21,10 +21,6 @@ namespace {
 using Backend = cpu::Backend<float>;
 constexpr auto kF32 = cpu::Gemm::onednn_f32;
 
-double relative(const Mat<float>& got, const Mat<float>& want) {
-  return (got - want).template cast<double>().norm() / want.template cast<double>().norm();
-}
-
 // This thread's packed weights, emptied: whether a product took the packed
 // path shows in whether they grew (on small k, oneDNN's and OpenBLAS's sums
 // can even agree bitwise, so results alone cannot tell).
@@ -60,7 +56,7 @@ TEST_CASE("onednn_f32 products with the weights are the fp32 products, in anothe
       f32.grouped_gemm(offsets, trans_b, n, k, a.data(), b.data(), k * n, beta, got.data());
       CHECK_FALSE(packed.empty());  // the packed path ran
       exact.grouped_gemm(offsets, trans_b, n, k, a.data(), b.data(), k * n, beta, want.data());
-      CHECK(relative(got, want) < 1e-6);
+      CHECK(relative_norm(got, want) < 1e-6);
     }
   }
 }
@@ -74,7 +70,7 @@ TEST_CASE("onednn_f32 products with a weight stride that is not k n, and an empt
   Backend(2, kF32).grouped_gemm(offsets, false, n, k, a.data(), b.data(), stride, 0.0f, got.data());
   Backend(1, cpu::Gemm::eigen)
       .grouped_gemm(offsets, false, n, k, a.data(), b.data(), stride, 0.0f, want.data());
-  CHECK(relative(got, want) < 1e-6);
+  CHECK(relative_norm(got, want) < 1e-6);
 
   Mat<float> c = Mat<float>::Constant(70, 3, 2.0f);
   const float unused = 0;
@@ -122,31 +118,17 @@ void check_against_blas(Estimator estimator) {
   const Index T = 300;  // about 150 rows per expert: blocks of 64, a partial one
   const auto x = random_matrix<float>(T, cfg.d_model, 21);
   const auto dy = random_matrix<float>(T, cfg.d_model, 22);
-  const auto step = [&](L& layer, Mat<float>& y, Mat<float>& dx, TensorBuffer<float>& grads) {
-    typename L::Cache cache;
-    layer.forward(x, y, cache, Mode::train);
-    layer.backward(x, cache, dy, dx, grads);
-  };
   Mat<float> y0(T, cfg.d_model), dx0(T, cfg.d_model), y1(T, cfg.d_model), dx1(T, cfg.d_model);
   auto g0 = reference.make_gradients(), g1 = f32.make_gradients();
-  step(reference, y0, dx0, g0);
+  training_step(reference, x, dy, y0, dx0, g0);
   const auto& packed = emptied_packed_weights();
-  step(f32, y1, dx1, g1);
+  training_step(f32, x, dy, y1, dx1, g1);
   CHECK_FALSE(packed.empty());  // the engine ran
   // fp32 both: the products sum in another order, nothing more.
   constexpr double kTolerance = 1e-5;
-  CHECK(relative(y1, y0) < kTolerance);
-  CHECK(relative(dx1, dx0) < kTolerance);
-  for (const auto& spec : reference.parameters().layout().specs()) {
-    CAPTURE(spec.name);
-    const auto a = g1[spec.name], b = g0[spec.name];
-    double diff = 0, norm = 0;
-    for (std::size_t i = 0; i < a.size(); ++i) {
-      diff += std::pow(static_cast<double>(a[i]) - b[i], 2);
-      norm += static_cast<double>(b[i]) * b[i];
-    }
-    CHECK(std::sqrt(diff) <= kTolerance * std::sqrt(norm) + 1e-9);
-  }
+  CHECK(relative_norm(y1, y0) < kTolerance);
+  CHECK(relative_norm(dx1, dx0) < kTolerance);
+  check_gradients_close(g1, g0, kTolerance, 1e-9);
 }
 
 }  // namespace
@@ -165,15 +147,7 @@ TEST_CASE("the onednn_f32 layer is bitwise the same for 1 and 2 threads and acro
   std::vector<std::vector<float>> results;
   for (const int threads : {1, 2, 2}) {
     L layer(cfg, router::TopK{.k = 2}, {}, 5, Backend(threads, kF32));
-    Mat<float> y(T, 32), dx(T, 32);
-    auto grads = layer.make_gradients();
-    typename L::Cache cache;
-    layer.forward(x, y, cache, Mode::train);
-    layer.backward(x, cache, dy, dx, grads);
-    std::vector<float> all(y.data(), y.data() + y.size());
-    all.insert(all.end(), dx.data(), dx.data() + dx.size());
-    all.insert(all.end(), grads.flat().begin(), grads.flat().end());
-    results.push_back(std::move(all));
+    results.push_back(training_step_values(layer, x, dy));
   }
   CHECK(results[0] == results[1]);
   CHECK(results[1] == results[2]);
