@@ -47,7 +47,7 @@ need_packages() {
 base_packages=(cmake make g++ libeigen3-dev libopenblas-dev)
 # moe::io (safetensors checkpoints) and its tests need nlohmann-json; the
 # moe-train-lm smoke test trains on Debian's fortunes (its default corpus);
-# the expert-parallel tests run under OpenMPI's mpiexec; the bf16 engine's
+# the expert-parallel tests run under OpenMPI's mpiexec; the oneDNN engines'
 # tests (and benchmark rows) need oneDNN.
 test_packages=(doctest-dev nlohmann-json3-dev fortunes libopenmpi-dev openmpi-bin libdnnl-dev)
 

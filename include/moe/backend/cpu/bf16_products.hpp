@@ -1,17 +1,22 @@
 #pragma once
-// The expert products of Gemm::onednn_bf16 (see moe/backend/cpu/onednn.hpp),
-// over the CPU backend's parallel loop. Each operand is rounded to bf16 once
-// per call, never once per tile, and every tile is one oneDNN call on one
+// The expert products of the oneDNN engines (see moe/backend/cpu/onednn.hpp),
+// over the CPU backend's parallel loop. Every tile is one oneDNN call on one
 // thread whose boundaries depend on the shapes and the routing only: results
 // are bitwise the same for any thread count.
 //
-// - Products with the weights (forward, and the input gradients): each
-//   expert that has rows gets its weights packed once into the kernel's
-//   layout, and its rows run in blocks of kBlockRows (64), the last one
-//   padded with zero rows. This wins over the runtime-size matmul even at
-//   one row per expert (which rounds the weights to bf16 as well).
-// - Weight gradients (W_e += A_e^T B_e, both operands activations): the
-//   runtime-size matmul, tiled like the fp32 engines.
+// - Products with the weights (forward, and the input gradients), both
+//   engines: each expert's weights are packed once per call into the
+//   kernel's layout, and its rows run in blocks of kBlockRows (64), the last
+//   one padded with zero rows.
+//   - onednn_bf16 rounds each operand to bf16 once per call. Packing wins
+//     over the runtime-size matmul even at one row per expert (which
+//     rounds the weights to bf16 as well).
+//   - onednn_f32 reads the rows in place, and leaves experts of at most
+//     kSkinnyRows rows to the backend's skinny kernel on the weights as
+//     stored (packing them would read them twice and write them once).
+// - Weight gradients (W_e += A_e^T B_e, both operands activations): on
+//   onednn_bf16 the runtime-size matmul, tiled like the fp32 engines; on
+//   onednn_f32 the backend's own (BLAS or Eigen) path.
 
 #include <algorithm>
 #include <cstdio>
@@ -157,8 +162,9 @@ void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_
 // (Backend::grouped_gemm) on the packed matmul with operands of type
 // `Type`: each expert's B packed once, its rows in blocks of kRows (see the
 // top of this file). bf16: A is rounded once, block by block, each block
-// padded to kRows rows with zeros. f32: the kernel reads A where it is, and
-// a partial last block is copied, padded, into the thread's scratch.
+// padded to kRows rows with zeros. f32: the kernel reads A where it is, a
+// partial last block is copied, padded, into the thread's scratch, and an
+// expert of at most kSkinnyRows rows runs the skinny kernel instead.
 template <onednn::Operands Type, class B>
 void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool trans_b, Index n,
                          Index k, const float* a, const float* b, Index b_stride, float beta,
@@ -183,6 +189,10 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
     row = offsets[e] + (i - blocks[e]) * M;
     return std::min(M, offsets[e + 1] - row);
   };
+  // f32: whether expert e skips packing (a few rows: the skinny kernel).
+  const auto unpacked = [&](Index e) {
+    return Type == onednn::Operands::in_f32 && offsets[e + 1] - offsets[e] <= B::kSkinnyRows;
+  };
   if constexpr (Type == onednn::Operands::in_bf16) {
     const onednn::Bf16Rounding& rounding = onednn::Bf16Rounding::get(k);
     ws.a.resize(static_cast<std::size_t>(total * M * k));
@@ -199,7 +209,8 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
   ws.packed.resize(static_cast<std::size_t>(experts * packed_lines));
   onednn::Line* packed = ws.packed.data();
   for_each_call(be, experts, experts * k * n, [&](Index e) {
-    if (offsets[e + 1] > offsets[e]) matmul.pack(b + e * b_stride, packed + e * packed_lines);
+    if (offsets[e + 1] > offsets[e] && !unpacked(e))
+      matmul.pack(b + e * b_stride, packed + e * packed_lines);
   });
   // Per thread: the matmul's scratch, then (f32) one padded block of A.
   const Index a_lines = Type == onednn::Operands::in_f32 ? (M * k * 4 + 63) / 64 : 0;
@@ -210,6 +221,9 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
   for_each_call(be, total, total * M * n * k, [&](Index i) {
     Index e, row;
     const Index rows = block_rows(i, e, row);
+    if (unpacked(e))
+      return be.gemm(false, trans_b, rows, n, k, 1.0f, a + row * k, k, b + e * b_stride,
+                     trans_b ? k : n, beta, c + row * n, n);
     onednn::Line* own = scratch + loop_slot(level) * scratch_lines;
     const void* block = nullptr;
     if constexpr (Type == onednn::Operands::in_bf16) {

@@ -100,7 +100,7 @@ const Value& built_once(const Key& key, Make&& make) {
     } catch (const dnnl::error& e) {
       throw Error(moe::detail::concat(
           "moe::cpu::Backend: a oneDNN engine, oneDNN built no primitive on this CPU (", e.what(),
-          "; its bf16 kernels need AVX-512)"));
+          "; oneDNN's bf16 kernels need AVX-512)"));
     }
   }
   return found->second;
@@ -232,9 +232,10 @@ class Bf16Rounding {
 };
 
 // C (kRows, n) = A (kRows, k) B + beta C with B packed once in oneDNN's
-// blocked layout: oneDNN's AMX or AVX512 kernel (brgemm) for a fixed row
-// count, which is several times faster than the runtime-size matmul, and
-// allocates nothing per call (its scratchpad is the caller's).
+// blocked layout: oneDNN's AMX or AVX512 kernel (brgemm; oneDNN 2.6 has it
+// from AVX-512 on, below which f32 runs gemm:jit on plain weights) for a
+// fixed row count, which is several times faster than the runtime-size
+// matmul, and allocates nothing per call (its scratchpad is the caller's).
 class PackedMatmul {
  public:
   static constexpr Index kRows = kBlockRows;
@@ -316,8 +317,9 @@ inline void require_bf16_kernels() {
   PackedMatmul::get(Operands::in_bf16, false, 1, 1, 0.0f);
   Bf16Rounding::get(1);
 }
-// The same for the f32 packed product (oneDNN has one on every x86-64 CPU;
-// this surfaces a build or runtime failure at construction).
+// The same for the f32 packed product (oneDNN has one on every x86-64 CPU:
+// brgemm from AVX-512 on, below it gemm:jit on weights in plain layout; this
+// surfaces a build or runtime failure at construction).
 inline void require_f32_kernels() { PackedMatmul::get(Operands::in_f32, false, 1, 1, 0.0f); }
 
 #endif
