@@ -262,7 +262,8 @@ std::size_t copy_bytes() { return std::max(std::size_t{512} << 20, 2 * last_leve
 std::vector<std::unique_ptr<DecodeLayer>>& decode_stack() {
   static std::vector<std::unique_ptr<DecodeLayer>> layers = [] {
     std::vector<std::unique_ptr<DecodeLayer>> built;
-    for (std::size_t l = 0; l < decode_layers(); ++l)
+    const std::size_t count = decode_layers();
+    for (std::size_t l = 0; l < count; ++l)
       built.push_back(std::make_unique<DecodeLayer>(
           kDecodeShape.config(), moe::router::TopK{.k = kDecodeShape.k}, moe::estimator::Sparse{},
           /*seed=*/100 + static_cast<std::uint64_t>(l)));

@@ -45,26 +45,25 @@ int main() {
               ok ? "ok" : "MISMATCH");
 #endif
 #ifdef MOE_CONSUMER_ONEDNN
+  // A training forward of a layer on a oneDNN engine: finite outputs.
+  const auto forward_on = [&](moe::cpu::Gemm engine) {
+    L on_engine({.d_model = 8, .d_ff = 16, .experts = 4}, moe::router::TopK{.k = 2}, {}, 5,
+                moe::cpu::Backend<float>(1, engine));
+    Mat out(T, 8);
+    L::Cache engine_cache;
+    on_engine.forward(x, out, engine_cache, moe::Mode::train);
+    std::printf("moe consumer: %s engine y(0,0)=%g\n", moe::cpu::to_string(engine),
+                static_cast<double>(out(0, 0)));
+    return out.allFinite();
+  };
   // The bf16 engine links and runs; a CPU without AVX-512 refuses it cleanly.
   try {
-    L bf16({.d_model = 8, .d_ff = 16, .experts = 4}, moe::router::TopK{.k = 2}, {}, 5,
-           moe::cpu::Backend<float>(1, moe::cpu::Gemm::onednn_bf16));
-    Mat y16(T, 8);
-    L::Cache cache16;
-    bf16.forward(x, y16, cache16, moe::Mode::train);
-    ok = ok && y16.allFinite();
-    std::printf("moe consumer: bf16 engine y(0,0)=%g\n", static_cast<double>(y16(0, 0)));
+    ok = forward_on(moe::cpu::Gemm::onednn_bf16) && ok;
   } catch (const moe::Error& e) {
     std::printf("moe consumer: bf16 engine refused: %s\n", e.what());
   }
   // The fp32 oneDNN engine runs wherever oneDNN does.
-  L f32({.d_model = 8, .d_ff = 16, .experts = 4}, moe::router::TopK{.k = 2}, {}, 5,
-        moe::cpu::Backend<float>(1, moe::cpu::Gemm::onednn_f32));
-  Mat y32(T, 8);
-  L::Cache cache32;
-  f32.forward(x, y32, cache32, moe::Mode::train);
-  ok = ok && y32.allFinite();
-  std::printf("moe consumer: onednn_f32 engine y(0,0)=%g\n", static_cast<double>(y32(0, 0)));
+  ok = forward_on(moe::cpu::Gemm::onednn_f32) && ok;
 #endif
   std::printf("moe consumer: y(0,0)=%g dx(0,0)=%g aux=%g -> %s\n", static_cast<double>(y(0, 0)),
               static_cast<double>(dx(0, 0)), static_cast<double>(cache.stats().aux_loss),

@@ -48,7 +48,7 @@ if(EXPECT_IO)
 else()
   set(consumer_args -DMOE_CONSUMER_IO=OFF)
 endif()
-# EXPECT_ONEDNN=ON: the consumers also link moe::onednn (the bf16 engine).
+# EXPECT_ONEDNN=ON: the consumers also link moe::onednn (the oneDNN engines).
 if(EXPECT_ONEDNN)
   list(APPEND consumer_args -DMOE_CONSUMER_ONEDNN=ON)
 else()

@@ -78,9 +78,7 @@ class Backend {
   template <class F>
   void parallel_for(Index n, F&& f, [[maybe_unused]] Index work = kMinParallelWork) const {
 #if defined(_OPENMP)
-    // A serial loop never enters a parallel region: libgomp allocates a
-    // fresh team for every one-thread region.
-    if (n > 1 && work >= kMinParallelWork && threads() > 1) {
+    if (worth_a_team(n, work)) {
 #pragma omp parallel for schedule(guided) num_threads(threads())
       for (Index i = 0; i < n; ++i) f(i);
       return;
@@ -96,7 +94,7 @@ class Backend {
   template <class F>
   void parallel_for_tiles(Index n, F&& f, [[maybe_unused]] Index work) const {
 #if defined(_OPENMP)
-    if (n > 1 && work >= kMinParallelWork && threads() > 1) {
+    if (worth_a_team(n, work)) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads())
       for (Index i = 0; i < n; ++i) f(i);
       return;
@@ -237,7 +235,7 @@ class Backend {
   void grouped_gemm_split_k(const std::vector<Index>& offsets, Index n, Index k, const S* a,
                             const S* b, Index b_stride, S beta, S* c) const {
     const Index experts = static_cast<Index>(offsets.size()) - 1, rows = offsets.back();
-    const Index parts = (k + kSplitDepth - 1) / kSplitDepth;
+    const Index parts = split_parts(k);
     std::vector<S>& scratch = split_k_scratch<S>();
     const auto size = static_cast<std::size_t>((parts - 1) * rows * n);
     if (scratch.size() < size) scratch.resize(size);  // grows only: no allocation per step
@@ -388,14 +386,23 @@ class Backend {
   }
 
  private:
+  // Whether a loop of n items and `work` in total opens a parallel region.
+  // A serial loop never does: libgomp allocates a fresh team for every
+  // one-thread region.
+  bool worth_a_team(Index n, Index work) const {
+    return n > 1 && work >= kMinParallelWork && threads() > 1;
+  }
+
+  // The parts of kSplitDepth rows that grouped_gemm_split_k cuts k into.
+  static Index split_parts(Index k) { return (k + kSplitDepth - 1) / kSplitDepth; }
+
   // Whether grouped_gemm_split_k applies to k, and its partial sums of
   // (rows, n) fit kSplitScratchBytes.
   template <class S>
   static bool split_k_fits(Index rows, Index n, Index k) {
     if (k <= kSplitDepth) return false;
-    const Index parts = (k + kSplitDepth - 1) / kSplitDepth;
-    return static_cast<double>(parts - 1) * static_cast<double>(rows) * static_cast<double>(n) *
-               sizeof(S) <=
+    return static_cast<double>(split_parts(k) - 1) * static_cast<double>(rows) *
+               static_cast<double>(n) * sizeof(S) <=
            static_cast<double>(kSplitScratchBytes);
   }
 

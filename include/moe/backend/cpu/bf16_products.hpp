@@ -204,7 +204,8 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
       std::fill(a16 + (i * M + rows) * k, a16 + (i + 1) * M * k, onednn::bf16(0.0f));
     });
   }
-  // The weights of the experts that have rows, in the kernel's layout.
+  // The weights of the experts that have rows (and are not left unpacked),
+  // in the kernel's layout.
   const Index packed_lines = matmul.packed_lines();
   ws.packed.resize(static_cast<std::size_t>(experts * packed_lines));
   onednn::Line* packed = ws.packed.data();
@@ -213,7 +214,7 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
       matmul.pack(b + e * b_stride, packed + e * packed_lines);
   });
   // Per thread: the matmul's scratch, then (f32) one padded block of A.
-  const Index a_lines = Type == onednn::Operands::in_f32 ? (M * k * 4 + 63) / 64 : 0;
+  const Index a_lines = Type == onednn::Operands::in_f32 ? onednn::lines(M * k * sizeof(float)) : 0;
   const Index scratch_lines = matmul.scratch_lines() + a_lines;
   ws.scratch.resize(static_cast<std::size_t>(be.threads() * scratch_lines));
   onednn::Line* scratch = ws.scratch.data();

@@ -67,6 +67,9 @@ struct alignas(64) Line {
   unsigned char bytes[64];
 };
 
+// The lines that hold `bytes`.
+inline Index lines(std::size_t bytes) { return static_cast<Index>((bytes + 63) / 64); }
+
 // A calling thread's bf16 copies of a product's operands, packed weights,
 // per-team-thread scratch and row offsets. They only grow, so steady-state
 // steps reuse them; each thread that calls the backend has its own, so one
@@ -299,7 +302,6 @@ class PackedMatmul {
         cpu_engine(), from_, cpu_engine(), packed_desc_, user_scratchpad())));
   }
 
-  static Index lines(std::size_t bytes) { return static_cast<Index>((bytes + 63) / 64); }
   Index scratchpad_lines() const { return lines(scratchpad_desc_.get_size()); }
 
   Index n_;
