@@ -4,9 +4,11 @@
 // kernel (m <= kSkinnyRows), empty products, and the grouped products with
 // empty experts, row tiles and column tiles.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory_resource>
+#include <random>
 
 #include "support.hpp"
 
@@ -418,4 +420,54 @@ TEST_CASE("parallel_sum_rows stores each row's sum of terms, in the terms' type"
         CHECK(sums[static_cast<std::size_t>(i)] == static_cast<double>(len));
     }
   }
+}
+
+// The order parallel_sum_rows documents: kSumLanes running sums over j = l,
+// l + L, ..., added pairwise (lane l += lane l + w for w = L/2, ..., 1), then
+// the last len % L terms in order; below L terms, plain order of j. Terms
+// that round differently in each order tell them apart: the check is bitwise.
+float documented_lane_sum(Index len, const std::vector<float>& terms) {
+  constexpr int L = cpu::Backend<float>::kSumLanes;
+  std::vector<float> lane(L, 0.0f);
+  Index j = 0;
+  for (; j + L <= len; j += L)
+    for (int l = 0; l < L; ++l)
+      lane[static_cast<std::size_t>(l)] += terms[static_cast<std::size_t>(j + l)];
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l)
+      lane[static_cast<std::size_t>(l)] += lane[static_cast<std::size_t>(l + w)];
+  float sum = lane[0];
+  for (; j < len; ++j) sum += terms[static_cast<std::size_t>(j)];
+  return sum;
+}
+
+TEST_CASE("parallel_sum_rows adds in lanes, in an order fixed by the length only") {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  for (const Index len : {Index{1}, Index{15}, Index{16}, Index{17}, Index{100}, Index{512}}) {
+    CAPTURE(len);
+    std::vector<float> terms(static_cast<std::size_t>(len));
+    // Magnitudes over 12 binary orders: sums in different orders round differently.
+    for (auto& t : terms) t = value(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 12));
+    float sequential = 0.0f;
+    for (float t : terms) sequential += t;
+    for (const int threads : {1, 2}) {
+      const cpu::Backend<float> backend(threads);
+      std::vector<float> sums(3, 0.0f);
+      float* out = sums.data();
+      const float* in = terms.data();
+      backend.parallel_sum_rows(
+          3, len, [=](Index, Index j) { return in[j]; }, [=](Index i, float sum) { out[i] = sum; },
+          Index{1} << 20);
+      for (float sum : sums) CHECK(sum == documented_lane_sum(len, terms));
+      if (len < cpu::Backend<float>::kSumLanes) CHECK(sums[0] == sequential);
+    }
+  }
+  // The lanes do change the result against one running sum at these lengths
+  // (else this test could not tell the orders apart).
+  std::vector<float> terms(512);
+  for (auto& t : terms) t = value(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 12));
+  float sequential = 0.0f;
+  for (float t : terms) sequential += t;
+  CHECK(documented_lane_sum(512, terms) != sequential);
 }

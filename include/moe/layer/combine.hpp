@@ -114,14 +114,16 @@ void combine_backward(const B& be, const Dispatch<B::template Buffer>& tokens,
       rows * d);
   be.parallel_for(
       T * E, [=] MOE_HOST_DEVICE(Index i) { d_gates[i] = S(0); }, T * E);
+  // Over the rows, each the row of one computed pair (a pair dropped by
+  // capacity has none, and keeps its 0): no branch in the sum's terms.
   be.parallel_sum_rows(
-      static_cast<Index>(tokens.pair_row.size()), d,  // every computed pair
-      [=] MOE_HOST_DEVICE(Index q, Index j) {
-        const Index r = p.row[q];
-        return r < 0 ? S(0) : dy[p.token[q] * d + j] * out_rows[r * d + j];
+      rows, d,
+      [=] MOE_HOST_DEVICE(Index r, Index j) {
+        return dy[p.token[row_pair[r]] * d + j] * out_rows[r * d + j];
       },
-      [=] MOE_HOST_DEVICE(Index q, S dot) {
-        if (p.row[q] >= 0) d_gates[p.token[q] * E + p.expert[q]] = dot;
+      [=] MOE_HOST_DEVICE(Index r, S dot) {
+        const Index q = row_pair[r];
+        d_gates[p.token[q] * E + p.expert[q]] = dot;
       },
       rows * d);
 }

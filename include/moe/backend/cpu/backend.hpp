@@ -116,21 +116,36 @@ class Backend {
   }
 
   // store(i, sum over j in [0, len) of term(i, j)) for every i in [0, n),
-  // in parallel over i. Here the sum runs in order of j; another backend may
-  // add the terms in another order (the CUDA one: a warp's tree), so results
-  // agree to rounding only.
+  // in parallel over i. Here each sum runs in the order of lane_sum, which
+  // depends on len only; another backend may add the terms in another order
+  // (the CUDA one: a warp's tree), so results agree to rounding only.
   template <class Term, class Store>
   void parallel_sum_rows(Index n, Index len, Term&& term, Store&& store,
                          Index work = kMinParallelWork) const {
     using Sum = std::decay_t<decltype(term(Index{}, Index{}))>;
     parallel_for(
-        n,
-        [&](Index i) {
-          Sum sum = 0;
-          for (Index j = 0; j < len; ++j) sum += term(i, j);
-          store(i, sum);
-        },
+        n, [&](Index i) { store(i, lane_sum<Sum>(len, [&](Index j) { return term(i, j); })); },
         work);
+  }
+
+  // The sum of term(j) over j in [0, len): kSumLanes running sums, lane l
+  // over j = l, l + kSumLanes, ..., added pairwise at the end, then the last
+  // len % kSumLanes terms in order. One running sum is a chain of dependent
+  // additions the compiler may not reorder (it would change the result);
+  // lanes let it vectorise the loop. Sums shorter than kSumLanes run in
+  // order of j, as one running sum would.
+  static constexpr int kSumLanes = 16;
+  template <class Sum, class Term>
+  static Sum lane_sum(Index len, Term&& term) {
+    Sum lane[kSumLanes] = {};
+    Index j = 0;
+    for (; j + kSumLanes <= len; j += kSumLanes)
+      for (int l = 0; l < kSumLanes; ++l) lane[l] += term(j + l);
+    for (int width = kSumLanes / 2; width > 0; width /= 2)
+      for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+    Sum sum = lane[0];
+    for (; j < len; ++j) sum += term(j);
+    return sum;
   }
 
   static constexpr Index kMinParallelWork = 1 << 15;
