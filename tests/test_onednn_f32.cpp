@@ -6,10 +6,14 @@
 // - its weight gradients are the BLAS (or Eigen) engine's, bitwise;
 // - a layer on it equals the BLAS layer up to rounding, for TopK with Sparse
 //   and DefaultEMA, GELU and SwiGLU;
-// - it is bitwise the same for 1 and 2 threads and across runs;
+// - it is bitwise the same for 1 and 2 threads and across runs, and for
+//   several threads calling one layer at once;
 // - a double backend refuses it.
 
 #include <cstring>
+#include <latch>
+#include <thread>
+#include <vector>
 
 #include "support.hpp"
 
@@ -177,6 +181,44 @@ TEST_CASE("the onednn_f32 layer is bitwise the same for 1 and 2 threads and acro
   }
   CHECK(results[0] == results[1]);
   CHECK(results[1] == results[2]);
+}
+
+// Several threads at once on one layer, each with its own cache: the
+// primitives are shared, the packed weights and scratch are the calling
+// thread's, so every thread gets the serial results, bitwise (and each ran
+// the packed path on its own workspace).
+TEST_CASE("concurrent onednn_f32 forwards on one layer give the serial results bitwise") {
+  using L = Layer<router::TopK, estimator::Sparse, Backend, act::GELU>;
+  constexpr Index d = 32;
+  L layer({.d_model = d, .d_ff = 48, .experts = 4}, router::TopK{.k = 2}, {}, 5, Backend(2, kF32));
+  std::vector<Mat<float>> xs, serial;
+  for (Index i = 0; i < 3; ++i) {  // about 100 to 200 rows per expert: packed products
+    xs.push_back(random_matrix<float>(200 + 90 * i, d, 70 + i));
+    serial.emplace_back(xs.back().rows(), d);
+    L::Cache cache;
+    layer.forward(xs.back(), serial.back(), cache, Mode::eval);
+  }
+  std::vector<int> mismatches(xs.size(), 0), packed(xs.size(), 0);
+  std::vector<std::thread> threads;
+  std::latch start(static_cast<std::ptrdiff_t>(xs.size()));  // all threads forward at once
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    threads.emplace_back([&, i] {
+      const auto& own = emptied_packed_weights();  // this thread's workspace
+      L::Cache cache;
+      Mat<float> y(xs[i].rows(), d);
+      start.arrive_and_wait();
+      for (int repeat = 0; repeat < 20; ++repeat) {
+        layer.forward(xs[i], y, cache, Mode::eval);
+        mismatches[i] += !same_bits(y, serial[i]);
+      }
+      packed[i] = !own.empty();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    CHECK(mismatches[i] == 0);
+    CHECK(packed[i] == 1);
+  }
 }
 
 TEST_CASE("the onednn_f32 engine is refused for a double backend") {
