@@ -12,6 +12,8 @@
 
 #include <cstring>
 #include <latch>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -218,6 +220,24 @@ TEST_CASE("concurrent onednn_f32 forwards on one layer give the serial results b
   for (std::size_t i = 0; i < xs.size(); ++i) {
     CHECK(mismatches[i] == 0);
     CHECK(packed[i] == 1);
+  }
+}
+
+// An exception inside the engine's parallel loops leaves it as a moe::Error
+// that names the engine (a dnnl::error, e.g. out of memory, cannot be made
+// to happen on demand; this is the path it takes).
+TEST_CASE("a failure inside an engine's loop is a moe::Error naming the engine") {
+  for (const auto type : {cpu::onednn::Operands::in_f32, cpu::onednn::Operands::in_bf16}) {
+    const Backend backend(2, kF32);
+    const auto fail_on_7 = [](Index i) {
+      if (i == 7) throw std::runtime_error("no memory for item 7");
+    };
+    const std::string expected =
+        std::string("moe::cpu::Backend(gemm=") +
+        (type == cpu::onednn::Operands::in_f32 ? "onednn_f32" : "onednn_bf16") +
+        "): oneDNN failed: no memory for item 7";
+    CHECK_THROWS_WITH_AS(cpu::detail::for_each_call(backend, type, 16, Index{1} << 30, fail_on_7),
+                         doctest::Contains(expected.c_str()), moe::Error);
   }
 }
 

@@ -39,9 +39,10 @@ namespace moe::cpu::detail {
 
 // Nothing may leave an OpenMP region: a loop body's exception (oneDNN's
 // dnnl::error, e.g. out of memory) is kept, and the first one is thrown
-// after the loop as moe::Error.
+// after the loop as moe::Error naming the engine of operands of `type`.
 class LoopErrors {
  public:
+  explicit LoopErrors(onednn::Operands type) : type_(type) {}
   template <class F>
   void run(F&& body) noexcept {
     try {
@@ -54,8 +55,7 @@ class LoopErrors {
   }
   void rethrow() const {
     if (failed_)
-      throw Error(
-          moe::detail::concat("moe::cpu::Backend: a oneDNN engine, oneDNN failed: ", what_));
+      throw Error(moe::detail::concat(onednn::engine_of(type_), ": oneDNN failed: ", what_));
   }
 
  private:
@@ -68,6 +68,7 @@ class LoopErrors {
     } catch (...) {  // no memory for the message: the flag still says it failed
     }
   }
+  onednn::Operands type_;
   std::mutex mutex_;
   bool failed_ = false;
   std::string what_;
@@ -87,10 +88,11 @@ template <class... Unused>
 
 // call(i) for every i in [0, n) over the backend's parallel loop (work: its
 // size in flops), each with OpenMP's thread count held at 1 (oneDNN splits
-// a long sum by it); the first exception is thrown after the loop.
+// a long sum by it); the first exception is thrown after the loop, naming
+// the engine of operands of `type`.
 template <class B, class Call>
-void for_each_call(const B& be, Index n, Index work, Call&& call) {
-  LoopErrors errors;
+void for_each_call(const B& be, onednn::Operands type, Index n, Index work, Call&& call) {
+  LoopErrors errors(type);
   be.parallel_for_tiles(
       n,
       [&](Index i) {
@@ -113,7 +115,8 @@ void bf16_operand(const B& be, const float* src, Index rows, Index width,
   const Rounding& rounding = Rounding::get(width);  // not inside a region
   dst.resize(static_cast<std::size_t>(rows * width));
   onednn::bf16* out = dst.data();
-  for_each_call(be, (rows + Rounding::kRows - 1) / Rounding::kRows, rows * width, [&](Index i) {
+  const Index blocks = (rows + Rounding::kRows - 1) / Rounding::kRows;
+  for_each_call(be, onednn::Operands::in_bf16, blocks, rows * width, [&](Index i) {
     const Index row = i * Rounding::kRows;
     rounding.round(src + row * width, std::min(Rounding::kRows, rows - row), out + row * width);
   });
@@ -147,7 +150,7 @@ void run_bf16_tiles(const B& be, const TilePlan& plan, bool trans_a, bool trans_
 #if defined(MOE_HAVE_DNNL)
   // Built (or found) here: a failure must not leave the parallel region.
   const auto& matmul = onednn::Bf16Matmul::get(trans_a, trans_b, lda, ldb, ldc, beta);
-  for_each_call(be, plan.items(), work, [&](Index i) {
+  for_each_call(be, onednn::Operands::in_bf16, plan.items(), work, [&](Index i) {
     Tile t;
     if (!plan.tile(i, t)) return;
     const auto [m, n, k, a, b, c] = operands(t);
@@ -197,7 +200,7 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
     const onednn::Bf16Rounding& rounding = onednn::Bf16Rounding::get(k);
     ws.a.resize(static_cast<std::size_t>(total * M * k));
     onednn::bf16* a16 = ws.a.data();
-    for_each_call(be, total, total * M * k, [&](Index i) {
+    for_each_call(be, Type, total, total * M * k, [&](Index i) {
       Index e, row;
       const Index rows = block_rows(i, e, row);
       rounding.round(a + row * k, rows, a16 + i * M * k);
@@ -209,7 +212,7 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
   const Index packed_lines = matmul.packed_lines();
   ws.packed.resize(static_cast<std::size_t>(experts * packed_lines));
   onednn::Line* packed = ws.packed.data();
-  for_each_call(be, experts, experts * k * n, [&](Index e) {
+  for_each_call(be, Type, experts, experts * k * n, [&](Index e) {
     if (offsets[e + 1] > offsets[e] && !unpacked(e))
       matmul.pack(b + e * b_stride, packed + e * packed_lines);
   });
@@ -219,7 +222,7 @@ void packed_grouped_gemm(const B& be, const std::vector<Index>& offsets, bool tr
   ws.scratch.resize(static_cast<std::size_t>(be.threads() * scratch_lines));
   onednn::Line* scratch = ws.scratch.data();
   const int level = parallel_level();
-  for_each_call(be, total, total * M * n * k, [&](Index i) {
+  for_each_call(be, Type, total, total * M * n * k, [&](Index i) {
     Index e, row;
     const Index rows = block_rows(i, e, row);
     if (unpacked(e))

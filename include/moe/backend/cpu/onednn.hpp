@@ -56,6 +56,12 @@ inline constexpr Index kBlockRows = 64;
 // are fp32 either way.
 enum class Operands { in_bf16, in_f32 };
 
+// How an error names the engine of a product on operands of this type.
+inline const char* engine_of(Operands type) {
+  return type == Operands::in_bf16 ? "moe::cpu::Backend(gemm=onednn_bf16)"
+                                   : "moe::cpu::Backend(gemm=onednn_f32)";
+}
+
 // dst[i] = src[i] rounded to the nearest bfloat16 (ties to even).
 inline void to_bf16(const float* src, Index n, bf16* dst) {
   Eigen::Map<Eigen::Array<bf16, Eigen::Dynamic, 1>>(dst, n) =
@@ -87,11 +93,11 @@ struct Workspace {
 #if defined(MOE_HAVE_DNNL)
 
 // The process's object for key, built by make() on first use with OpenMP
-// serial (oneDNN fixes a primitive's threading when it builds it). Never
-// destroyed, so no order of static destruction matters. Call it outside a
-// parallel region: make() may throw.
+// serial (oneDNN fixes a primitive's threading when it builds it), for the
+// engine of operands of `type`. Never destroyed, so no order of static
+// destruction matters. Call it outside a parallel region: make() may throw.
 template <class Value, class Key, class Make>
-const Value& built_once(const Key& key, Make&& make) {
+const Value& built_once(const Key& key, Operands type, Make&& make) {
   static auto* const mutex = new std::mutex;
   static auto* const built = new std::map<Key, Value>;
   const std::lock_guard<std::mutex> lock(*mutex);
@@ -102,8 +108,8 @@ const Value& built_once(const Key& key, Make&& make) {
       found = built->emplace(key, make()).first;
     } catch (const dnnl::error& e) {
       throw Error(moe::detail::concat(
-          "moe::cpu::Backend: a oneDNN engine, oneDNN built no primitive on this CPU (", e.what(),
-          "; oneDNN's bf16 kernels need AVX-512)"));
+          engine_of(type), ": oneDNN built no primitive on this CPU (", e.what(),
+          type == Operands::in_bf16 ? "; oneDNN's bf16 kernels need AVX-512)" : ")"));
     }
   }
   return found->second;
@@ -119,10 +125,9 @@ inline dnnl::primitive_attr user_scratchpad() {
 }
 // pd, checked to need no scratchpad (the callers pass none).
 template <class PrimitiveDesc>
-PrimitiveDesc without_scratchpad(PrimitiveDesc pd) {
-  moe::detail::require(pd.scratchpad_desc().get_size() == 0,
-                       "moe::cpu::Backend: a oneDNN engine, oneDNN's ", pd.impl_info_str(),
-                       " asks for a scratchpad, expected none");
+PrimitiveDesc without_scratchpad(PrimitiveDesc pd, Operands type) {
+  moe::detail::require(pd.scratchpad_desc().get_size() == 0, engine_of(type), ": oneDNN's ",
+                       pd.impl_info_str(), " asks for a scratchpad, expected none");
   return pd;
 }
 
@@ -160,9 +165,9 @@ class Bf16Matmul {
   // one.
   static const Bf16Matmul& get(bool trans_a, bool trans_b, Index lda, Index ldb, Index ldc,
                                float beta) {
-    return built_once<Bf16Matmul>(std::tuple(trans_a, trans_b, lda, ldb, ldc, bits(beta)), [&] {
-      return Bf16Matmul(trans_a, trans_b, lda, ldb, ldc, beta);
-    });
+    const auto key = std::tuple(trans_a, trans_b, lda, ldb, ldc, bits(beta));
+    return built_once<Bf16Matmul>(
+        key, Operands::in_bf16, [&] { return Bf16Matmul(trans_a, trans_b, lda, ldb, ldc, beta); });
   }
 
   // On the calling thread. a, b and c must follow the layout given to get().
@@ -186,8 +191,10 @@ class Bf16Matmul {
     const memory::desc src({any, any}, memory::data_type::bf16, strides(trans_a, lda));
     const memory::desc weights({any, any}, memory::data_type::bf16, strides(trans_b, ldb));
     const memory::desc dst({any, any}, memory::data_type::f32, strides(false, ldc));
-    primitive_ = dnnl::matmul(without_scratchpad(dnnl::matmul::primitive_desc(
-        dnnl::matmul::desc(src, weights, dst), matmul_attributes(beta), cpu_engine())));
+    primitive_ = dnnl::matmul(
+        without_scratchpad(dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst),
+                                                        matmul_attributes(beta), cpu_engine()),
+                           Operands::in_bf16));
   }
 
   // A row-major matrix with row stride ld; transposed: read as its transpose.
@@ -209,7 +216,7 @@ class Bf16Rounding {
 
   // The process's reorder for this width. Call it outside a parallel region.
   static const Bf16Rounding& get(Index width) {
-    return built_once<Bf16Rounding>(width, [&] { return Bf16Rounding(width); });
+    return built_once<Bf16Rounding>(width, Operands::in_bf16, [&] { return Bf16Rounding(width); });
   }
 
   // dst (rows, width) = src rounded, rows <= kRows, on the calling thread.
@@ -226,7 +233,8 @@ class Bf16Rounding {
     from_ = memory::desc({kRows, width}, memory::data_type::f32, memory::format_tag::ab);
     to_ = memory::desc({kRows, width}, memory::data_type::bf16, memory::format_tag::ab);
     reorder_ = dnnl::reorder(without_scratchpad(
-        dnnl::reorder::primitive_desc(cpu_engine(), from_, cpu_engine(), to_, user_scratchpad())));
+        dnnl::reorder::primitive_desc(cpu_engine(), from_, cpu_engine(), to_, user_scratchpad()),
+        Operands::in_bf16));
   }
 
   Index width_;
@@ -247,7 +255,7 @@ class PackedMatmul {
   // (k, n) or, trans_b, (n, k) in fp32, and this beta. Call it outside a
   // parallel region: it throws moe::Error if oneDNN cannot build one.
   static const PackedMatmul& get(Operands type, bool trans_b, Index k, Index n, float beta) {
-    return built_once<PackedMatmul>(std::tuple(type, trans_b, k, n, bits(beta)),
+    return built_once<PackedMatmul>(std::tuple(type, trans_b, k, n, bits(beta)), type,
                                     [&] { return PackedMatmul(type, trans_b, k, n, beta); });
   }
 
@@ -298,8 +306,10 @@ class PackedMatmul {
     packed_desc_ = pd.weights_desc();
     scratchpad_desc_ = pd.scratchpad_desc();
     primitive_ = dnnl::matmul(pd);
-    pack_ = dnnl::reorder(without_scratchpad(dnnl::reorder::primitive_desc(
-        cpu_engine(), from_, cpu_engine(), packed_desc_, user_scratchpad())));
+    pack_ = dnnl::reorder(
+        without_scratchpad(dnnl::reorder::primitive_desc(cpu_engine(), from_, cpu_engine(),
+                                                         packed_desc_, user_scratchpad()),
+                           type));
   }
 
   Index scratchpad_lines() const { return lines(scratchpad_desc_.get_size()); }
