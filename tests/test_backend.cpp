@@ -428,16 +428,16 @@ TEST_CASE("parallel_sum_rows stores each row's sum of terms, in the terms' type"
 // that round differently in each order tell them apart: the check is bitwise.
 float documented_lane_sum(Index len, const std::vector<float>& terms) {
   constexpr int L = cpu::Backend<float>::kSumLanes;
+  const auto at = [&](Index j) { return terms[static_cast<std::size_t>(j)]; };
   std::vector<float> lane(L, 0.0f);
-  Index j = 0;
-  for (; j + L <= len; j += L)
-    for (int l = 0; l < L; ++l)
-      lane[static_cast<std::size_t>(l)] += terms[static_cast<std::size_t>(j + l)];
+  const Index whole = len - len % L;  // the terms the lanes take
+  for (Index j = 0; j < whole; j += L)
+    for (int l = 0; l < L; ++l) lane[static_cast<std::size_t>(l)] += at(j + l);
   for (int w = L / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l)
       lane[static_cast<std::size_t>(l)] += lane[static_cast<std::size_t>(l + w)];
   float sum = lane[0];
-  for (; j < len; ++j) sum += terms[static_cast<std::size_t>(j)];
+  for (Index j = whole; j < len; ++j) sum += at(j);
   return sum;
 }
 
@@ -448,26 +448,48 @@ TEST_CASE("parallel_sum_rows adds in lanes, in an order fixed by the length only
     CAPTURE(len);
     std::vector<float> terms(static_cast<std::size_t>(len));
     // Magnitudes over 12 binary orders: sums in different orders round differently.
-    for (auto& t : terms) t = value(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 12));
+    for (auto& t : terms) {
+      const float v = value(rng);
+      const int exponent = static_cast<int>(rng() % 12);
+      t = v * std::ldexp(1.0f, exponent);
+    }
     float sequential = 0.0f;
     for (float t : terms) sequential += t;
+    // From 16 terms on, these terms sum differently in lanes than in one
+    // running sum, so the bitwise checks below can tell the orders apart.
+    if (len >= cpu::Backend<float>::kSumLanes) CHECK(documented_lane_sum(len, terms) != sequential);
     for (const int threads : {1, 2}) {
       const cpu::Backend<float> backend(threads);
       std::vector<float> sums(3, 0.0f);
       float* out = sums.data();
       const float* in = terms.data();
+      // Row i's terms are the same terms scaled by 2^i (exact): each row's sum
+      // is the documented one scaled, so a row mixed up with another fails.
       backend.parallel_sum_rows(
-          3, len, [=](Index, Index j) { return in[j]; }, [=](Index i, float sum) { out[i] = sum; },
-          Index{1} << 20);
-      for (float sum : sums) CHECK(sum == documented_lane_sum(len, terms));
+          3, len, [=](Index i, Index j) { return std::ldexp(in[j], static_cast<int>(i)); },
+          [=](Index i, float sum) { out[i] = sum; }, Index{1} << 20);
+      for (Index i = 0; i < 3; ++i)
+        CHECK(sums[static_cast<std::size_t>(i)] ==
+              std::ldexp(documented_lane_sum(len, terms), static_cast<int>(i)));
       if (len < cpu::Backend<float>::kSumLanes) CHECK(sums[0] == sequential);
     }
   }
-  // The lanes do change the result against one running sum at these lengths
-  // (else this test could not tell the orders apart).
-  std::vector<float> terms(512);
-  for (auto& t : terms) t = value(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 12));
-  float sequential = 0.0f;
-  for (float t : terms) sequential += t;
-  CHECK(documented_lane_sum(512, terms) != sequential);
+}
+
+TEST_CASE("parallel_sum_rows sums integer terms exactly at lengths past the lanes") {
+  const cpu::Backend<double> backend(2);
+  for (const Index len : {Index{16}, Index{33}, Index{70}}) {
+    CAPTURE(len);
+    std::vector<Index> counts(4, -1);
+    Index* out = counts.data();
+    // Count the j < len with j % 3 == i % 3 (an Index sum, as the routers' counts).
+    backend.parallel_sum_rows(
+        4, len, [](Index i, Index j) { return j % 3 == i % 3 ? Index{1} : Index{0}; },
+        [=](Index i, Index count) { out[i] = count; }, Index{1} << 20);
+    for (Index i = 0; i < 4; ++i) {
+      Index expected = 0;
+      for (Index j = 0; j < len; ++j) expected += j % 3 == i % 3 ? 1 : 0;
+      CHECK(counts[static_cast<std::size_t>(i)] == expected);
+    }
+  }
 }

@@ -129,22 +129,22 @@ class Backend {
   }
 
   // The sum of term(j) over j in [0, len): kSumLanes running sums, lane l
-  // over j = l, l + kSumLanes, ..., added pairwise at the end, then the last
-  // len % kSumLanes terms in order. One running sum is a chain of dependent
-  // additions the compiler may not reorder (it would change the result);
-  // lanes let it vectorise the loop. Sums shorter than kSumLanes run in
-  // order of j, as one running sum would.
+  // over j = l, l + kSumLanes, ..., then lane[l] += lane[l + w] for
+  // w = 8, 4, 2, 1, then the last len % kSumLanes terms in order. One
+  // running sum is a chain of dependent additions the compiler may not
+  // reorder (it would change the result); lanes let it vectorise the loop.
+  // Sums shorter than kSumLanes run in order of j, as one running sum would.
   static constexpr int kSumLanes = 16;
   template <class Sum, class Term>
   static Sum lane_sum(Index len, Term&& term) {
     Sum lane[kSumLanes] = {};
-    Index j = 0;
-    for (; j + kSumLanes <= len; j += kSumLanes)
+    const Index whole = len - len % kSumLanes;  // the terms the lanes take
+    for (Index j = 0; j < whole; j += kSumLanes)
       for (int l = 0; l < kSumLanes; ++l) lane[l] += term(j + l);
     for (int width = kSumLanes / 2; width > 0; width /= 2)
       for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
     Sum sum = lane[0];
-    for (; j < len; ++j) sum += term(j);
+    for (Index j = whole; j < len; ++j) sum += term(j);
     return sum;
   }
 
