@@ -12,13 +12,30 @@
 #include <cstdint>
 #include <fstream>
 #include <functional>
+#include <latch>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moe/moe.hpp"
 
 namespace moe::test {
+
+// body(i) for every i in [0, count), each on a thread of its own, started
+// together (each waits until all have started), then joined: callers that
+// really run at the same time.
+template <class Body>
+void run_together(std::size_t count, Body&& body) {
+  std::latch start(static_cast<std::ptrdiff_t>(count));
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < count; ++i)
+    threads.emplace_back([&, i] {
+      start.arrive_and_wait();
+      body(i);
+    });
+  for (auto& t : threads) t.join();
+}
 
 // Under AddressSanitizer a request for more memory than exists aborts in
 // operator new (allocator_may_return_null covers only malloc): tests of a

@@ -6,8 +6,6 @@
 // other, bitwise, which fails if a backward reads the layer's live state
 // instead of its cache's. Every router and estimator.
 
-#include <latch>
-#include <thread>
 #include <vector>
 
 #include "support.hpp"
@@ -92,20 +90,14 @@ TEST_CASE("concurrent eval forwards on one layer give the serial results bitwise
 
     constexpr int kRepeats = 20;
     std::vector<int> mismatches(xs.size(), 0);
-    std::vector<std::thread> threads;
-    std::latch start(static_cast<std::ptrdiff_t>(xs.size()));  // all threads forward at once
-    for (std::size_t i = 0; i < xs.size(); ++i) {
-      threads.emplace_back([&, i] {
-        typename L::Cache cache;  // one per thread
-        Mat<float> y(xs[i].rows(), kModel);
-        start.arrive_and_wait();
-        for (int repeat = 0; repeat < kRepeats; ++repeat) {
-          layer.forward(xs[i], y, cache, Mode::eval);
-          mismatches[i] += y != serial[i];
-        }
-      });
-    }
-    for (auto& t : threads) t.join();
+    run_together(xs.size(), [&](std::size_t i) {  // all threads forward at once
+      typename L::Cache cache;                    // one per thread
+      Mat<float> y(xs[i].rows(), kModel);
+      for (int repeat = 0; repeat < kRepeats; ++repeat) {
+        layer.forward(xs[i], y, cache, Mode::eval);
+        mismatches[i] += y != serial[i];
+      }
+    });
     for (std::size_t i = 0; i < xs.size(); ++i) CHECK(mismatches[i] == 0);
     // Eval forwards change nothing in the layer.
     CHECK(std::equal(state_copy.begin(), state_copy.end(), layer.state().flat().begin()));
@@ -128,20 +120,14 @@ TEST_CASE("concurrent decode forwards (sums split over k) give the serial result
     layer.forward(xs.back(), serial.back(), cache, Mode::eval);
   }
   std::vector<int> mismatches(xs.size(), 0);
-  std::vector<std::thread> threads;
-  std::latch start(static_cast<std::ptrdiff_t>(xs.size()));
-  for (std::size_t i = 0; i < xs.size(); ++i) {
-    threads.emplace_back([&, i] {
-      typename L::Cache cache;
-      Mat<float> y(xs[i].rows(), kModel);
-      start.arrive_and_wait();
-      for (int repeat = 0; repeat < 20; ++repeat) {
-        layer.forward(xs[i], y, cache, Mode::eval);
-        mismatches[i] += y != serial[i];
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_together(xs.size(), [&](std::size_t i) {
+    typename L::Cache cache;
+    Mat<float> y(xs[i].rows(), kModel);
+    for (int repeat = 0; repeat < 20; ++repeat) {
+      layer.forward(xs[i], y, cache, Mode::eval);
+      mismatches[i] += y != serial[i];
+    }
+  });
   for (std::size_t i = 0; i < xs.size(); ++i) CHECK(mismatches[i] == 0);
 }
 

@@ -11,10 +11,8 @@
 // - a double backend refuses it.
 
 #include <cstring>
-#include <latch>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "support.hpp"
@@ -201,22 +199,16 @@ TEST_CASE("concurrent onednn_f32 forwards on one layer give the serial results b
     layer.forward(xs.back(), serial.back(), cache, Mode::eval);
   }
   std::vector<int> mismatches(xs.size(), 0), packed(xs.size(), 0);
-  std::vector<std::thread> threads;
-  std::latch start(static_cast<std::ptrdiff_t>(xs.size()));  // all threads forward at once
-  for (std::size_t i = 0; i < xs.size(); ++i) {
-    threads.emplace_back([&, i] {
-      const auto& own = emptied_packed_weights();  // this thread's workspace
-      L::Cache cache;
-      Mat<float> y(xs[i].rows(), d);
-      start.arrive_and_wait();
-      for (int repeat = 0; repeat < 20; ++repeat) {
-        layer.forward(xs[i], y, cache, Mode::eval);
-        mismatches[i] += !same_bits(y, serial[i]);
-      }
-      packed[i] = !own.empty();
-    });
-  }
-  for (auto& t : threads) t.join();
+  run_together(xs.size(), [&](std::size_t i) {   // all threads forward at once
+    const auto& own = emptied_packed_weights();  // this thread's workspace
+    L::Cache cache;
+    Mat<float> y(xs[i].rows(), d);
+    for (int repeat = 0; repeat < 20; ++repeat) {
+      layer.forward(xs[i], y, cache, Mode::eval);
+      mismatches[i] += !same_bits(y, serial[i]);
+    }
+    packed[i] = !own.empty();
+  });
   for (std::size_t i = 0; i < xs.size(); ++i) {
     CHECK(mismatches[i] == 0);
     CHECK(packed[i] == 1);
