@@ -225,9 +225,9 @@ TEST_CASE("a failure inside an engine's loop is a moe::Error naming the engine")
       if (i == 7) throw std::runtime_error("no memory for item 7");
     };
     const std::string expected =
-        std::string("moe::cpu::Backend(gemm=") +
+        std::string("moe::cpu::Backend: gemm=") +
         (type == cpu::onednn::Operands::in_f32 ? "onednn_f32" : "onednn_bf16") +
-        "): oneDNN failed: no memory for item 7";
+        ", oneDNN failed: no memory for item 7";
     CHECK_THROWS_WITH_AS(cpu::detail::for_each_call(backend, type, 16, Index{1} << 30, fail_on_7),
                          doctest::Contains(expected.c_str()), moe::Error);
   }

@@ -55,7 +55,7 @@ class LoopErrors {
   }
   void rethrow() const {
     if (failed_)
-      throw Error(moe::detail::concat(onednn::engine_of(type_), ": oneDNN failed: ", what_));
+      throw Error(moe::detail::concat(onednn::engine_of(type_), ", oneDNN failed: ", what_));
   }
 
  private:

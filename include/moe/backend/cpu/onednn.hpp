@@ -56,10 +56,11 @@ inline constexpr Index kBlockRows = 64;
 // are fp32 either way.
 enum class Operands { in_bf16, in_f32 };
 
-// How an error names the engine of a product on operands of this type.
+// How an error names the engine of a product on operands of this type, as
+// the backend's other errors do ("moe::cpu::Backend: gemm=..., ...").
 inline const char* engine_of(Operands type) {
-  return type == Operands::in_bf16 ? "moe::cpu::Backend(gemm=onednn_bf16)"
-                                   : "moe::cpu::Backend(gemm=onednn_f32)";
+  return type == Operands::in_bf16 ? "moe::cpu::Backend: gemm=onednn_bf16"
+                                   : "moe::cpu::Backend: gemm=onednn_f32";
 }
 
 // dst[i] = src[i] rounded to the nearest bfloat16 (ties to even).
@@ -108,7 +109,7 @@ const Value& built_once(const Key& key, Operands type, Make&& make) {
       found = built->emplace(key, make()).first;
     } catch (const dnnl::error& e) {
       throw Error(moe::detail::concat(
-          engine_of(type), ": oneDNN built no primitive on this CPU (", e.what(),
+          engine_of(type), ", oneDNN built no primitive on this CPU (", e.what(),
           type == Operands::in_bf16 ? "; oneDNN's bf16 kernels need AVX-512)" : ")"));
     }
   }
@@ -126,7 +127,7 @@ inline dnnl::primitive_attr user_scratchpad() {
 // pd, checked to need no scratchpad (the callers pass none).
 template <class PrimitiveDesc>
 PrimitiveDesc without_scratchpad(PrimitiveDesc pd, Operands type) {
-  moe::detail::require(pd.scratchpad_desc().get_size() == 0, engine_of(type), ": oneDNN's ",
+  moe::detail::require(pd.scratchpad_desc().get_size() == 0, engine_of(type), ", oneDNN's ",
                        pd.impl_info_str(), " asks for a scratchpad, expected none");
   return pd;
 }
