@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <latch>
@@ -153,6 +154,16 @@ inline std::vector<cpu::Gemm> gemm_engines() {
   std::vector<cpu::Gemm> engines{cpu::Gemm::eigen};
   if (cpu::blas::kAvailable) engines.push_back(cpu::Gemm::blas);
   return engines;
+}
+
+// Whether a and b hold the same values, bit for bit (a NaN equals itself,
+// -0 differs from +0). Contiguous storage only: matrices, vectors, spans (a
+// block of a matrix is compared as a Mat of its own).
+template <class A, class B>
+bool same_bits(const A& a, const B& b) {
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(),
+                     sizeof(a.data()[0]) * static_cast<std::size_t>(a.size())) == 0;
 }
 
 // ||got - want|| / ||want|| (Frobenius norms, in double).

@@ -3,7 +3,6 @@
 // runs, the capacity limit, routing statistics, and dropout.
 
 #include <array>
-#include <cstring>
 #include <span>
 #include <utility>
 #if defined(_OPENMP)
@@ -163,7 +162,7 @@ TEST_CASE_TEMPLATE("training and eval forwards agree bitwise without dropout", A
   typename TopKLayer<Act, float>::Cache c1, c2;
   layer.forward(x, y_train, c1, Mode::train);
   layer.forward(x, y_eval, c2, Mode::eval);
-  CHECK(std::memcmp(y_train.data(), y_eval.data(), sizeof(float) * y_train.size()) == 0);
+  CHECK(same_bits(y_train, y_eval));
 }
 
 TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs, for each GEMM engine",
@@ -183,19 +182,15 @@ TEST_CASE_TEMPLATE("bitwise identical for 1 and 2 threads and across runs, for e
     auto r1 = run(one, x, dy, Mode::train);
     auto r2 = run(two, x, dy, Mode::train);
     auto r3 = run(again, x, dy, Mode::train);
-    const auto same = [](const auto& a, const auto& b) {
-      return a.size() == b.size() &&
-             std::memcmp(a.data(), b.data(), sizeof(a.data()[0]) * a.size()) == 0;
-    };
     CHECK(r1.stats.dropped_pairs > 0);
     const auto& load = r1.stats.tokens_per_expert;
     CHECK(*std::max_element(load.begin(), load.end()) > cpu::Backend<float>::kTileRows);
-    CHECK(same(r1.y, r2.y));
-    CHECK(same(r1.dx, r2.dx));
-    CHECK(same(r1.grads.flat(), r2.grads.flat()));
-    CHECK(same(r2.y, r3.y));
-    CHECK(same(r2.dx, r3.dx));
-    CHECK(same(r2.grads.flat(), r3.grads.flat()));
+    CHECK(same_bits(r1.y, r2.y));
+    CHECK(same_bits(r1.dx, r2.dx));
+    CHECK(same_bits(r1.grads.flat(), r2.grads.flat()));
+    CHECK(same_bits(r2.y, r3.y));
+    CHECK(same_bits(r2.dx, r3.dx));
+    CHECK(same_bits(r2.grads.flat(), r3.grads.flat()));
   }
 }
 

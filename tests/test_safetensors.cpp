@@ -68,11 +68,6 @@ void check_bad_file(const Bytes& file, std::initializer_list<const char*> fragme
   for (const char* fragment : fragments) CHECK(what.find(fragment) != std::string::npos);
 }
 
-template <class T>
-bool same_bits(std::span<const T> a, std::span<const T> b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size_bytes()) == 0;
-}
-
 // A scratch directory removed at the end of the test.
 class ScratchDir {
  public:
@@ -178,9 +173,9 @@ TEST_CASE("floats, doubles, integers and bools round-trip with metadata") {
   CHECK(file.contains("d"));
   CHECK(!file.contains("D"));
   const auto f2 = file.get<float>("layer.f", {2, 3});
-  CHECK(same_bits<float>(f2, f));
+  CHECK(same_bits(f2, f));
   const auto d2 = file.get<double>("d", {4});
-  CHECK(same_bits<double>(d2, d));  // NaN included
+  CHECK(same_bits(d2, d));  // NaN included
   CHECK(file.get<std::int64_t>("i64", {2, 1, 2}) == i64);
   CHECK(file.get<std::uint8_t>("u8", {3}) == u8);
   CHECK(file.get<std::int32_t>("scalar", {}) == i32);
@@ -202,7 +197,7 @@ TEST_CASE("floats, doubles, integers and bools round-trip with metadata") {
   std::vector<float> out(6);
   const std::vector<std::int64_t> shape{2, 3};
   file.copy_to<float>("layer.f", std::span<float>(out), shape);
-  CHECK(same_bits<float>(out, f));
+  CHECK(same_bits(out, f));
   // Serializing is deterministic, and what was read writes back identically.
   CHECK(w.serialize() == bytes);
 }
@@ -491,8 +486,7 @@ struct Snapshot {
       : params(layer.parameters().flat().begin(), layer.parameters().flat().end()),
         state(layer.state().flat().begin(), layer.state().flat().end()) {}
   bool matches(const L& layer) const {
-    return same_bits<typename L::Scalar>(layer.parameters().flat(), params) &&
-           same_bits<double>(layer.state().flat(), state);
+    return same_bits(layer.parameters().flat(), params) && same_bits(layer.state().flat(), state);
   }
   std::vector<typename L::Scalar> params;
   std::vector<double> state;
@@ -743,7 +737,7 @@ TEST_CASE("buffers: prefixed names, every tensor checked before any is written")
   CHECK(file.names() == std::vector<std::string>{"opt.m.a", "opt.m.b"});
   TensorBuffer<double> target(layout);
   io::load_buffer(file, "opt.m.", target);
-  CHECK(same_bits<double>(target.flat(), source.flat()));
+  CHECK(same_bits(target.flat(), source.flat()));
 
   // "a" fits, "b" does not: "a" must not have been written either.
   auto other = std::make_shared<TensorLayout>();
